@@ -121,7 +121,9 @@ class SourcesConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    read_timeout_s: float = Field(2.0, gt=0, le=60, description="a read longer than this marks its source down")
+    read_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="a read longer than this marks its source down"
+    )
 
 
 class AgentConfig(BaseSettings):

@@ -1,0 +1,233 @@
+"""Runs every source on its own schedule and keeps the latest state for the exporters.
+
+One thread per source (and one more for a source's slow status reads), each on monotonic deadlines
+``start + k * interval``: a slow read skips the ticks it overran instead of shifting the schedule. A read that
+hangs past ``read_timeout_s`` marks its source down (``check_timeouts``); the other sources never wait on it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from collector.errors import SourceError
+from collector.readings import DeviceInfo, DeviceReading, DeviceStatus
+from collector.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+READ_DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+OPEN_RETRY_MIN_S = 1.0
+OPEN_RETRY_MAX_S = 60.0
+
+ReadingsListener = Callable[[str, Sequence[DeviceReading]], None]
+
+
+@dataclass
+class DurationHistogram:
+    """Cumulative-bucket histogram of read durations in seconds (exported as a Prometheus histogram)."""
+
+    bounds: tuple[float, ...] = READ_DURATION_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(READ_DURATION_BUCKETS_S) + 1))
+    sum_s: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum_s += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        running = 0
+        out = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
+@dataclass
+class SourceState:
+    """What the sampler knows about one source; read by exporters without locks (fields are replaced whole)."""
+
+    source: Source
+    opened: bool = False
+    up: bool = False
+    hung: bool = False
+    last_error: str = ""
+    errors_total: int = 0
+    devices: tuple[DeviceInfo, ...] = ()
+    readings: dict[str, DeviceReading] = field(default_factory=dict)
+    device_up: dict[str, bool] = field(default_factory=dict)
+    statuses: dict[str, DeviceStatus] = field(default_factory=dict)
+    read_durations: DurationHistogram = field(default_factory=DurationHistogram)
+    read_started_mono: float | None = None
+    last_success_mono: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+
+class Sampler:
+    def __init__(self, sources: Sequence[Source], read_timeout_s: float = 2.0) -> None:
+        self.states = [SourceState(source) for source in sources]
+        self.read_timeout_s = read_timeout_s
+        self.version = 0  # bumped on every change an exporter can see
+        self.progress = 0  # bumped on every finished read, good or bad (for a liveness watchdog)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._listeners: list[ReadingsListener] = []
+        self._lock = threading.Lock()
+
+    def add_listener(self, listener: ReadingsListener) -> None:
+        """Call ``listener(source_name, readings)`` after every successful read, on the source's thread."""
+        self._listeners.append(listener)
+
+    def mark_opened(self, state: SourceState) -> None:
+        state.opened = True
+        state.devices = tuple(state.source.devices())
+
+    def start(self) -> None:
+        for state in self.states:
+            self._spawn(f"read-{state.name}", self._read_loop, state)
+            if state.source.slow_interval_s is not None:
+                self._spawn(f"status-{state.name}", self._status_loop, state)
+
+    def _spawn(self, name: str, target: Callable[[SourceState], None], state: SourceState) -> None:
+        # daemon: a read hung inside a driver must not keep the process alive at shutdown
+        thread = threading.Thread(target=target, args=(state,), name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _bump(self) -> None:
+        with self._lock:
+            self.version += 1
+
+    def _fail(self, state: SourceState, message: str) -> None:
+        state.errors_total += 1
+        state.up = False
+        if message != state.last_error:
+            log.error("source %s: %s", state.name, message)
+        state.last_error = message
+        self._bump()
+
+    def _open(self, state: SourceState) -> bool:
+        try:
+            state.source.open()
+        except SourceError as exc:
+            self._fail(state, str(exc))
+            return False
+        except Exception as exc:
+            log.exception("source %s failed to open", state.name)
+            self._fail(state, f"{type(exc).__name__}: {exc}")
+            return False
+        self.mark_opened(state)
+        return True
+
+    def _read_loop(self, state: SourceState) -> None:
+        source = state.source
+        retry_s = OPEN_RETRY_MIN_S
+        while not state.opened and not self._stop.is_set():
+            if self._open(state):
+                break
+            self._stop.wait(retry_s)
+            retry_s = min(retry_s * 2, OPEN_RETRY_MAX_S)
+        self._every(source.interval_s, lambda: self._read_once(state))
+
+    def _status_loop(self, state: SourceState) -> None:
+        while not state.opened and not self._stop.wait(0.05):
+            pass
+        slow_interval_s = state.source.slow_interval_s
+        if slow_interval_s is not None:
+            self._every(slow_interval_s, lambda: self._status_once(state))
+
+    def _every(self, interval_s: float, tick: Callable[[], None]) -> None:
+        interval_ns = int(interval_s * 1e9)
+        deadline = time.monotonic_ns()
+        while not self._stop.is_set():
+            tick()
+            deadline += interval_ns
+            now = time.monotonic_ns()
+            if deadline <= now:  # overran: skip the missed ticks, keep the phase
+                deadline += ((now - deadline) // interval_ns + 1) * interval_ns
+            if self._stop.wait((deadline - now) / 1e9):
+                return
+
+    def _read_once(self, state: SourceState) -> None:
+        started = time.perf_counter()
+        state.read_started_mono = time.monotonic()
+        try:
+            readings = state.source.read()
+        except SourceError as exc:
+            self._fail(state, str(exc))
+            readings = None
+        except Exception as exc:
+            if f"{type(exc).__name__}: {exc}" != state.last_error:
+                log.exception("source %s: unexpected error", state.name)
+            self._fail(state, f"{type(exc).__name__}: {exc}")
+            readings = None
+        finally:
+            state.read_started_mono = None
+            state.read_durations.observe(time.perf_counter() - started)
+            self.progress += 1
+        if readings is None:
+            return
+        device_errors = state.source.device_errors()
+        if device_errors:
+            state.errors_total += 1
+        merged = dict(state.readings)
+        for reading in readings:
+            merged[reading.device_id] = reading
+        state.readings = merged
+        answered = {reading.device_id for reading in readings}
+        state.device_up = {info.device_id: info.device_id in answered for info in state.devices}
+        if state.hung or not state.up:
+            log.info("source %s is up", state.name)
+        state.up, state.hung, state.last_error = True, False, ""
+        state.last_success_mono = time.monotonic()
+        self._bump()
+        for listener in self._listeners:
+            try:
+                listener(state.name, readings)
+            except Exception:
+                log.exception("readings listener failed for source %s", state.name)
+
+    def _status_once(self, state: SourceState) -> None:
+        try:
+            statuses = state.source.read_status()
+        except Exception as exc:
+            state.errors_total += 1
+            log.warning("source %s: status read failed: %s", state.name, exc)
+            return
+        state.statuses = {status.device_id: status for status in statuses}
+        self._bump()
+
+    def check_timeouts(self, now: float | None = None) -> list[str]:
+        """Mark sources whose read has run past ``read_timeout_s`` as down; returns their names."""
+        now = time.monotonic() if now is None else now
+        hung = []
+        for state in self.states:
+            started = state.read_started_mono
+            if started is not None and now - started > self.read_timeout_s and not state.hung:
+                state.hung = True
+                self._fail(state, f"read has not returned after {self.read_timeout_s:g} s (hung driver?)")
+                hung.append(state.name)
+        return hung
+
+    def any_up(self) -> bool:
+        return any(state.up for state in self.states)
