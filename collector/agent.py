@@ -42,12 +42,14 @@ def open_sources(config: AgentConfig) -> tuple[list[Source], list[Source]]:
             continue
         if isinstance(source, CpuModelSource) and config.sources.cpu_model.enabled == "auto":
             cpu_measured = any(
-                info.kind is not DeviceKind.GPU for s in opened if s.name in ("rapl", "simulated")
+                info.kind is not DeviceKind.GPU
+                for s in opened
+                if s.name in ("rapl", "simulated")
                 for info in s.devices()
             )
             if cpu_measured:
                 continue
-            log.info("no readable RAPL: estimating CPU power from utilisation (source=\"model\")")
+            log.info('no readable RAPL: estimating CPU power from utilisation (source="model")')
         if isinstance(source, SimulatedSource):
             source.index_offset = gpu_count
             log.warning("simulated source on: %d simulated GPUs (not real hardware)", source.gpus)

@@ -14,7 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from collector import __version__
-from collector.config import AgentConfig, ConfigError, env_config_path, format_validation_error, load_config, read_toml
+from collector.config import AgentConfig, env_config_path, format_validation_error, load_config, read_toml
+from collector.errors import ConfigError
 
 EXIT_USAGE = 2
 
@@ -49,9 +50,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         agent = Agent(config)
     except OSError as exc:
         listen = config.prometheus.listen
-        print(f"wattmeter: cannot serve metrics on {listen}: {exc.strerror or exc}. "
-              "Set [prometheus] listen (or --listen) to a free address, or check the TLS cert/key paths.",
-              file=sys.stderr)
+        print(
+            f"wattmeter: cannot serve metrics on {listen}: {exc.strerror or exc}. "
+            "Set [prometheus] listen (or --listen) to a free address, or check the TLS cert/key paths.",
+            file=sys.stderr,
+        )
         return 1
     return agent.run()
 
@@ -76,8 +79,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
     config = _load(args)
     data = config.model_dump(mode="json")
-    print(json.dumps(data, indent=2) if args.format == "json" else tomlwrite.dumps(data), end="\n" if
-          args.format == "json" else "")
+    print(
+        json.dumps(data, indent=2) if args.format == "json" else tomlwrite.dumps(data),
+        end="\n" if args.format == "json" else "",
+    )
     return 0
 
 
@@ -105,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, default=None,
-                       help="TOML config (default: $WATTMETER_CONFIG, else /etc/wattmeter/agent.toml if present)")
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="TOML config (default: $WATTMETER_CONFIG, else /etc/wattmeter/agent.toml if present)",
+        )
 
     agent = sub.add_parser("agent", help="measure this host's GPUs and CPUs and serve /metrics")
     config_arg(agent)

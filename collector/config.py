@@ -121,9 +121,7 @@ class SourcesConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    read_timeout_s: float = Field(
-        2.0, gt=0, le=60, description="a read longer than this marks its source down"
-    )
+    read_timeout_s: float = Field(2.0, gt=0, le=60, description="a read longer than this marks its source down")
 
 
 class AgentConfig(BaseSettings):
@@ -152,7 +150,8 @@ class AgentConfig(BaseSettings):
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            data: dict[str, Any] = tomllib.load(handle)
+            return data
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (pass --config PATH, or create it)") from None
     except PermissionError:

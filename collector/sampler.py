@@ -44,7 +44,7 @@ class DurationHistogram:
     def cumulative(self) -> list[tuple[str, int]]:
         running = 0
         out = []
-        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             out.append(("+Inf" if bound == float("inf") else repr(bound), running))
         return out

@@ -50,15 +50,13 @@ class SamplerCollector(Collector):
         return []  # metrics depend on discovered devices; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        gpu = {
+        gpu: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "energy": CounterMetricFamily(
                 "wattmeter_gpu_energy_joules",
                 "Energy used by the GPU since the agent started counting (J).",
                 labels=GPU_LABELS,
             ),
-            "power": GaugeMetricFamily(
-                "wattmeter_gpu_power_watts", "GPU power draw now (W).", labels=GPU_LABELS
-            ),
+            "power": GaugeMetricFamily("wattmeter_gpu_power_watts", "GPU power draw now (W).", labels=GPU_LABELS),
             "limit": GaugeMetricFamily(
                 "wattmeter_gpu_power_limit_watts", "Enforced GPU power limit (W).", labels=GPU_LABELS
             ),
@@ -75,9 +73,7 @@ class SamplerCollector(Collector):
                 "GPU die temperature (degrees Celsius).",
                 labels=GPU_LABELS,
             ),
-            "clock": GaugeMetricFamily(
-                "wattmeter_gpu_sm_clock_hertz", "GPU SM clock (Hz).", labels=GPU_LABELS
-            ),
+            "clock": GaugeMetricFamily("wattmeter_gpu_sm_clock_hertz", "GPU SM clock (Hz).", labels=GPU_LABELS),
             "module": GaugeMetricFamily(
                 "wattmeter_gpu_module_power_watts",
                 "Module-scope power (Grace Hopper: GPU, CPU and memory of the module) (W).",
@@ -225,9 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(
-        self, status: HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None
-    ) -> None:
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -302,9 +296,7 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self.basic_auth = basic_auth
         if ssl_context is not None:
             # handshake in the request thread, so a slow client cannot stall accept()
-            self.socket = ssl_context.wrap_socket(
-                self.socket, server_side=True, do_handshake_on_connect=False
-            )
+            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
 
 class PrometheusExporter:
@@ -327,9 +319,7 @@ class PrometheusExporter:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, args=(0.2,), name="http", daemon=True
-        )
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.2,), name="http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

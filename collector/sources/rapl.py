@@ -158,9 +158,7 @@ class RaplSource(Source):
         try:
             raw = read_int(energy_path)
         except PermissionError:
-            raise PermissionDeniedError(
-                f"cannot read {energy_path}: permission denied. {PERMISSION_FIX}"
-            ) from None
+            raise PermissionDeniedError(f"cannot read {energy_path}: permission denied. {PERMISSION_FIX}") from None
         except OSError as exc:
             reason = "zone vanished" if exc.errno in (errno.ENOENT, errno.ENODEV) else exc.strerror
             raise SourceError(f"{energy_path}: {reason}") from None

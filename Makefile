@@ -1,0 +1,40 @@
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench venv clean format tools
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+# The main job: the agent on this host's real sensors (NVML, RAPL; a labelled CPU estimate where there is none),
+# serving http://localhost:9750/metrics. Pass ARGS="--simulate-gpus 2" on a host without GPUs for a demo.
+run: venv
+	$(BIN)/wattmeter agent $(ARGS)
+
+tools:
+	bash scripts/install-test-tools.sh
+
+test: venv tools
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check collector tests bench
+	$(BIN)/ruff format --check collector tests bench
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format collector tests bench
+	$(BIN)/ruff check --fix collector tests bench
+
+bench: venv tools
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

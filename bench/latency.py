@@ -1,0 +1,76 @@
+"""2. /metrics scrape latency with 8 simulated GPUs + fake RAPL: keep-alive, fresh connections, gzip, paced."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from bench.common import Context, Result, Scraper, check, percentile, series, sleep_until
+
+NAME = "latency"
+TARGET_P99_MS = 5.0
+
+
+@dataclass
+class Run:
+    label: str
+    keep_alive: bool
+    gzip_ok: bool
+    requests: int
+    interval_s: float = 0.0  # 0: back to back
+
+
+def measure(port: int, run: Run) -> tuple[list[float], int]:
+    """Wall time of each GET (request sent to body read, connect included for fresh connections), in ms."""
+    times: list[float] = []
+    size = 0
+    with Scraper(port, gzip_ok=run.gzip_ok, keep_alive=run.keep_alive) as scraper:
+        if run.keep_alive:
+            scraper.get()  # connect outside the timed loop
+        start = time.monotonic()
+        for i in range(run.requests):
+            if run.interval_s:
+                sleep_until(start + i * run.interval_s)
+            t0 = time.perf_counter_ns()
+            body, _ = scraper.get()
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+            size = len(body)
+    return times, size
+
+
+def run(ctx: Context) -> list[Result]:
+    d = ctx.durations
+    agent = ctx.shared_agent()
+    with Scraper(agent.port) as probe:
+        text = probe.text()
+    runs = [
+        Run("keep-alive", True, False, d.latency_requests),
+        Run("fresh connection", False, False, d.latency_requests),
+        Run("keep-alive + gzip", True, True, d.latency_requests),
+        # Spaced past the sampler's 10 Hz updates, so every scrape re-renders, as each Prometheus scrape does.
+        Run(
+            f"keep-alive + gzip, 1 per {d.latency_paced_interval_s:g} s (each renders)",
+            True, True, d.latency_paced_requests, d.latency_paced_interval_s,
+        ),
+    ]  # fmt: skip
+    results = []
+    for spec in runs:
+        times, size = measure(agent.port, spec)
+        p50, p99 = percentile(times, 50), percentile(times, 99)
+        details = {
+            "requests": spec.requests,
+            "p50_ms": p50,
+            "p90_ms": percentile(times, 90),
+            "p99_ms": p99,
+            "max_ms": max(times),
+            "mean_ms": sum(times) / len(times),
+            "body_bytes": size,
+            "interval_s": spec.interval_s,
+        }
+        results.append(Result(NAME, f"scrape p50, {spec.label} (n={spec.requests})", round(p50, 3), "ms",
+                              details=details))
+        results.append(Result(NAME, f"scrape p99, {spec.label} (n={spec.requests})", round(p99, 3), "ms",
+                              f"< {TARGET_P99_MS:g} ms", check(p99, "<", TARGET_P99_MS), details))
+    agent.check_alive()
+    results.append(Result(NAME, "series in the agent's /metrics", series(text), "series"))
+    return results

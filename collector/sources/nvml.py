@@ -1,0 +1,510 @@
+"""NVIDIA GPUs through NVML: energy from the driver's total-energy counter, power, and slow-changing status.
+
+Units: NVML reports energy in millijoules, power in milliwatts, clocks in MHz and field timestamps in
+microseconds since the Unix epoch; everything leaving this module is in joules, watts, hertz and nanoseconds.
+
+Every NVML call goes through one boundary (``_nvml_boundary``) that maps ``pynvml.NVMLError`` to
+``collector.errors``: errors that concern the library as a whole become ``SourceError``, the rest concern one
+GPU and become ``DeviceLost`` (or ``PermissionDeniedError``). A GPU that fails is retried with exponential
+backoff while the others keep going.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from collector.config import AgentConfig
+from collector.counters import EnergyCounter, PowerIntegrator
+from collector.errors import DeviceLost, PermissionDeniedError, SourceError, SourceUnavailable
+from collector.readings import DeviceInfo, DeviceKind, DeviceReading, DeviceStatus, EnergyMethod, GpuProcess
+from collector.sources.base import Source, register_source
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BACKOFF_INITIAL_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+# NVML return codes (nvml.h); fixed by the C ABI, so they need not be looked up on the injected module.
+_SUCCESS = 0
+_ERROR_UNINITIALIZED = 1
+_ERROR_NOT_SUPPORTED = 3
+_ERROR_NO_PERMISSION = 4
+_ERROR_NOT_FOUND = 6
+_ERROR_DRIVER_NOT_LOADED = 9
+_ERROR_LIBRARY_NOT_FOUND = 12
+_ERROR_FUNCTION_NOT_FOUND = 13
+_ERROR_LIB_RM_VERSION_MISMATCH = 18
+
+# Errors after which no GPU can answer: the library, not a device, is broken.
+_LIBRARY_ERRORS = frozenset(
+    {
+        _ERROR_UNINITIALIZED,
+        _ERROR_DRIVER_NOT_LOADED,
+        _ERROR_LIBRARY_NOT_FOUND,
+        _ERROR_FUNCTION_NOT_FOUND,
+        _ERROR_LIB_RM_VERSION_MISMATCH,
+    }
+)
+
+
+def _error_code(exc: BaseException) -> int | None:
+    value = getattr(exc, "value", None)
+    return value if isinstance(value, int) else None
+
+
+def _translate(exc: BaseException, device_id: str) -> SourceError:
+    """Map one NVMLError to the collector's error types."""
+    code = _error_code(exc)
+    if code in _LIBRARY_ERRORS:
+        return SourceError(f"NVML: {exc}")
+    if code == _ERROR_NO_PERMISSION:
+        return PermissionDeniedError(f"{device_id}: NVML: {exc} (run the agent with access to /dev/nvidia*)")
+    return DeviceLost(device_id, f"NVML: {exc}")
+
+
+@contextmanager
+def _nvml_boundary(nvml: Any, device_id: str) -> Iterator[None]:
+    """The one place where NVML errors become collector errors."""
+    try:
+        yield
+    except nvml.NVMLError as exc:
+        raise _translate(exc, device_id) from exc
+
+
+def _optional(nvml: Any, fn: Callable[..., T], *args: Any, absent: frozenset[int] | None = None) -> T | None:
+    """Call ``fn``; None when the GPU does not support it (other errors reach the boundary)."""
+    codes = absent if absent is not None else frozenset({_ERROR_NOT_SUPPORTED})
+    try:
+        return fn(*args)
+    except nvml.NVMLError as exc:
+        if _error_code(exc) in codes:
+            return None
+        raise
+
+
+@dataclass
+class _Gpu:
+    """State of one GPU. Counters are touched only by ``read``; the rest is shared under the source's lock."""
+
+    index: int
+    device_id: str
+    uuid: str
+    handle: Any
+    energy_field: bool
+    instant_field: bool
+    module_field: bool
+    counter: EnergyCounter = field(default_factory=lambda: EnergyCounter(scale_j=1e-3))
+    integrator: PowerIntegrator = field(default_factory=PowerIntegrator)
+    down_reason: str | None = None
+    retry_at_ns: int = 0
+    backoff_s: float = BACKOFF_INITIAL_S
+    module_power_w: float | None = None
+    process_seen_us: int = 0
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """What one ``nvmlDeviceGetFieldValues`` call returned for one GPU; absent fields are None."""
+
+    energy_mj: int | None
+    energy_ts_us: int
+    power_mw: int | None
+    power_ts_us: int
+    module_power_mw: int | None
+
+
+class NvmlSource(Source):
+    """NVIDIA GPUs, one ``DeviceInfo`` per physical GPU (``gpu{index}`` in NVML's enumeration order).
+
+    Energy comes from ``NVML_FI_DEV_ENERGY`` (mJ since driver load; Volta and later), folded into a total that
+    never goes backwards across driver reloads and GPU resets. Older GPUs have their power integrated instead
+    (``EnergyMethod.INTEGRATED``). Power is ``NVML_FI_DEV_POWER_INSTANT`` (mW), or
+    ``nvmlDeviceGetPowerUsage`` (mW, a 1 s average on Ampere and Hopper) only where that field is missing.
+
+    ``nvml`` is the pynvml module (injectable for tests); ``monotonic_ns`` and ``time_ns`` are the clocks used
+    for ``mono_ns``, backoff, and the wall time used when NVML gives no field timestamp.
+    ``library_path`` loads libnvidia-ml from that path instead of the dynamic loader's default.
+    """
+
+    name = "nvml"
+
+    def __init__(
+        self,
+        interval_s: float = 0.1,
+        slow_interval_s: float | None = 1.0,
+        nvml: Any = None,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        time_ns: Callable[[], int] = time.time_ns,
+        library_path: str | None = None,
+    ) -> None:
+        if nvml is None:
+            import pynvml
+
+            nvml = pynvml
+        self.interval_s = interval_s
+        self.slow_interval_s = slow_interval_s
+        self._nvml = nvml
+        self._monotonic_ns = monotonic_ns
+        self._time_ns = time_ns
+        self._library_path = library_path
+        self._gpus: list[_Gpu] = []
+        self._devices: list[DeviceInfo] = []
+        # Guards the fields of _Gpu that read() and read_status() share; never held across an NVML call.
+        self._lock = threading.Lock()
+        self._opened = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Initialise NVML and describe every GPU; raises SourceUnavailable when there is no usable GPU."""
+        nvml = self._nvml
+        self._init_library()
+        self._opened = True
+        try:
+            with _nvml_boundary(nvml, "nvml"):
+                count = int(nvml.nvmlDeviceGetCount())
+        except SourceError as exc:
+            self.close()
+            raise SourceUnavailable(f"NVML could not count GPUs: {exc}") from exc
+        gpus: list[_Gpu] = []
+        devices: list[DeviceInfo] = []
+        for index in range(count):
+            try:
+                gpu, info = self._discover(index)
+            except SourceError as exc:
+                log.warning("NVML: skipping GPU %d: %s", index, exc)
+                continue
+            gpus.append(gpu)
+            devices.append(info)
+        if not gpus:
+            self.close()
+            raise SourceUnavailable("NVML found no usable NVIDIA GPU on this host")
+        self._gpus = gpus
+        self._devices = devices
+
+    def _init_library(self) -> None:
+        nvml = self._nvml
+        try:
+            if self._library_path is not None and nvml.nvmlLib is None:
+                nvml.nvmlLib = ctypes.CDLL(self._library_path)
+            nvml.nvmlInit()
+        except OSError as exc:
+            raise SourceUnavailable(f"NVML library could not be loaded: {exc}") from exc
+        except nvml.NVMLError as exc:
+            code = _error_code(exc)
+            if code == _ERROR_LIBRARY_NOT_FOUND:
+                reason = "libnvidia-ml.so.1 not found (no NVIDIA driver installed)"
+            elif code == _ERROR_DRIVER_NOT_LOADED:
+                reason = "NVIDIA driver not loaded"
+            else:
+                reason = str(exc)
+            raise SourceUnavailable(f"NVML unavailable: {reason}") from exc
+
+    def _discover(self, index: int) -> tuple[_Gpu, DeviceInfo]:
+        nvml = self._nvml
+        device_id = f"gpu{index}"
+        with _nvml_boundary(nvml, device_id):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            model = _text(nvml.nvmlDeviceGetName(handle))
+            energy_field, instant_field, module_field = self._probe_fields(handle)
+            attributes = (*self._mig_attributes(handle), ("power_scope", "module" if module_field else "gpu"))
+        gpu = _Gpu(
+            index=index,
+            device_id=device_id,
+            uuid=uuid,
+            handle=handle,
+            energy_field=energy_field,
+            instant_field=instant_field,
+            module_field=module_field,
+        )
+        info = DeviceInfo(
+            device_id=device_id,
+            kind=DeviceKind.GPU,
+            source=self.name,
+            vendor="NVIDIA",
+            model=model,
+            index=index,
+            uuid=uuid,
+            method=EnergyMethod.COUNTER if energy_field else EnergyMethod.INTEGRATED,
+            attributes=attributes,
+        )
+        return gpu, info
+
+    def _probe_fields(self, handle: Any) -> tuple[bool, bool, bool]:
+        """Which of energy, instant power and module-scope power this GPU answers (asked once, at open)."""
+        nvml = self._nvml
+        ids = [
+            nvml.NVML_FI_DEV_ENERGY,
+            nvml.NVML_FI_DEV_POWER_INSTANT,
+            (nvml.NVML_FI_DEV_POWER_INSTANT, nvml.NVML_POWER_SCOPE_MODULE),
+        ]
+        values = _optional(
+            nvml,
+            nvml.nvmlDeviceGetFieldValues,
+            handle,
+            ids,
+            absent=frozenset({_ERROR_NOT_SUPPORTED, _ERROR_FUNCTION_NOT_FOUND}),
+        )
+        if values is None:
+            return False, False, False
+        ok = [int(v.nvmlReturn) == _SUCCESS for v in values]
+        return ok[0], ok[1], ok[2]
+
+    def _mig_attributes(self, handle: Any) -> tuple[tuple[str, str], ...]:
+        nvml = self._nvml
+        modes = _optional(nvml, nvml.nvmlDeviceGetMigMode, handle)
+        if modes is None:
+            return (("mig_mode", "unsupported"),)
+        if int(modes[0]) != nvml.NVML_DEVICE_MIG_ENABLE:
+            return (("mig_mode", "disabled"),)
+        slots = _optional(nvml, nvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+        absent = frozenset({_ERROR_NOT_FOUND, _ERROR_NOT_SUPPORTED, 2})  # 2: NVML_ERROR_INVALID_ARGUMENT
+        instances = sum(
+            _optional(nvml, nvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, slot, absent=absent) is not None
+            for slot in range(int(slots))
+        )
+        return (("mig_mode", "enabled"), ("mig_instances", str(instances)))
+
+    def devices(self) -> Sequence[DeviceInfo]:
+        return tuple(self._devices)
+
+    def close(self) -> None:
+        """Shut NVML down; errors are swallowed because there is nothing left to do about them."""
+        if not self._opened:
+            return
+        self._opened = False
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception as exc:  # close must not fail the agent's shutdown
+            log.debug("NVML shutdown failed: %s", exc)
+
+    # -- fast path -------------------------------------------------------------------------------------------
+
+    def read(self) -> Sequence[DeviceReading]:
+        """One reading per GPU that answered: energy in J (monotonic), power in W, times in ns.
+
+        Makes at most one ``nvmlDeviceGetFieldValues`` call per GPU. Raises SourceError only when NVML as a
+        whole stopped working (uninitialised, driver gone); a failing GPU is just left out.
+        """
+        readings: list[DeviceReading] = []
+        for gpu in self._gpus:
+            mono_ns = self._monotonic_ns()
+            with self._lock:
+                down, retry_at_ns = gpu.down_reason is not None, gpu.retry_at_ns
+            if down and mono_ns < retry_at_ns:
+                continue
+            try:
+                with _nvml_boundary(self._nvml, gpu.device_id):
+                    handle = self._reacquire(gpu) if down else gpu.handle
+                    sample = self._sample(gpu, handle)
+                    power_mw = sample.power_mw
+                    power_ts_us = sample.power_ts_us
+                    if power_mw is None:
+                        power_mw = _optional(self._nvml, self._nvml.nvmlDeviceGetPowerUsage, handle)
+                        power_ts_us = 0
+            except (DeviceLost, PermissionDeniedError) as exc:
+                self._mark_down(gpu, str(exc), mono_ns)
+                continue
+            if down:
+                log.info("NVML: %s is back", gpu.device_id)
+                # The power drawn while the GPU was away is unknown; start integrating afresh, keep the total.
+                restarted = PowerIntegrator()
+                restarted.total_j = gpu.integrator.total_j
+                gpu.integrator = restarted
+            readings.append(self._reading(gpu, sample, power_mw, power_ts_us, mono_ns))
+            with self._lock:
+                gpu.handle = handle
+                gpu.down_reason = None
+                gpu.backoff_s = BACKOFF_INITIAL_S
+                gpu.module_power_w = sample.module_power_mw / 1000.0 if sample.module_power_mw is not None else None
+        return readings
+
+    def _reacquire(self, gpu: _Gpu) -> Any:
+        """A fresh handle for a GPU that was down: by UUID (stable across resets), else by index."""
+        nvml = self._nvml
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+        except nvml.NVMLError:
+            return nvml.nvmlDeviceGetHandleByIndex(gpu.index)
+
+    def _sample(self, gpu: _Gpu, handle: Any) -> _Sample:
+        nvml = self._nvml
+        wanted: list[tuple[str, Any]] = []
+        if gpu.energy_field:
+            wanted.append(("energy", nvml.NVML_FI_DEV_ENERGY))
+        if gpu.instant_field:
+            wanted.append(("power", nvml.NVML_FI_DEV_POWER_INSTANT))
+        if gpu.module_field:
+            wanted.append(("module", (nvml.NVML_FI_DEV_POWER_INSTANT, nvml.NVML_POWER_SCOPE_MODULE)))
+        got: dict[str, tuple[int, int]] = {}
+        if wanted:
+            values = nvml.nvmlDeviceGetFieldValues(handle, [fid for _, fid in wanted])
+            for (key, _), value in zip(wanted, values, strict=True):
+                ret = int(value.nvmlReturn)
+                if ret == _ERROR_NOT_SUPPORTED:
+                    continue
+                if ret != _SUCCESS:
+                    raise nvml.NVMLError(ret)
+                got[key] = (_field_int(value), int(value.timestamp))
+        energy = got.get("energy")
+        power = got.get("power")
+        module = got.get("module")
+        return _Sample(
+            energy_mj=energy[0] if energy else None,
+            energy_ts_us=energy[1] if energy else 0,
+            power_mw=power[0] if power else None,
+            power_ts_us=power[1] if power else 0,
+            module_power_mw=module[0] if module else None,
+        )
+
+    def _reading(
+        self, gpu: _Gpu, sample: _Sample, power_mw: int | None, power_ts_us: int, mono_ns: int
+    ) -> DeviceReading:
+        wall_ns = self._time_ns()
+        power_w = power_mw / 1000.0 if power_mw is not None else None
+        if gpu.energy_field:
+            if sample.energy_mj is not None:
+                gpu.counter.update(sample.energy_mj)
+            energy_j = gpu.counter.total_j
+            ts_us = sample.energy_ts_us or power_ts_us
+        else:
+            if power_w is not None:
+                # Field timestamps and the wall clock share the epoch; without the field, use monotonic time.
+                t_ns = (power_ts_us * 1000 or wall_ns) if gpu.instant_field else mono_ns
+                gpu.integrator.update(power_w, t_ns)
+            energy_j = gpu.integrator.total_j
+            ts_us = power_ts_us
+        return DeviceReading(
+            device_id=gpu.device_id,
+            energy_j=energy_j,
+            power_w=power_w,
+            mono_ns=mono_ns,
+            time_ns=ts_us * 1000 if ts_us else wall_ns,
+        )
+
+    def _mark_down(self, gpu: _Gpu, reason: str, mono_ns: int) -> None:
+        with self._lock:
+            if gpu.down_reason is None:
+                log.warning("NVML: %s down: %s", gpu.device_id, reason)
+                gpu.backoff_s = BACKOFF_INITIAL_S
+            else:
+                gpu.backoff_s = min(gpu.backoff_s * 2.0, BACKOFF_MAX_S)
+            gpu.down_reason = reason
+            gpu.retry_at_ns = mono_ns + int(gpu.backoff_s * 1e9)
+
+    def device_errors(self) -> dict[str, str]:
+        with self._lock:
+            return {gpu.device_id: gpu.down_reason for gpu in self._gpus if gpu.down_reason is not None}
+
+    # -- slow path -------------------------------------------------------------------------------------------
+
+    def read_status(self) -> Sequence[DeviceStatus]:
+        """Power limit (W), utilisation 0..1, memory used (bytes), temperature (C), SM clock (Hz), processes.
+
+        A value the GPU does not support is None; a GPU that errors is left out (``read`` decides it is down).
+        """
+        with self._lock:
+            snapshot = [(gpu, gpu.handle) for gpu in self._gpus if gpu.down_reason is None]
+        statuses: list[DeviceStatus] = []
+        for gpu, handle in snapshot:
+            try:
+                with _nvml_boundary(self._nvml, gpu.device_id):
+                    status = self._status(gpu, handle)
+            except (DeviceLost, PermissionDeniedError) as exc:
+                log.debug("NVML: no status for %s: %s", gpu.device_id, exc)
+                continue
+            statuses.append(status)
+        return statuses
+
+    def _status(self, gpu: _Gpu, handle: Any) -> DeviceStatus:
+        nvml = self._nvml
+        limit_mw = _optional(nvml, nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        util = _optional(nvml, nvml.nvmlDeviceGetUtilizationRates, handle)
+        memory = _optional(nvml, nvml.nvmlDeviceGetMemoryInfo, handle)
+        temperature = _optional(nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+        sm_mhz = _optional(nvml, nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
+        processes = self._processes(gpu, handle)
+        with self._lock:
+            module_power_w = gpu.module_power_w
+        return DeviceStatus(
+            device_id=gpu.device_id,
+            power_limit_w=limit_mw / 1000.0 if limit_mw is not None else None,
+            utilization_ratio=int(util.gpu) / 100.0 if util is not None else None,
+            memory_used_bytes=int(memory.used) if memory is not None else None,
+            temperature_c=float(temperature) if temperature is not None else None,
+            sm_clock_hz=float(sm_mhz) * 1e6 if sm_mhz is not None else None,
+            module_power_w=module_power_w,
+            processes=processes,
+        )
+
+    def _processes(self, gpu: _Gpu, handle: Any) -> tuple[GpuProcess, ...]:
+        nvml = self._nvml
+        memory: dict[int, int | None] = {}
+        for getter in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
+            for proc in _optional(nvml, getter, handle) or ():
+                pid = int(proc.pid)
+                used = proc.usedGpuMemory
+                if memory.get(pid) is None:
+                    memory[pid] = int(used) if used is not None else None
+        # NOT_FOUND: no sample since the last timestamp; SUCCESS raised by pynvml when there are zero samples.
+        absent = frozenset({_ERROR_NOT_SUPPORTED, _ERROR_NOT_FOUND, _SUCCESS})
+        samples = _optional(nvml, nvml.nvmlDeviceGetProcessUtilization, handle, gpu.process_seen_us, absent=absent)
+        sm_util: dict[int, tuple[int, float]] = {}
+        for sample in samples or ():
+            pid, stamp = int(sample.pid), int(sample.timeStamp)
+            if pid not in sm_util or stamp >= sm_util[pid][0]:
+                sm_util[pid] = (stamp, int(sample.smUtil) / 100.0)
+            gpu.process_seen_us = max(gpu.process_seen_us, stamp)
+        return tuple(
+            GpuProcess(
+                pid=pid,
+                used_memory_bytes=used,
+                sm_utilization_ratio=sm_util[pid][1] if pid in sm_util else None,
+            )
+            for pid, used in sorted(memory.items())
+        )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _field_int(value: Any) -> int:
+    """The integer in an nvmlFieldValue_t, whichever member of the value union NVML filled."""
+    kind = int(value.valueType)
+    union = value.value
+    if kind == 0:  # NVML_VALUE_TYPE_DOUBLE
+        return int(union.dVal)
+    if kind == 1:
+        return int(union.uiVal)
+    if kind == 2:
+        return int(union.ulVal)
+    if kind == 4:
+        return int(union.sllVal)
+    if kind == 5:
+        return int(union.siVal)
+    if kind == 6:
+        return int(union.usVal)
+    return int(union.ullVal)
+
+
+@register_source("nvml")
+def _build(config: AgentConfig) -> NvmlSource | None:
+    cfg = config.sources.nvml
+    if not cfg.enabled:
+        return None
+    return NvmlSource(
+        interval_s=cfg.interval_s,
+        slow_interval_s=cfg.slow_interval_s,
+        library_path=cfg.library_path,
+    )

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System tools the test suite runs for real: promtool (Debian `prometheus`) and node_exporter for the benchmark.
+set -euo pipefail
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing ${need[*]}: run 'sudo apt-get install ${need[*]}' (Debian/Ubuntu), then 'make test' again" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# the packages start their daemons; the tests start their own on free ports
+for service in prometheus prometheus-node-exporter; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+    systemctl stop "$service" || true
+  fi
+done

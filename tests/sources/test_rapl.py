@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from collector.errors import PermissionDeniedError, SourceError, SourceUnavailable
+from collector.readings import DeviceKind
+from collector.sources.rapl import RaplSource
+from tests.fakes.powercap import FakePowercap, typical_server
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> FakePowercap:
+    return typical_server(tmp_path, packages=2)
+
+
+def opened(tree: FakePowercap) -> RaplSource:
+    source = RaplSource(tree.class_dir, interval_s=0.1)
+    source.open()
+    return source
+
+
+def energies(source: RaplSource) -> dict[str, float]:
+    return {r.device_id: r.energy_j for r in source.read()}
+
+
+def test_discovers_zones_and_subzones_through_symlinks(tree: FakePowercap) -> None:
+    assert (tree.class_dir / "intel-rapl:0").is_symlink()
+    source = opened(tree)
+    found = {(d.device_id, d.package, d.domain, d.kind) for d in source.devices()}
+    assert found == {
+        ("cpu0", "0", "package", DeviceKind.CPU),
+        ("cpu0-core", "0", "core", DeviceKind.CPU),
+        ("cpu0-uncore", "0", "uncore", DeviceKind.CPU),
+        ("dram0", "0", "dram", DeviceKind.DRAM),
+        ("cpu1", "1", "package", DeviceKind.CPU),
+        ("cpu1-core", "1", "core", DeviceKind.CPU),
+        ("cpu1-uncore", "1", "uncore", DeviceKind.CPU),
+        ("dram1", "1", "dram", DeviceKind.DRAM),
+        ("psys2", "2", "psys", DeviceKind.CPU),
+    }
+
+
+def test_energy_in_joules_and_power_from_deltas(tree: FakePowercap) -> None:
+    source = opened(tree)
+    package0 = tree.zones["0"]
+    first = energies(source)
+    assert first["cpu0"] == pytest.approx(10.0)  # 10,000,000 uJ
+    tree.set_energy(package0, package0.energy_uj + 25_000_000)
+    readings = {r.device_id: r for r in source.read()}
+    assert readings["cpu0"].energy_j == pytest.approx(35.0)
+    assert readings["cpu0"].power_w is not None and readings["cpu0"].power_w > 0
+    assert readings["cpu1"].energy_j == pytest.approx(20.0)
+
+
+def test_wraparound_through_max_energy_range(tmp_path: Path) -> None:
+    tree = FakePowercap(tmp_path)
+    zone = tree.add_zone("0", "package-0", energy_uj=900_000, max_energy_range_uj=1_000_000)
+    source = opened(tree)
+    start = energies(source)["cpu0"]
+    tree.set_energy(zone, 100_000)  # passed 1,000,000 and wrapped: +0.2 J
+    assert energies(source)["cpu0"] - start == pytest.approx(0.2)
+    tree.set_energy(zone, 999_999)
+    tree_total = energies(source)["cpu0"] - start
+    assert tree_total == pytest.approx(0.2 + 0.899_999)
+
+
+def test_warns_when_reads_fall_behind_the_safe_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = FakePowercap(tmp_path)
+    tree.add_zone("0", "package-0", energy_uj=0, max_energy_range_uj=1_000_000)  # 1 J range: 1 ms at 1 kW
+    source = opened(tree)
+    clock = iter(range(0, 10**12, 10**9))  # each read 1 s after the last
+    monkeypatch.setattr("collector.sources.rapl.time.monotonic_ns", lambda: next(clock))
+    with caplog.at_level(logging.WARNING):
+        source.read()
+        source.read()
+    assert any("counter wrap can be missed" in r.message for r in caplog.records)
+
+
+def test_zone_vanishing_keeps_the_others(tree: FakePowercap) -> None:
+    source = opened(tree)
+    source.read()
+    tree.remove_zone(tree.zones["1:2"])
+    readings = energies(source)
+    assert "dram1" not in readings
+    assert "cpu0" in readings and "dram0" in readings
+    assert "dram1" in source.device_errors()
+    assert "vanished" in source.device_errors()["dram1"]
+
+
+def test_every_zone_vanishing_is_a_source_error(tmp_path: Path) -> None:
+    tree = FakePowercap(tmp_path)
+    zone = tree.add_zone("0", "package-0")
+    source = opened(tree)
+    tree.remove_zone(zone)
+    with pytest.raises(SourceError, match="every RAPL zone failed"):
+        source.read()
+
+
+def test_no_tree_means_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(SourceUnavailable):
+        RaplSource(tmp_path / "missing").open()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceUnavailable):
+        RaplSource(empty).open()
+
+
+def test_garbage_in_energy_uj_is_an_error_not_a_crash(tree: FakePowercap) -> None:
+    source = opened(tree)
+    (tree.zones["0"].path / "energy_uj").write_text("garbage\n")
+    source.read()
+    assert "not an integer" in source.device_errors()["cpu0"]
+
+
+@pytest.fixture
+def world_traversable_tree() -> Iterator[FakePowercap]:
+    root = Path(tempfile.mkdtemp(prefix="wattmeter-rapl-"))
+    os.chmod(root, 0o755)
+    try:
+        tree = typical_server(root, packages=1)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        for zone in tree.zones.values():
+            os.chmod(zone.path / "energy_uj", 0o400)  # as the kernel ships it since CVE-2020-8694
+        yield tree
+    finally:
+        shutil.rmtree(root)
+
+
+PERMISSION_PROBE = """
+import os, sys
+from collector.errors import PermissionDeniedError
+from collector.sources.rapl import RaplSource
+if os.geteuid() == 0:  # imports first: the interpreter's own files may be unreadable to nobody
+    os.setgid(65534)
+    os.setuid(65534)  # nobody: root would read a 0400 file regardless
+try:
+    RaplSource(sys.argv[1]).open()
+except PermissionDeniedError as exc:
+    print("DENIED", exc)
+else:
+    print("READ")
+"""
+
+
+def test_permission_denied_names_the_fix(world_traversable_tree: FakePowercap) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", PERMISSION_PROBE, str(world_traversable_tree.class_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("DENIED"), result.stdout
+    assert "CVE-2020-8694" in result.stdout
+    assert "powercap" in result.stdout  # the group fix
+
+
+def test_permission_denied_is_its_own_error_type() -> None:
+    assert issubclass(PermissionDeniedError, SourceError)
