@@ -375,9 +375,7 @@ class FakeNvmlLibrary:
         for i, proc in enumerate(procs):
             infos[i].pid = proc.pid
             used = proc.used_memory_bytes
-            infos[i].usedGpuMemory = (
-                used if used is not None else pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
-            )
+            infos[i].usedGpuMemory = used if used is not None else pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
         count.value = len(procs)
         return SUCCESS
 

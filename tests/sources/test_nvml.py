@@ -449,9 +449,7 @@ def test_read_status_not_supported_fields_are_none(clock: Clock) -> None:
     assert status.memory_used_bytes is None
     assert status.temperature_c is None
     assert status.sm_clock_hz is None
-    assert [(p.pid, p.used_memory_bytes, p.sm_utilization_ratio) for p in status.processes] == [
-        (7, 100, None)
-    ]
+    assert [(p.pid, p.used_memory_bytes, p.sm_utilization_ratio) for p in status.processes] == [(7, 100, None)]
 
 
 def test_read_status_skips_gpu_on_other_errors(fake: FakeNvmlLibrary, clock: Clock) -> None:
