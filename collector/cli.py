@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from collector import __version__
-from collector.config import AgentConfig, env_config_path, format_validation_error, load_config, read_toml
+from collector.config import AgentConfig, check_file, env_config_path, load_config
 from collector.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -61,14 +59,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    try:
-        data = read_toml(path)
-        AgentConfig.model_validate(data)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    except ValidationError as exc:
-        print("\n".join(format_validation_error(exc, str(path))), file=sys.stderr)
+    errors = check_file(path)
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
         return EXIT_USAGE
     print(f"{path}: ok")
     return 0

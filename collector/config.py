@@ -7,13 +7,14 @@ built-in defaults. Unknown keys in the file are errors, so a typo never silently
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from collector.errors import ConfigError
 
@@ -23,6 +24,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = Path("/etc/wattmeter/agent.toml")
+ENV_PREFIX = "WATTMETER_"
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+_SHA256_HASH = re.compile(r"sha256:[0-9a-fA-F]{64}")
 
 
 class _Section(BaseModel):
@@ -52,15 +56,8 @@ class BasicAuthConfig(_Section):
     @field_validator("password_hash")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if value.startswith(("$2a$", "$2b$", "$2y$")):
+        if _BCRYPT_HASH.fullmatch(value) or _SHA256_HASH.fullmatch(value):
             return value
-        if value.startswith("sha256:") and len(value) == 71:
-            try:
-                int(value[7:], 16)
-            except ValueError:
-                pass
-            else:
-                return value
         raise ValueError(
             "must be a bcrypt hash ($2b$...) or 'sha256:' followed by 64 hex digits; "
             "make one with: wattmeter hash-password"
@@ -124,27 +121,28 @@ class SamplerConfig(_Section):
     read_timeout_s: float = Field(2.0, gt=0, le=60, description="a read longer than this marks its source down")
 
 
-class AgentConfig(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="WATTMETER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
-    )
+class AgentConfig(_Section):
+    """The whole agent configuration. Validating it reads nothing from the environment: see ``load_config``."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     prometheus: PrometheusConfig = PrometheusConfig()
     sources: SourcesConfig = SourcesConfig()
     sampler: SamplerConfig = SamplerConfig()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # File values travel in as init kwargs below the CLI's; env sits between them (see load_config).
-        return (init_settings, env_settings)
+
+class _AgentEnvironment(AgentConfig, BaseSettings):
+    """Only used to collect ``WATTMETER_*`` variables into a raw nested dict, validated with the rest."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore")
+
+
+def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The raw values that ``WATTMETER_<SECTION>__<KEY>`` variables set, nested like the file."""
+    if environ is None:
+        return dict(EnvSettingsSource(_AgentEnvironment)())
+    source = EnvSettingsSource(_AgentEnvironment)
+    source.env_vars = {key.lower(): value for key, value in environ.items()}
+    return dict(source())
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -172,17 +170,42 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
-def format_validation_error(exc: ValidationError, origin: str) -> list[str]:
-    """One line per error: the dotted key, what was wrong, and the value given."""
+def _has_path(data: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def format_validation_error(
+    exc: ValidationError,
+    origin: str,
+    env: Mapping[str, Any] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """One line per error: where the value came from, the dotted key, what was wrong, and the value given.
+
+    A key set by the command line or a ``WATTMETER_*`` variable is blamed on that, not on the file.
+    """
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        loc = tuple(error["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        where = origin
+        if cli and _has_path(cli, loc):
+            where = "command line"
+        elif env and _has_path(env, loc):
+            where = f"environment {ENV_PREFIX}{'__'.join(str(p) for p in loc).upper()}"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see deploy/agent.example.toml for every key)"
         given = error.get("input")
-        shown = "" if error["type"] in ("extra_forbidden", "missing") else f" (got {given!r})"
-        lines.append(f"{origin}: {key}: {message}{shown}")
+        shown = (
+            "" if error["type"] in ("extra_forbidden", "missing") or isinstance(given, Mapping) else f" (got {given!r})"
+        )
+        lines.append(f"{where}: {key}: {message}{shown}")
     return lines
 
 
@@ -191,25 +214,33 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     *,
     default_path: Path = DEFAULT_CONFIG_PATH,
+    environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    """Build the effective config. ``path`` None means ``default_path`` if it exists, else built-in defaults."""
+    """Build the effective config: the file (``path``; None means ``default_path`` if it exists, else none),
+    then ``WATTMETER_*`` variables, then ``overrides`` (the CLI's), validated together so that one key of a pair
+    (a TLS key, a password hash) can be overridden alone.
+    """
     if path is None and default_path.exists():
         path = default_path
     file_data = read_toml(path) if path is not None else {}
-    origin = str(path) if path is not None else "config"
+    env_data = environment_overrides(environ)
+    cli_data = dict(overrides or {})
     try:
-        # Validate the file on its own first so its errors name the file, then layer env and CLI on top.
-        AgentConfig.model_validate(file_data)
+        return AgentConfig.model_validate(deep_merge(deep_merge(file_data, env_data), cli_data))
     except ValidationError as exc:
-        raise ConfigError("\n".join(format_validation_error(exc, origin))) from None
+        origin = str(path) if path is not None else "defaults"
+        raise ConfigError("\n".join(format_validation_error(exc, origin, env_data, cli_data))) from None
+
+
+def check_file(path: Path) -> list[str]:
+    """Errors in one config file on its own (no environment, no CLI): one line each; empty when it is valid."""
     try:
-        env_data = AgentConfig().model_dump(exclude_unset=True)  # only the keys WATTMETER_* vars set
+        AgentConfig.model_validate(read_toml(path))
+    except ConfigError as exc:
+        return str(exc).splitlines()
     except ValidationError as exc:
-        raise ConfigError("\n".join(format_validation_error(exc, "WATTMETER_* environment"))) from None
-    try:
-        return AgentConfig(**deep_merge(deep_merge(file_data, env_data), overrides or {}))
-    except ValidationError as exc:
-        raise ConfigError("\n".join(format_validation_error(exc, "command line"))) from None
+        return format_validation_error(exc, str(path))
+    return []
 
 
 def env_config_path() -> Path | None:

@@ -171,21 +171,21 @@ class Sampler:
     def _read_once(self, state: SourceState) -> None:
         started = time.perf_counter()
         state.read_started_mono = time.monotonic()
+        failure = ""
         try:
             readings = state.source.read()
         except SourceError as exc:
-            self._fail(state, str(exc))
-            readings = None
+            failure = str(exc)
         except Exception as exc:
-            if f"{type(exc).__name__}: {exc}" != state.last_error:
+            failure = f"{type(exc).__name__}: {exc}"
+            if failure != state.last_error:
                 log.exception("source %s: unexpected error", state.name)
-            self._fail(state, f"{type(exc).__name__}: {exc}")
-            readings = None
         finally:
             state.read_started_mono = None
             state.read_durations.observe(time.perf_counter() - started)
             self.progress += 1
-        if readings is None:
+        if failure:
+            self._fail(state, failure)  # after the duration is recorded, so one render sees both
             return
         device_errors = state.source.device_errors()
         if device_errors:
@@ -212,6 +212,7 @@ class Sampler:
             statuses = state.source.read_status()
         except Exception as exc:
             state.errors_total += 1
+            self._bump()
             log.warning("source %s: status read failed: %s", state.name, exc)
             return
         state.statuses = {status.device_id: status for status in statuses}

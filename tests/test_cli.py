@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import bcrypt
@@ -17,6 +16,11 @@ import pytest
 
 from collector import __version__
 from collector.cli import main
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,7 +265,7 @@ def test_agent_bad_listen_exits_2(
     monkeypatch.chdir(tmp_path)
     empty = write(tmp_path, "")
     rc = main(["agent", "--config", str(empty), "--listen", listen, "--no-nvml", "--simulate-gpus", "1"])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert rc == 2
     assert "prometheus.listen" in err
     assert listen in err

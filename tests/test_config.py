@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,11 @@ from collector.config import (
     parse_listen,
 )
 from collector.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 SHA256_HASH = "sha256:" + hashlib.sha256(b"secret").hexdigest()
 
@@ -96,7 +101,7 @@ def test_explicit_path_wins_over_default_path(tmp_path: Path) -> None:
 # --- loading a file ---------------------------------------------------------------------------------------
 
 
-FULL_FILE = """
+FULL_FILE = f"""
 log_level = "warning"
 
 [prometheus]
@@ -106,7 +111,7 @@ tls_key = "/etc/wattmeter/key.pem"
 
 [prometheus.basic_auth]
 username = "scraper"
-password_hash = "{hash}"
+password_hash = "{SHA256_HASH}"
 
 [sources.nvml]
 enabled = false
@@ -131,7 +136,7 @@ cpu = false
 
 [sampler]
 read_timeout_s = 3.5
-""".format(hash=SHA256_HASH)
+"""
 
 
 def test_loads_every_key_from_a_file(tmp_path: Path, missing_default: Path) -> None:
@@ -303,7 +308,10 @@ def config_error(tmp_path: Path, missing_default: Path, text: str) -> tuple[Path
         ("[prometheus]\nlisten_addr = ':1'\n", "prometheus.listen_addr"),
         ("[sources.nvml]\nintervl_s = 0.2\n", "sources.nvml.intervl_s"),
         ("[sources.gpu]\nenabled = true\n", "sources.gpu"),
-        ("[prometheus.basic_auth]\nusername = 'u'\npassword_hash = '{h}'\nrealm = 'x'\n", "prometheus.basic_auth.realm"),
+        (
+            "[prometheus.basic_auth]\nusername = 'u'\npassword_hash = '{h}'\nrealm = 'x'\n",
+            "prometheus.basic_auth.realm",
+        ),
     ],
 )
 def test_unknown_key_is_an_error_naming_the_dotted_key(
@@ -330,9 +338,7 @@ def test_unknown_key_is_an_error_naming_the_dotted_key(
         ("[sources.simulated]\ngpus = 'two'\n", "sources.simulated.gpus"),
     ],
 )
-def test_bad_value_names_the_key_and_the_file(
-    tmp_path: Path, missing_default: Path, text: str, dotted: str
-) -> None:
+def test_bad_value_names_the_key_and_the_file(tmp_path: Path, missing_default: Path, text: str, dotted: str) -> None:
     path, message = config_error(tmp_path, missing_default, text)
     assert f"{path}: {dotted}:" in message
 
@@ -373,9 +379,7 @@ def test_tls_key_without_cert(tmp_path: Path, missing_default: Path) -> None:
         "$2b$not-a-bcrypt-hash",  # bcrypt.checkpw raises "Invalid salt" on every scrape
     ],
 )
-def test_bad_password_hash_names_the_key_and_the_file(
-    tmp_path: Path, missing_default: Path, bad_hash: str
-) -> None:
+def test_bad_password_hash_names_the_key_and_the_file(tmp_path: Path, missing_default: Path, bad_hash: str) -> None:
     text = f"[prometheus.basic_auth]\nusername = 'scraper'\npassword_hash = '{bad_hash}'\n"
     path, message = config_error(tmp_path, missing_default, text)
     assert f"{path}: prometheus.basic_auth.password_hash:" in message
@@ -507,7 +511,7 @@ def test_tomlwrite_round_trips_awkward_strings(missing_default: Path) -> None:
             "nvml": {"library_path": 'C:\\odd "path"\twith tab/ünïcode/\u2603'},
             "rapl": {"root": "/sys/class/powercap with space"},
         },
-        "prometheus": {"basic_auth": {"username": "it's \"me\"\n", "password_hash": SHA256_HASH}},
+        "prometheus": {"basic_auth": {"username": 'it\'s "me"\n', "password_hash": SHA256_HASH}},
     }
     config = load(None, missing_default, overrides)
     assert round_trip(config) == config

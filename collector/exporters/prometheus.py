@@ -298,6 +298,10 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             # handshake in the request thread, so a slow client cannot stall accept()
             self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client speaking plain HTTP to the TLS port, or hanging up mid-request: its problem, not a traceback
+        log.debug("request from %s failed", client_address, exc_info=True)
+
 
 class PrometheusExporter:
     """Serves ``/metrics`` and ``/healthz`` for the sampler on ``[prometheus] listen``."""
