@@ -108,6 +108,7 @@ class CpuDelta:
     method: str  # "schedstat" (exact) or "stat-ticks" (10 ms resolution)
     threads_before: int
     threads_after: int
+    per_thread_cpu_s: dict[int, float]  # by thread id, in creation order (lowest id first); live threads only
 
     @property
     def per_wall_s(self) -> float:
@@ -133,6 +134,9 @@ def cpu_delta(before: CpuSample, after: CpuSample) -> CpuDelta:
         method=method,
         threads_before=len(before.threads_ns),
         threads_after=len(after.threads_ns),
+        per_thread_cpu_s={
+            tid: round((ns - before.threads_ns.get(tid, 0)) / 1e9, 6) for tid, ns in sorted(after.threads_ns.items())
+        },
     )
 
 
@@ -174,8 +178,15 @@ def http_get(port: int, path: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
 class ManagedProcess:
     """A subprocess with its output in a log file; ``stop()`` terminates it, then kills it if it lingers."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, port: int, ready_path: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        port: int,
+        ready_path: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -183,7 +194,11 @@ class ManagedProcess:
         self.ready_path = ready_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
             cwd=REPO_ROOT,
         )
 
@@ -307,7 +322,9 @@ def node_exporter_version(path: str) -> str:
     return text[0] if text else "unknown"
 
 
-def start_node_exporter(workdir: Path, rapl: FakeRapl, attempts: int = 3) -> ManagedProcess:
+def start_node_exporter(
+    workdir: Path, rapl: FakeRapl, extra_args: Sequence[str] = (), attempts: int = 3
+) -> ManagedProcess:
     path = node_exporter_path()
     last_error: BenchError | None = None
     for attempt in range(attempts):
@@ -318,8 +335,10 @@ def start_node_exporter(workdir: Path, rapl: FakeRapl, attempts: int = 3) -> Man
             "--collector.rapl",
             f"--path.sysfs={rapl.sysfs}",
             f"--web.listen-address={LOOPBACK}:{port}",
+            *extra_args,
         ]
-        proc = ManagedProcess("node_exporter", argv, workdir / f"node_exporter-{attempt}.log", port, "/metrics")
+        log = workdir / f"node_exporter-{len(extra_args)}-{attempt}.log"
+        proc = ManagedProcess("node_exporter", argv, log, port, "/metrics")
         try:
             proc.wait_ready()
             return proc
@@ -418,6 +437,7 @@ class Durations:
     latency_requests: int
     latency_paced_requests: int
     latency_paced_interval_s: float
+    latency_max_s: float  # cap per latency run
     rss_scrapes: int
     versus_scrapes: int
     versus_rate_hz: float
@@ -427,8 +447,8 @@ class Durations:
     @classmethod
     def for_mode(cls, quick: bool) -> Durations:
         if quick:
-            return cls(2.0, 10.0, 15.0, 15.0, 200, 30, 0.1, 200, 100, 20.0, 1.0, 100)
-        return cls(5.0, 60.0, 60.0, 15.0, 2000, 200, 0.1, 500, 500, 20.0, 3.0, 1000)
+            return cls(2.0, 10.0, 15.0, 15.0, 200, 30, 0.1, 20.0, 200, 100, 20.0, 1.0, 100)
+        return cls(5.0, 60.0, 60.0, 15.0, 2000, 200, 0.1, 120.0, 500, 500, 20.0, 3.0, 1000)
 
 
 class Context:
@@ -456,8 +476,8 @@ class Context:
         self._stack.callback(proc.stop)
         return proc
 
-    def start_node_exporter(self) -> ManagedProcess:
-        proc = start_node_exporter(self.workdir, self.rapl)
+    def start_node_exporter(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
+        proc = start_node_exporter(self.workdir, self.rapl, extra_args)
         self._stack.callback(proc.stop)
         return proc
 

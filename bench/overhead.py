@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import time
 
-from bench.common import Context, Result, Scraper, check, cpu_delta, cpu_sample, read_status_kib, sleep_until, \
-    thread_count
+from bench.common import (
+    Context,
+    Result,
+    Scraper,
+    check,
+    cpu_delta,
+    cpu_sample,
+    read_status_kib,
+    sleep_until,
+    thread_count,
+)
 
 NAME = "overhead"
 TARGET_CPU_S_PER_S = 0.01  # 1% of one core
@@ -44,12 +53,24 @@ def run(ctx: Context) -> list[Result]:
 
     target = f"< {TARGET_CPU_S_PER_S:g} CPU-s/s"
     return [
-        Result(NAME, "agent CPU, idle (no scrapes), CPU-s per wall-s", round(idle.per_wall_s, 5), "CPU-s/s",
-               target, check(idle.per_wall_s, "<", TARGET_CPU_S_PER_S),
-               idle.to_json() | {"percent_of_one_core": 100 * idle.per_wall_s}),
-        Result(NAME, f"agent CPU, 1 scrape / {d.prometheus_interval_s:g} s, CPU-s per wall-s",
-               round(scraped.per_wall_s, 5), "CPU-s/s", target, check(scraped.per_wall_s, "<", TARGET_CPU_S_PER_S),
-               scraped.to_json() | {"scrapes": scrapes, "percent_of_one_core": 100 * scraped.per_wall_s}),
+        Result(
+            NAME,
+            "agent CPU, idle (no scrapes), CPU-s per wall-s",
+            round(idle.per_wall_s, 5),
+            "CPU-s/s",
+            target,
+            check(idle.per_wall_s, "<", TARGET_CPU_S_PER_S),
+            idle.to_json() | {"percent_of_one_core": 100 * idle.per_wall_s},
+        ),
+        Result(
+            NAME,
+            f"agent CPU, 1 scrape / {d.prometheus_interval_s:g} s, CPU-s per wall-s",
+            round(scraped.per_wall_s, 5),
+            "CPU-s/s",
+            target,
+            check(scraped.per_wall_s, "<", TARGET_CPU_S_PER_S),
+            scraped.to_json() | {"scrapes": scrapes, "percent_of_one_core": 100 * scraped.per_wall_s},
+        ),
         Result(NAME, "agent threads (idle)", threads_idle, "threads"),
         Result(NAME, "agent threads (keep-alive scrape connection open)", threads_scraped, "threads"),
     ]
