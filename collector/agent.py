@@ -20,7 +20,7 @@ from collector.sources.simulated import SimulatedSource
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_S = 0.25
+WATCH_INTERVAL_S = 1.0  # hung-read checks; read_timeout_s is seconds, so 1 Hz is plenty
 CLOSE_TIMEOUT_S = 0.5
 
 

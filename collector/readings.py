@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 
 class DeviceKind(str, Enum):
@@ -44,12 +45,12 @@ class DeviceInfo:
     attributes: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class DeviceReading:
+class DeviceReading(NamedTuple):
     """One reading of one device: a cumulative energy that never goes backwards, and the power now.
 
     ``energy_j`` is monotonic for the life of the agent (wraps and counter resets are already folded in).
-    ``power_w`` is None when the device reports no power for this read.
+    ``power_w`` is None when the device reports no power for this read. A NamedTuple: tens of these are made
+    every 100 ms, and a tuple is several times cheaper to build than a frozen dataclass.
     """
 
     device_id: str

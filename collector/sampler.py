@@ -67,6 +67,7 @@ class SourceState:
     read_durations: DurationHistogram = field(default_factory=DurationHistogram)
     read_started_mono: float | None = None
     last_success_mono: float | None = None
+    phase_offset_s: float = 0.0
 
     @property
     def name(self) -> str:
@@ -93,7 +94,10 @@ class Sampler:
         state.devices = tuple(state.source.devices())
 
     def start(self) -> None:
-        for state in self.states:
+        for index, state in enumerate(self.states):
+            # spread the sources' first reads over half an interval, so their threads do not wake together
+            # and contend for the GIL on every tick
+            state.phase_offset_s = index / len(self.states) * state.source.interval_s / 2
             self._spawn(f"read-{state.name}", self._read_loop, state)
             if state.source.slow_interval_s is not None:
                 self._spawn(f"status-{state.name}", self._status_loop, state)
@@ -147,6 +151,8 @@ class Sampler:
                 break
             self._stop.wait(retry_s)
             retry_s = min(retry_s * 2, OPEN_RETRY_MAX_S)
+        if self._stop.wait(state.phase_offset_s):
+            return
         self._every(source.interval_s, lambda: self._read_once(state))
 
     def _status_loop(self, state: SourceState) -> None:

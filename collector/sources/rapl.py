@@ -53,17 +53,30 @@ class _Zone:
     info: DeviceInfo
     counter: EnergyCounter
     safe_interval_s: float
+    energy_path: str = ""
+    fd: int | None = None
+    checked_ns: int = 0
     last_mono_ns: int | None = None
     last_energy_j: float = 0.0
     power_w: float | None = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class RaplSource(Source):
     name = "rapl"
 
-    def __init__(self, root: Path = Path("/sys/class/powercap"), interval_s: float = 0.1) -> None:
+    def __init__(
+        self, root: Path = Path("/sys/class/powercap"), interval_s: float = 0.1, recheck_interval_s: float = 1.0
+    ) -> None:
         self.root = Path(root)
         self.interval_s = interval_s
+        # energy_uj stays open and is re-read with pread; every recheck_interval_s the path is checked too,
+        # since an unlinked file keeps answering through an open descriptor
+        self._recheck_ns = int(recheck_interval_s * 1e9)
         self._zones: list[_Zone] = []
         self._errors: dict[str, str] = {}
         self._warned_slow: set[str] = set()
@@ -127,6 +140,7 @@ class RaplSource(Source):
                     info=info,
                     counter=EnergyCounter(scale_j=1e-6, max_range=max_range),
                     safe_interval_s=max_range * 1e-6 / max_power_w,
+                    energy_path=str(path / "energy_uj"),
                 )
             )
         return zones
@@ -154,12 +168,20 @@ class RaplSource(Source):
         return readings
 
     def _read_zone(self, zone: _Zone, mono_ns: int) -> DeviceReading:
-        energy_path = zone.path / "energy_uj"
+        energy_path = zone.energy_path
         try:
-            raw = read_int(energy_path)
+            if zone.fd is None:
+                zone.fd = os.open(energy_path, os.O_RDONLY)
+                zone.checked_ns = mono_ns
+            elif mono_ns - zone.checked_ns >= self._recheck_ns:
+                zone.checked_ns = mono_ns
+                os.stat(energy_path)
+            raw = int(os.pread(zone.fd, 32, 0))
         except PermissionError:
+            zone.close()
             raise PermissionDeniedError(f"cannot read {energy_path}: permission denied. {PERMISSION_FIX}") from None
         except OSError as exc:
+            zone.close()
             reason = "zone vanished" if exc.errno in (errno.ENOENT, errno.ENODEV) else exc.strerror
             raise SourceError(f"{energy_path}: {reason}") from None
         except ValueError:
@@ -183,6 +205,10 @@ class RaplSource(Source):
 
     def device_errors(self) -> dict[str, str]:
         return dict(self._errors)
+
+    def close(self) -> None:
+        for zone in self._zones:
+            zone.close()
 
 
 def _zone_max_power_w(path: Path) -> float:

@@ -177,17 +177,20 @@ class SimulatedSource(Source):
     def gpu_power_w(self, i: int, t_s: float) -> float:
         return self._scenarios[i].power_w(t_s)
 
-    def cpu_power_w(self, t_s: float) -> float:
-        busy = sum(1 for s in self._scenarios if s.phase_at(t_s).phase != "idle")
-        return 90.0 + 15.0 * busy + 5.0 * math.sin(2 * math.pi * t_s / 13.0)
+    def cpu_power_w(self, t_s: float, busy_gpus: int | None = None) -> float:
+        if busy_gpus is None:
+            busy_gpus = sum(1 for s in self._scenarios if s.phase_at(t_s).phase != "idle")
+        return 90.0 + 15.0 * busy_gpus + 5.0 * math.sin(2 * math.pi * t_s / 13.0)
 
     def read(self) -> Sequence[DeviceReading]:
         mono_ns = self._monotonic_ns()
         time_ns = time.time_ns()
         t_s = self.elapsed_s(mono_ns)
         readings = []
+        gpu_powers = [scenario.power_w(t_s) for scenario in self._scenarios]
+        busy_gpus = sum(1 for power in gpu_powers if power > IDLE_W + 5.0)
         for i, info in enumerate(self._infos):
-            power = self.gpu_power_w(i, t_s) if info.kind is DeviceKind.GPU else self.cpu_power_w(t_s)
+            power = gpu_powers[i] if info.kind is DeviceKind.GPU else self.cpu_power_w(t_s, busy_gpus)
             integrator = self._integrators[info.device_id]
             integrator.update(power, mono_ns)
             readings.append(DeviceReading(info.device_id, integrator.total_j, power, mono_ns, time_ns))

@@ -22,8 +22,8 @@ def tree(tmp_path: Path) -> FakePowercap:
     return typical_server(tmp_path, packages=2)
 
 
-def opened(tree: FakePowercap) -> RaplSource:
-    source = RaplSource(tree.class_dir, interval_s=0.1)
+def opened(tree: FakePowercap, recheck_interval_s: float = 0.0) -> RaplSource:
+    source = RaplSource(tree.class_dir, interval_s=0.1, recheck_interval_s=recheck_interval_s)
     source.open()
     return source
 
@@ -96,6 +96,27 @@ def test_zone_vanishing_keeps_the_others(tree: FakePowercap) -> None:
     assert "cpu0" in readings and "dram0" in readings
     assert "dram1" in source.device_errors()
     assert "vanished" in source.device_errors()["dram1"]
+
+
+def test_vanished_zone_is_noticed_at_the_next_recheck(tree: FakePowercap, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [10**12]
+    monkeypatch.setattr("collector.sources.rapl.time.monotonic_ns", lambda: now[0])
+    source = opened(tree, recheck_interval_s=1.0)
+    tree.remove_zone(tree.zones["0:2"])
+    now[0] += 500_000_000
+    assert "dram0" in energies(source)  # the open descriptor still answers until the path is checked
+    now[0] += 600_000_000
+    assert "dram0" not in energies(source)
+    assert "vanished" in source.device_errors()["dram0"]
+
+
+def test_zone_that_comes_back_is_read_again(tree: FakePowercap) -> None:
+    source = opened(tree)
+    zone = tree.zones["0:2"]
+    tree.remove_zone(zone)
+    assert "dram0" not in energies(source)
+    tree.add_zone("0:2", "dram", energy_uj=zone.energy_uj + 1_000_000)
+    assert energies(source)["dram0"] == pytest.approx(3.0)
 
 
 def test_every_zone_vanishing_is_a_source_error(tmp_path: Path) -> None:
