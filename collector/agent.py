@@ -24,8 +24,8 @@ WATCH_INTERVAL_S = 1.0  # hung-read checks; read_timeout_s is seconds, so 1 Hz i
 CLOSE_TIMEOUT_S = 0.5
 
 
-def open_sources(config: AgentConfig) -> tuple[list[Source], list[Source]]:
-    """Build and open every enabled source. Returns (opened, failed_to_open_but_worth_retrying).
+def open_sources(config: AgentConfig) -> tuple[list[Source], dict[Source, str]]:
+    """Build and open every enabled source. Returns (opened, {failed to open but worth retrying: why}).
 
     A source whose hardware is absent is left out with one info line. ``cpu_model`` in ``auto`` mode comes on
     only when no RAPL zone is readable (and no simulated CPU stands in for one).
@@ -34,7 +34,7 @@ def open_sources(config: AgentConfig) -> tuple[list[Source], list[Source]]:
     ordered = [name for name in BUILTIN_ORDER if name in factories]
     ordered += sorted(set(factories) - set(ordered))
     opened: list[Source] = []
-    retry: list[Source] = []
+    retry: dict[Source, str] = {}
     gpu_count = 0
     for name in ordered:
         source = factories[name](config)
@@ -60,7 +60,7 @@ def open_sources(config: AgentConfig) -> tuple[list[Source], list[Source]]:
             continue
         except SourceError as exc:
             log.error("source %s: %s", name, exc)
-            retry.append(source)
+            retry[source] = str(exc)
             continue
         gpu_count += sum(1 for info in source.devices() if info.kind is DeviceKind.GPU)
         opened.append(source)
@@ -74,7 +74,11 @@ class Agent:
         opened, retry = open_sources(config)
         self.sampler = Sampler([*opened, *retry], read_timeout_s=config.sampler.read_timeout_s)
         for state in self.sampler.states:
-            if any(state.source is s for s in opened):
+            if state.source in retry:
+                # already logged once; the sampler retries the open with backoff and logs only a new error
+                state.last_error = retry[state.source]
+                state.errors_total = 1
+            else:
                 self.sampler.mark_opened(state)
         self.exporter = PrometheusExporter(self.sampler, config.prometheus)
 
