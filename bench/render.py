@@ -20,9 +20,7 @@ PROFILE_PATH = Path(__file__).resolve().parent / "results" / "render_profile.txt
 
 
 def run(ctx: Context) -> list[Result]:
-    from prometheus_client import CollectorRegistry
-
-    from collector.exporters.prometheus import ExpositionCache, SamplerCollector
+    from collector.exporters.prometheus import ExpositionCache
     from collector.sampler import Sampler
     from collector.sources.rapl import RaplSource
     from collector.sources.simulated import SimulatedSource
@@ -33,9 +31,7 @@ def run(ctx: Context) -> list[Result]:
     sampler = Sampler(sources)
     for state in sampler.states:
         sampler.mark_opened(state)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SamplerCollector(sampler))
-    cache = ExpositionCache(sampler, registry)
+    cache = ExpositionCache(sampler)
     iterations = ctx.durations.render_iterations
     sampler.start()
     try:
@@ -71,7 +67,7 @@ def run(ctx: Context) -> list[Result]:
     PROFILE_PATH.parent.mkdir(parents=True, exist_ok=True)
     PROFILE_PATH.write_text(out.getvalue())
     return [
-        Result(NAME, f"in-process render (generate_latest), forced, n={iterations}", round(plain_us, 1), "us"),
+        Result(NAME, f"in-process render, forced, n={iterations}", round(plain_us, 1), "us"),
         Result(NAME, "in-process render + gzip, forced", round(gzip_us, 1), "us"),
         Result(
             NAME, "in-process cached body (no render)", round(hit_us, 2), "us", details={"profile": str(PROFILE_PATH)}

@@ -14,35 +14,26 @@ import hmac
 import logging
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from collector import __version__
 from collector.config import BasicAuthConfig, PrometheusConfig, parse_listen
-from collector.exporters.exposition import TextRenderer
-from collector.readings import DeviceKind
+from collector.exporters.exposition import Family, TextRenderer, to_metric
+from collector.exporters.families import sampler_families
 from collector.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
-GPU_LABELS = ("gpu", "uuid", "model")
-CPU_LABELS = ("package", "domain", "source")
-
 
 class SamplerCollector(Collector):
-    """Builds fresh metric families from the sampler's state at each render."""
+    """A prometheus_client collector of the agent's families, for anything built on a ``CollectorRegistry``."""
 
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
@@ -51,136 +42,19 @@ class SamplerCollector(Collector):
         return []  # metrics depend on discovered devices; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        gpu: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
-            "energy": CounterMetricFamily(
-                "wattmeter_gpu_energy_joules",
-                "Energy used by the GPU since the agent started counting (J).",
-                labels=GPU_LABELS,
-            ),
-            "power": GaugeMetricFamily("wattmeter_gpu_power_watts", "GPU power draw now (W).", labels=GPU_LABELS),
-            "limit": GaugeMetricFamily(
-                "wattmeter_gpu_power_limit_watts", "Enforced GPU power limit (W).", labels=GPU_LABELS
-            ),
-            "util": GaugeMetricFamily(
-                "wattmeter_gpu_utilization_ratio",
-                "Fraction of time a kernel ran on the GPU (0-1).",
-                labels=GPU_LABELS,
-            ),
-            "memory": GaugeMetricFamily(
-                "wattmeter_gpu_memory_used_bytes", "GPU memory in use (bytes).", labels=GPU_LABELS
-            ),
-            "temperature": GaugeMetricFamily(
-                "wattmeter_gpu_temperature_celsius",
-                "GPU die temperature (degrees Celsius).",
-                labels=GPU_LABELS,
-            ),
-            "clock": GaugeMetricFamily("wattmeter_gpu_sm_clock_hertz", "GPU SM clock (Hz).", labels=GPU_LABELS),
-            "module": GaugeMetricFamily(
-                "wattmeter_gpu_module_power_watts",
-                "Module-scope power (Grace Hopper: GPU, CPU and memory of the module) (W).",
-                labels=GPU_LABELS,
-            ),
-            "processes": GaugeMetricFamily(
-                "wattmeter_gpu_processes", "Processes running on the GPU.", labels=GPU_LABELS
-            ),
-            "up": GaugeMetricFamily(
-                "wattmeter_gpu_up",
-                "1 if the GPU answered its last read, 0 if it is lost or failing.",
-                labels=GPU_LABELS,
-            ),
-            "info": GaugeMetricFamily(
-                "wattmeter_gpu_info",
-                "GPU facts: energy_method is counter (hardware energy counter), integrated (power integrated by "
-                "the agent) or simulated.",
-                labels=(*GPU_LABELS, "source", "energy_method", "mig_mode", "mig_instances", "power_scope"),
-            ),
-        }
-        cpu_energy = CounterMetricFamily(
-            "wattmeter_cpu_energy_joules",
-            'CPU/DRAM energy per RAPL domain (J); source="model" marks an estimate, not a measurement.',
-            labels=CPU_LABELS,
-        )
-        cpu_power = GaugeMetricFamily(
-            "wattmeter_cpu_power_watts",
-            'CPU/DRAM power per RAPL domain over the last read interval (W); source="model" is an estimate.',
-            labels=CPU_LABELS,
-        )
-        source_up = GaugeMetricFamily(
-            "wattmeter_source_up", "1 if the source's last read succeeded.", labels=("source",)
-        )
-        source_errors = CounterMetricFamily(
-            "wattmeter_source_errors_total", "Failed reads and device errors per source.", labels=("source",)
-        )
-        durations = HistogramMetricFamily(
-            "wattmeter_source_read_duration_seconds",
-            "Time one read of the source took (s).",
-            labels=("source",),
-        )
+        for family in sampler_families(self.sampler):
+            yield to_metric(family)
 
-        for state in self.sampler.states:
-            source_up.add_metric([state.name], 1.0 if state.up else 0.0)
-            source_errors.add_metric([state.name], float(state.errors_total))
-            histogram = state.read_durations
-            durations.add_metric([state.name], histogram.cumulative(), histogram.sum_s)
-            readings, statuses, device_up = state.readings, state.statuses, state.device_up
-            for info in state.devices:
-                reading = readings.get(info.device_id)
-                if info.kind is DeviceKind.GPU:
-                    labels = [str(info.index), info.uuid, info.model]
-                    attributes = dict(info.attributes)
-                    gpu["info"].add_metric(
-                        [
-                            *labels,
-                            info.source,
-                            info.method.value,
-                            attributes.get("mig_mode", ""),
-                            attributes.get("mig_instances", "0"),
-                            attributes.get("power_scope", "gpu"),
-                        ],
-                        1.0,
-                    )
-                    gpu["up"].add_metric(labels, 1.0 if state.up and device_up.get(info.device_id) else 0.0)
-                    if reading is not None:
-                        gpu["energy"].add_metric(labels, reading.energy_j)
-                        if reading.power_w is not None:
-                            gpu["power"].add_metric(labels, reading.power_w)
-                    status = statuses.get(info.device_id)
-                    if status is None:
-                        continue
-                    for key, value in (
-                        ("limit", status.power_limit_w),
-                        ("util", status.utilization_ratio),
-                        ("memory", status.memory_used_bytes),
-                        ("temperature", status.temperature_c),
-                        ("clock", status.sm_clock_hz),
-                        ("module", status.module_power_w),
-                    ):
-                        if value is not None:
-                            gpu[key].add_metric(labels, float(value))
-                    gpu["processes"].add_metric(labels, float(len(status.processes)))
-                elif reading is not None:
-                    labels = [info.package, info.domain, info.source]
-                    cpu_energy.add_metric(labels, reading.energy_j)
-                    if reading.power_w is not None:
-                        cpu_power.add_metric(labels, reading.power_w)
 
-        yield from gpu.values()
-        yield cpu_energy
-        yield cpu_power
-        yield source_up
-        yield source_errors
-        yield durations
-        build = GaugeMetricFamily("wattmeter_build_info", "Wattmeter version.", labels=("version",))
-        build.add_metric([__version__], 1.0)
-        yield build
+FamiliesProvider = Callable[[], Iterable[Family]]
 
 
 class ExpositionCache:
-    """Renders the registry once per sampler version; every scrape in between gets the same bytes."""
+    """Renders once per sampler version; every scrape in between gets the same bytes (and the same gzip)."""
 
-    def __init__(self, sampler: Sampler, registry: CollectorRegistry) -> None:
+    def __init__(self, sampler: Sampler, providers: Sequence[FamiliesProvider] | None = None) -> None:
         self.sampler = sampler
-        self.registry = registry
+        self.providers = list(providers) if providers is not None else [lambda: sampler_families(sampler)]
         self._lock = threading.Lock()
         self._version = -1
         self._body = b""
@@ -192,7 +66,7 @@ class ExpositionCache:
         with self._lock:
             version = self.sampler.version
             if version != self._version:
-                self._body = self._renderer.render(self.registry.collect())
+                self._body = self._renderer.render(family for provider in self.providers for family in provider())
                 self._gzipped = None
                 self._version = version
                 self.renders += 1
@@ -318,7 +192,7 @@ class PrometheusExporter:
     def __init__(self, sampler: Sampler, config: PrometheusConfig) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SamplerCollector(sampler))
-        self.cache = ExpositionCache(sampler, self.registry)
+        self.cache = ExpositionCache(sampler)
         context = None
         if config.tls_cert is not None and config.tls_key is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -8,16 +8,32 @@ from collections.abc import Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from collector.config import PrometheusConfig
-from collector.exporters.exposition import TextRenderer, format_value
-from collector.exporters.prometheus import PrometheusExporter
+from collector.exporters.exposition import Family, TextRenderer, format_value, to_metric
+from collector.exporters.prometheus import ExpositionCache, PrometheusExporter, SamplerCollector
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading
 from collector.sampler import Sampler
 from collector.sources.base import Source
+from collector.sources.simulated import SimulatedSource
+
+
+def demo_families(value: float) -> list[Family]:
+    counter = Family("demo_energy_joules", "counter", 'Energy with "quotes" \\ and\nnewline.', ("a", "b"))
+    counter.add(("x", 'va"l\\ue\nz'), value)
+    counter.add(("y", ""), 0.0)
+    gauge = Family("demo_power_watts", "gauge", "Power.", ("zeta", "alpha"))
+    gauge.add(("1", "2"), math.inf)
+    gauge.add(("3", "4"), -math.inf)
+    gauge.add(("5", "6"), 3.45e8)
+    plain = Family("demo_nan", "gauge", "Not a number.", ())
+    plain.add((), math.nan)
+    histogram = Family("demo_seconds", "histogram", "Durations.", ("source",))
+    histogram.add_histogram(("s",), [("0.5", 1), ("+Inf", 3)], 2.25)
+    return [counter, gauge, plain, histogram]
 
 
 class Fixed(Collector):
@@ -25,18 +41,7 @@ class Fixed(Collector):
         self.value = value
 
     def collect(self) -> list[Metric]:
-        counter = CounterMetricFamily("demo_energy_joules", 'Energy with "quotes" \\ and\nnewline.', labels=["a", "b"])
-        counter.add_metric(["x", 'va"l\\ue\nz'], self.value)
-        counter.add_metric(["y", ""], 0.0)
-        gauge = GaugeMetricFamily("demo_power_watts", "Power.", labels=["zeta", "alpha"])
-        gauge.add_metric(["1", "2"], math.inf)
-        gauge.add_metric(["3", "4"], -math.inf)
-        gauge.add_metric(["5", "6"], 3.45e8)
-        plain = GaugeMetricFamily("demo_nan", "Not a number.")
-        plain.add_metric([], math.nan)
-        histogram = HistogramMetricFamily("demo_seconds", "Durations.", labels=["source"])
-        histogram.add_metric(["s"], [("0.5", 1.0), ("+Inf", 3.0)], 2.25)
-        return [counter, gauge, plain, histogram]
+        return [to_metric(family) for family in demo_families(self.value)]
 
 
 def parsed(text: str) -> list[tuple[str, str, list[tuple[str, dict[str, str], str]]]]:
@@ -48,32 +53,41 @@ def parsed(text: str) -> list[tuple[str, str, list[tuple[str, dict[str, str], st
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5, 123456789.125, 1e-9, 7.0])
-def test_same_series_and_values_as_prometheus_client(value: float) -> None:
+def test_same_text_as_prometheus_client_for_the_same_families(value: float) -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Fixed(value))
-    ours = TextRenderer().render(registry.collect()).decode()
+    ours = TextRenderer().render(demo_families(value)).decode()
     theirs = generate_latest(registry).decode()
     assert parsed(ours) == parsed(theirs)
     # headers byte for byte, so HELP escaping and TYPE names match too
     assert [line for line in ours.splitlines() if line.startswith("#")] == [
         line for line in theirs.splitlines() if line.startswith("#")
     ]
+    assert "demo_seconds_bucket" in ours and 'le="+Inf"' in ours
 
 
 def test_cached_prefixes_still_follow_new_values() -> None:
-    registry = CollectorRegistry(auto_describe=False)
-    fixed = Fixed(1.0)
-    registry.register(fixed)
     renderer = TextRenderer()
-    first = renderer.render(registry.collect()).decode()
-    fixed.value = 2.5
-    second = renderer.render(registry.collect()).decode()
+    first = renderer.render(demo_families(1.0)).decode()
+    second = renderer.render(demo_families(2.5)).decode()
     assert 'demo_energy_joules_total{a="x",b="va\\"l\\\\ue\\nz"} 1.0' in first
     assert 'demo_energy_joules_total{a="x",b="va\\"l\\\\ue\\nz"} 2.5' in second
 
 
 def test_special_values() -> None:
     assert [format_value(v) for v in (math.inf, -math.inf, math.nan, 2.0)] == ["+Inf", "-Inf", "NaN", "2.0"]
+
+
+def test_the_cache_serves_what_the_registry_collector_would() -> None:
+    sampler = Sampler([SimulatedSource(gpus=2)])
+    state = sampler.states[0]
+    state.source.open()
+    sampler.mark_opened(state)
+    sampler._read_once(state)
+    sampler._status_once(state)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SamplerCollector(sampler))
+    assert parsed(ExpositionCache(sampler).body().decode()) == parsed(generate_latest(registry).decode())
 
 
 class OneGpu(Source):

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from collector import __version__
 from collector.config import BasicAuthConfig, PrometheusConfig
 from collector.errors import SourceError
-from collector.exporters.prometheus import ExpositionCache, PrometheusExporter, SamplerCollector, check_password
+from collector.exporters.prometheus import ExpositionCache, PrometheusExporter, check_password
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading, DeviceStatus, EnergyMethod, GpuProcess
 from collector.sampler import READ_DURATION_BUCKETS_S, Sampler, SourceState
 from collector.sources.base import Source
@@ -156,11 +156,7 @@ def make_sampler(*sources: Source) -> tuple[Sampler, list[SourceState]]:
 
 
 def make_cache(sampler: Sampler) -> ExpositionCache:
-    from prometheus_client import CollectorRegistry
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SamplerCollector(sampler))
-    return ExpositionCache(sampler, registry)
+    return ExpositionCache(sampler)
 
 
 @pytest.fixture
