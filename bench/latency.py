@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bench.common import Context, Result, Scraper, check, percentile, series, sleep_until
+from bench.common import Context, Result, Scraper, check, percentile, series, sleep_until, start_node_exporter
 
 NAME = "latency"
 TARGET_P99_MS = 5.0
@@ -86,4 +86,21 @@ def run(ctx: Context) -> list[Result]:
         )
     agent.check_alive()
     results.append(Result(NAME, "series in the agent's /metrics", series(text), "series"))
+    # The same paced run against node_exporter (rapl only, same fake tree): a reference for what a scrape after
+    # 100 ms of idle costs on this machine, where waking an idle process is itself a large part of the latency.
+    paced = runs[-1]
+    node_exporter = start_node_exporter(ctx.workdir, ctx.rapl)
+    try:
+        times, _ = measure(node_exporter.port, paced, d.latency_max_s)
+    finally:
+        node_exporter.stop()
+    results.append(
+        Result(
+            NAME,
+            f"reference: node_exporter p99, {paced.label.replace(' (each renders)', '')} (n={len(times)})",
+            round(percentile(times, 99), 3),
+            "ms",
+            details={"p50_ms": percentile(times, 50), "p90_ms": percentile(times, 90), "max_ms": max(times)},
+        )
+    )
     return results
