@@ -6,12 +6,13 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 
 from collector.config import AgentConfig
 from collector.errors import SourceError, SourceUnavailable
 from collector.exporters.prometheus import PrometheusExporter
-from collector.readings import DeviceKind
+from collector.readings import DeviceInfo, DeviceKind, DeviceReading
 from collector.sampler import Sampler, SourceState
 from collector.sources import BUILTIN_ORDER, registered_sources
 from collector.sources.base import Source
@@ -21,66 +22,79 @@ from collector.sources.simulated import SimulatedSource
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 1.0  # hung-read checks; read_timeout_s is seconds, so 1 Hz is plenty
-CLOSE_TIMEOUT_S = 0.5
+SHUTDOWN_BUDGET_S = 1.5  # systemd and the tests give 2 s; the interpreter's own exit needs a little
+CLOSE_TIMEOUT_S = 0.3
 
 
 def open_sources(config: AgentConfig) -> tuple[list[Source], dict[Source, str]]:
     """Build and open every enabled source. Returns (opened, {failed to open but worth retrying: why}).
 
     A source whose hardware is absent is left out with one info line. ``cpu_model`` in ``auto`` mode comes on
-    only when no RAPL zone is readable (and no simulated CPU stands in for one).
+    only when no RAPL zone is readable and no simulated CPU was asked for; a simulated CPU never stands beside
+    a real CPU source.
     """
     factories = registered_sources()
     ordered = [name for name in BUILTIN_ORDER if name in factories]
     ordered += sorted(set(factories) - set(ordered))
     opened: list[Source] = []
     retry: dict[Source, str] = {}
-    gpu_count = 0
     for name in ordered:
         source = factories[name](config)
         if source is None:
             continue
+        rapl_open = any(s.name == "rapl" for s in opened)
+        if isinstance(source, SimulatedSource):
+            source.index_offset = 1 + max((i.index for s in opened for i in gpus(s)), default=-1)
+            if source.cpu and rapl_open:
+                log.warning("simulated CPU off: this host's RAPL measures the CPU")
+                source.cpu = False
+            log.warning("simulated source on: %d simulated GPUs (not real hardware)", source.gpus)
         if isinstance(source, CpuModelSource) and config.sources.cpu_model.enabled == "auto":
-            cpu_measured = any(
-                info.kind is not DeviceKind.GPU
-                for s in opened
-                if s.name in ("rapl", "simulated")
-                for info in s.devices()
-            )
-            if cpu_measured:
+            simulated_cpu = any(isinstance(s, SimulatedSource) and s.cpu for s in opened)
+            if rapl_open or simulated_cpu:
                 continue
             log.info('no readable RAPL: estimating CPU power from utilisation (source="model")')
-        if isinstance(source, SimulatedSource):
-            source.index_offset = gpu_count
-            log.warning("simulated source on: %d simulated GPUs (not real hardware)", source.gpus)
         try:
             source.open()
         except SourceUnavailable as exc:
             log.info("source %s off: %s", name, exc)
             continue
-        except SourceError as exc:
-            log.error("source %s: %s", name, exc)
-            retry[source] = str(exc)
+        except Exception as exc:  # a source failing to open never stops the others; the sampler retries it
+            reason = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+            log.error("source %s: %s", name, reason)
+            retry[source] = reason
             continue
-        gpu_count += sum(1 for info in source.devices() if info.kind is DeviceKind.GPU)
         opened.append(source)
     return opened, retry
 
 
+def gpus(source: Source) -> list[DeviceInfo]:
+    return [info for info in source.devices() if info.kind is DeviceKind.GPU]
+
+
 class Agent:
+    """Binds the metrics port, opens the sources, and runs the sampler and exporter until told to stop."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.stop_event = threading.Event()
+        self.sampler = Sampler([], read_timeout_s=config.sampler.read_timeout_s)
+        # bind first: a taken port is the commonest start-up error, and no driver should be touched for it
+        self.exporter = PrometheusExporter(self.sampler, config.prometheus)
         opened, retry = open_sources(config)
-        self.sampler = Sampler([*opened, *retry], read_timeout_s=config.sampler.read_timeout_s)
+        self.sampler.states = [SourceState(source) for source in [*opened, *retry]]
         for state in self.sampler.states:
             if state.source in retry:
-                # already logged once; the sampler retries the open with backoff and logs only a new error
-                state.last_error = retry[state.source]
-                state.errors_total = 1
+                self.sampler.mark_failed_open(state, retry[state.source])
             else:
                 self.sampler.mark_opened(state)
-        self.exporter = PrometheusExporter(self.sampler, config.prometheus)
+        if any(s.name == "rapl" for s in retry) and any(isinstance(s, CpuModelSource) for s in opened):
+            self.sampler.add_listener(self._retire_estimate_once_rapl_reads)
+
+    def _retire_estimate_once_rapl_reads(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
+        if source_name == "rapl" and any(state.name == "model" for state in self.sampler.states):
+            log.info('RAPL is readable now: the CPU estimate (source="model") stops')
+            self.sampler.retire("model")
 
     @property
     def states(self) -> list[SourceState]:
@@ -104,12 +118,15 @@ class Agent:
         return 0
 
     def shutdown(self) -> None:
+        """Everything within SHUTDOWN_BUDGET_S, even with a read or a close hung in a driver."""
         started = time.monotonic()
+        deadline = started + SHUTDOWN_BUDGET_S
+        self.sampler.signal_stop()
         self.exporter.stop()
-        self.sampler.stop(timeout_s=1.0)
+        self.sampler.stop(timeout_s=max(0.0, deadline - time.monotonic() - CLOSE_TIMEOUT_S))
         closer = threading.Thread(target=self._close_sources, name="close", daemon=True)
         closer.start()
-        closer.join(CLOSE_TIMEOUT_S)  # a driver hung in close must not hold up the exit
+        closer.join(max(0.0, deadline - time.monotonic()))
         log.info("agent stopped in %.2f s", time.monotonic() - started)
 
     def _close_sources(self) -> None:

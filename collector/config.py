@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from collector.errors import ConfigError
 
@@ -107,7 +107,7 @@ class SimulatedConfig(_Section):
     gpus: int = Field(0, ge=0, le=64)
     interval_s: float = Field(0.1, gt=0, le=60)
     seed: int = 0
-    cpu: bool = Field(True, description="also simulate one CPU package when gpus > 0")
+    cpu: bool = Field(False, description="also simulate one CPU package (never beside a readable RAPL)")
 
 
 class SourcesConfig(_Section):
@@ -138,11 +138,15 @@ class _AgentEnvironment(AgentConfig, BaseSettings):
 
 def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The raw values that ``WATTMETER_<SECTION>__<KEY>`` variables set, nested like the file."""
-    if environ is None:
-        return dict(EnvSettingsSource(_AgentEnvironment)())
     source = EnvSettingsSource(_AgentEnvironment)
-    source.env_vars = {key.lower(): value for key, value in environ.items()}
-    return dict(source())
+    if environ is not None:
+        source.env_vars = {key.lower(): value for key, value in environ.items()}
+    try:
+        return dict(source())
+    except SettingsError as exc:  # e.g. WATTMETER_PROMETHEUS=foo, where a table is expected
+        raise ConfigError(
+            f"environment: {exc}; set single keys as {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}PROMETHEUS__LISTEN"
+        ) from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

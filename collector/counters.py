@@ -16,7 +16,7 @@ class EnergyCounter:
     Arithmetic stays in integers; only the final total is scaled, so no rounding error accumulates.
     """
 
-    __slots__ = ("_last", "_max_range", "_offset", "resets", "scale_j", "wraps")
+    __slots__ = ("_last", "_max_range", "_offset", "_rebased", "resets", "scale_j", "wraps")
 
     def __init__(self, scale_j: float, max_range: int | None = None) -> None:
         if max_range is not None and max_range <= 0:
@@ -25,6 +25,7 @@ class EnergyCounter:
         self._max_range = max_range
         self._offset = 0
         self._last: int | None = None
+        self._rebased = False
         self.wraps = 0
         self.resets = 0
 
@@ -40,6 +41,17 @@ class EnergyCounter:
     def total_j(self) -> float:
         return self.total_raw * self.scale_j
 
+    def rebase(self) -> None:
+        """Forget the last raw value but keep the total: the next reading is a new baseline.
+
+        For a counter read again after it was lost (a RAPL zone or a GPU that came back): its new value says
+        nothing about the energy used while it was away, and must not be mistaken for a wrap or a reset.
+        """
+        if self._last is not None:
+            self._offset += self._last
+            self._last = None
+            self._rebased = True
+
     def update(self, raw: int) -> int:
         """Feed one raw reading; returns the increment in raw units since the previous reading."""
         if raw < 0:
@@ -47,6 +59,9 @@ class EnergyCounter:
         last = self._last
         self._last = raw
         if last is None:
+            if self._rebased:  # the total so far stays; this reading is only the new baseline
+                self._offset -= raw
+                self._rebased = False
             return 0
         if raw >= last:
             return raw - last
@@ -68,6 +83,10 @@ class PowerIntegrator:
         self.total_j = 0.0
         self._last_t_ns: int | None = None
         self._last_power_w = 0.0
+
+    def restart(self) -> None:
+        """Keep the total but forget the last sample: nothing is integrated across a gap in the samples."""
+        self._last_t_ns = None
 
     def update(self, power_w: float, t_ns: int) -> float:
         """Add a power sample taken at ``t_ns`` (any monotonic ns clock); returns the energy added."""

@@ -3,6 +3,7 @@
 One thread per source (and one more for a source's slow status reads), each on monotonic deadlines
 ``start + k * interval``: a slow read skips the ticks it overran instead of shifting the schedule. A read that
 hangs past ``read_timeout_s`` marks its source down (``check_timeouts``); the other sources never wait on it.
+Nothing a source does can end its thread: every failure is counted and the loop goes on.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ class SourceState:
     devices: tuple[DeviceInfo, ...] = ()
     readings: dict[str, DeviceReading] = field(default_factory=dict)
     device_up: dict[str, bool] = field(default_factory=dict)
+    device_errors: frozenset[str] = frozenset()
     statuses: dict[str, DeviceStatus] = field(default_factory=dict)
     read_durations: DurationHistogram = field(default_factory=DurationHistogram)
     read_started_mono: float | None = None
-    last_success_mono: float | None = None
     phase_offset_s: float = 0.0
+    stopped: threading.Event = field(default_factory=threading.Event)  # set on sampler stop or retire
+    ready: threading.Event = field(default_factory=threading.Event)  # set once the source is open
 
     @property
     def name(self) -> str:
@@ -79,8 +82,7 @@ class Sampler:
         self.states = [SourceState(source) for source in sources]
         self.read_timeout_s = read_timeout_s
         self.version = 0  # bumped on every change an exporter can see
-        self.progress = 0  # bumped on every finished read, good or bad (for a liveness watchdog)
-        self._stop = threading.Event()
+        self._stopping = False
         self._threads: list[threading.Thread] = []
         self._listeners: list[ReadingsListener] = []
         self._lock = threading.Lock()
@@ -90,8 +92,14 @@ class Sampler:
         self._listeners.append(listener)
 
     def mark_opened(self, state: SourceState) -> None:
-        state.opened = True
         state.devices = tuple(state.source.devices())
+        state.opened = True
+        state.ready.set()
+
+    def mark_failed_open(self, state: SourceState, message: str) -> None:
+        """Record an open that failed before the sampler started (already logged); the sampler retries it."""
+        self._count_errors(state, 1)
+        state.last_error = message
 
     def start(self) -> None:
         for index, state in enumerate(self.states):
@@ -108,70 +116,95 @@ class Sampler:
         self._threads.append(thread)
         thread.start()
 
+    def signal_stop(self) -> None:
+        """Ask every loop to end; returns at once (``stop`` also waits)."""
+        self._stopping = True
+        for state in self.states:
+            state.stopped.set()
+
     def stop(self, timeout_s: float = 1.0) -> None:
-        self._stop.set()
+        self.signal_stop()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stopping
+
+    def retire(self, name: str) -> None:
+        """Stop sampling a source and drop its series (a stand-in whose real source came up)."""
+        for state in self.states:
+            if state.name == name:
+                state.stopped.set()
+        self.states = [state for state in self.states if state.name != name]
+        self._bump()
 
     def _bump(self) -> None:
         with self._lock:
             self.version += 1
 
+    def _count_errors(self, state: SourceState, count: int) -> None:
+        with self._lock:  # the read, status and watchdog threads all count
+            state.errors_total += count
+            self.version += 1
+
     def _fail(self, state: SourceState, message: str) -> None:
-        state.errors_total += 1
         state.up = False
         if message != state.last_error:
             log.error("source %s: %s", state.name, message)
         state.last_error = message
-        self._bump()
+        self._count_errors(state, 1)
 
     def _open(self, state: SourceState) -> bool:
         try:
             state.source.open()
+            self.mark_opened(state)
         except SourceError as exc:
             self._fail(state, str(exc))
             return False
         except Exception as exc:
-            log.exception("source %s failed to open", state.name)
+            if f"{type(exc).__name__}: {exc}" != state.last_error:
+                log.exception("source %s failed to open", state.name)
             self._fail(state, f"{type(exc).__name__}: {exc}")
             return False
-        self.mark_opened(state)
         return True
 
     def _read_loop(self, state: SourceState) -> None:
-        source = state.source
         retry_s = OPEN_RETRY_MIN_S
-        while not state.opened and not self._stop.is_set():
+        while not state.opened and not state.stopped.is_set():
             if self._open(state):
                 break
-            self._stop.wait(retry_s)
+            state.stopped.wait(retry_s)
             retry_s = min(retry_s * 2, OPEN_RETRY_MAX_S)
-        if self._stop.wait(state.phase_offset_s):
+        if state.stopped.wait(state.phase_offset_s):
             return
-        self._every(source.interval_s, lambda: self._read_once(state))
+        self._every(state, state.source.interval_s, self._read_once)
 
     def _status_loop(self, state: SourceState) -> None:
-        while not state.opened and not self._stop.wait(0.05):
-            pass
+        while not state.ready.wait(1.0):
+            if state.stopped.is_set():
+                return
         slow_interval_s = state.source.slow_interval_s
         if slow_interval_s is not None:
-            self._every(slow_interval_s, lambda: self._status_once(state))
+            self._every(state, slow_interval_s, self._status_once)
 
-    def _every(self, interval_s: float, tick: Callable[[], None]) -> None:
+    def _every(self, state: SourceState, interval_s: float, tick: Callable[[SourceState], None]) -> None:
         interval_ns = int(interval_s * 1e9)
         deadline = time.monotonic_ns()
-        while not self._stop.is_set():
-            tick()
+        while not state.stopped.is_set():
+            try:
+                tick(state)
+            except Exception as exc:  # a bug in a source or listener must not end the loop
+                message = f"{type(exc).__name__}: {exc}"
+                if message != state.last_error:
+                    log.exception("source %s: unexpected error", state.name)
+                self._fail(state, message)
             deadline += interval_ns
             now = time.monotonic_ns()
             if deadline <= now:  # overran: skip the missed ticks, keep the phase
                 deadline += ((now - deadline) // interval_ns + 1) * interval_ns
-            if self._stop.wait((deadline - now) / 1e9):
+            if state.stopped.wait((deadline - now) / 1e9):
                 return
 
     def _read_once(self, state: SourceState) -> None:
@@ -189,13 +222,12 @@ class Sampler:
         finally:
             state.read_started_mono = None
             state.read_durations.observe(time.perf_counter() - started)
-            self.progress += 1
         if failure:
             self._fail(state, failure)  # after the duration is recorded, so one render sees both
             return
-        device_errors = state.source.device_errors()
-        if device_errors:
-            state.errors_total += 1
+        device_errors = frozenset(state.source.device_errors())
+        new_errors = len(device_errors - state.device_errors)  # each device failure once, not once per read
+        state.device_errors = device_errors
         merged = dict(state.readings)
         for reading in readings:
             merged[reading.device_id] = reading
@@ -205,8 +237,10 @@ class Sampler:
         if state.hung or not state.up:
             log.info("source %s is up", state.name)
         state.up, state.hung, state.last_error = True, False, ""
-        state.last_success_mono = time.monotonic()
-        self._bump()
+        if new_errors:
+            self._count_errors(state, new_errors)
+        else:
+            self._bump()
         for listener in self._listeners:
             try:
                 listener(state.name, readings)
@@ -217,9 +251,8 @@ class Sampler:
         try:
             statuses = state.source.read_status()
         except Exception as exc:
-            state.errors_total += 1
-            self._bump()
             log.warning("source %s: status read failed: %s", state.name, exc)
+            self._count_errors(state, 1)
             return
         state.statuses = {status.device_id: status for status in statuses}
         self._bump()

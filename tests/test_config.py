@@ -72,7 +72,7 @@ def test_defaults(missing_default: Path) -> None:
     assert config.sources.cpu_model.idle_watts == 50.0
     assert config.sources.simulated.gpus == 0
     assert config.sources.simulated.seed == 0
-    assert config.sources.simulated.cpu is True
+    assert config.sources.simulated.cpu is False
     assert config.sampler.read_timeout_s == 2.0
 
 

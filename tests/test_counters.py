@@ -115,3 +115,25 @@ def test_integration_ignores_samples_out_of_order() -> None:
     assert integrator.total_j == 0.0
     integrator.update(100.0, 3_000_000_000)
     assert integrator.total_j == pytest.approx(100.0)
+
+
+def test_rebase_keeps_the_total_and_takes_the_next_reading_as_baseline() -> None:
+    counter = EnergyCounter(scale_j=1.0, max_range=1000)
+    counter.update(100)
+    counter.update(400)
+    counter.rebase()  # the zone vanished; it comes back reading 50, lower than before, which is no wrap
+    assert counter.update(50) == 0
+    assert counter.total_raw == 400
+    assert counter.update(80) == 30
+    assert counter.total_raw == 430
+    assert counter.wraps == 0
+
+
+def test_integrator_restart_integrates_nothing_across_the_gap() -> None:
+    integrator = PowerIntegrator()
+    integrator.update(100.0, 0)
+    integrator.update(100.0, 1_000_000_000)
+    integrator.restart()
+    integrator.update(300.0, 61_000_000_000)  # a minute later: no energy invented for the gap
+    integrator.update(300.0, 62_000_000_000)
+    assert integrator.total_j == pytest.approx(400.0)

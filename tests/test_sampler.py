@@ -178,3 +178,63 @@ def test_histogram_buckets_are_cumulative() -> None:
     buckets = dict(histogram.cumulative())
     assert buckets["0.0005"] == 1 and buckets["0.005"] == 3 and buckets["2.5"] == 3 and buckets["+Inf"] == 4
     assert histogram.count == 4 and abs(histogram.sum_s - 5.0061) < 1e-9
+
+
+class BrokenDeviceErrors(CountingSource):
+    def device_errors(self) -> dict[str, str]:
+        raise RuntimeError("bug in device_errors")
+
+
+def test_a_bug_outside_read_does_not_end_the_loop() -> None:
+    source = BrokenDeviceErrors("buggy")
+    sampler = started(source)
+    try:
+        wait_for(lambda: len(source.read_times) >= 4)  # the thread lives on after the first failure
+        state = sampler.states[0]
+        assert not state.up and "bug in device_errors" in state.last_error
+        assert state.errors_total >= 3
+    finally:
+        sampler.stop()
+
+
+class FlappingDevices(CountingSource):
+    def __init__(self) -> None:
+        super().__init__("flap")
+        self.errors: dict[str, str] = {}
+
+    def device_errors(self) -> dict[str, str]:
+        return dict(self.errors)
+
+
+def test_a_down_device_is_counted_once_not_once_per_read() -> None:
+    source = FlappingDevices()
+    sampler = Sampler([source])
+    state = sampler.states[0]
+    sampler.mark_opened(state)
+    source.errors = {"gpu3": "lost"}
+    for _ in range(5):
+        sampler._read_once(state)
+    assert state.errors_total == 1
+    source.errors = {"gpu3": "lost", "gpu4": "lost"}
+    sampler._read_once(state)
+    assert state.errors_total == 2
+    source.errors = {}
+    sampler._read_once(state)
+    source.errors = {"gpu3": "lost again"}
+    sampler._read_once(state)
+    assert state.errors_total == 3
+
+
+def test_retire_stops_the_loop_and_drops_the_source() -> None:
+    keep, retired = CountingSource("keep"), CountingSource("old")
+    sampler = started(keep, retired)
+    try:
+        wait_for(lambda: len(retired.read_times) >= 2)
+        sampler.retire("old")
+        count = len(retired.read_times)
+        time.sleep(0.15)
+        assert len(retired.read_times) <= count + 1  # at most one read already under way
+        assert [state.name for state in sampler.states] == ["keep"]
+        assert len(keep.read_times) > 5
+    finally:
+        sampler.stop()

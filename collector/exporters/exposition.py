@@ -9,7 +9,6 @@ which Go's parser reads; +Inf, -Inf and NaN as the format spells them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -58,13 +57,11 @@ def _escape_label_value(value: str) -> str:
 
 
 def format_value(value: float) -> str:
-    if value == math.inf:
-        return "+Inf"
-    if value == -math.inf:
-        return "-Inf"
+    if value - value == 0:  # finite: inf - inf and nan - nan are nan
+        return repr(value)
     if value != value:
         return "NaN"
-    return repr(float(value))
+    return "+Inf" if value > 0 else "-Inf"
 
 
 class TextRenderer:
@@ -95,9 +92,6 @@ class TextRenderer:
                 # the label names follow from the sample name within a family, so they need not be in the key
                 prefix = prefixes.get((sample_name, labelvalues)) or self._prefix(sample_name, labelnames, labelvalues)
                 append(prefix)
-                if value == value and value not in (math.inf, -math.inf):
-                    append(repr(value))
-                else:
-                    append(format_value(value))
+                append(format_value(value))
                 append("\n")
         return "".join(out).encode()

@@ -14,6 +14,7 @@ import hmac
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,8 @@ from collector.exporters.families import sampler_families
 from collector.sampler import Sampler
 
 log = logging.getLogger(__name__)
+
+AUTH_CACHE_TTL_S = 60.0
 
 
 class SamplerCollector(Collector):
@@ -90,6 +93,32 @@ def check_password(auth: BasicAuthConfig, username: str, password: str) -> bool:
     return user_ok and password_ok
 
 
+class AuthCache:
+    """Remembers credentials that passed for a while, so a bcrypt check (~0.2 s of CPU) is not paid per scrape.
+
+    Holds SHA-256 digests of the Authorization header, never the header itself.
+    """
+
+    def __init__(self, ttl_s: float = AUTH_CACHE_TTL_S, size: int = 16) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._expiry: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, header: str) -> bool:
+        digest = hashlib.sha256(header.encode()).digest()
+        with self._lock:
+            expiry = self._expiry.get(digest)
+            return expiry is not None and expiry > time.monotonic()
+
+    def add(self, header: str) -> None:
+        digest = hashlib.sha256(header.encode()).digest()
+        with self._lock:
+            if len(self._expiry) >= self.size:
+                self._expiry.clear()
+            self._expiry[digest] = time.monotonic() + self.ttl_s
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsHTTPServer
     _headers_buffer: list[bytes]
@@ -97,6 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in one write, and without Nagle a kept-alive connection does not wait ~40 ms
     # for the scraper's delayed ACK before the next response.
     disable_nagle_algorithm = True
+    timeout = 30  # seconds: an idle keep-alive connection, or a TLS client that never says hello, lets go
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -120,11 +150,14 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         header = self.headers.get("Authorization", "")
         if header.startswith("Basic "):
+            if self.server.auth_cache.hit(header):
+                return True
             try:
                 username, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 username, password = "", ""
             if check_password(auth, username, password):
+                self.server.auth_cache.add(header)
                 return True
         self._send(
             HTTPStatus.UNAUTHORIZED,
@@ -141,7 +174,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             want_gzip = "gzip" in self.headers.get("Accept-Encoding", "")
             body = self.server.cache.body(want_gzip)
-            extra = {"Content-Encoding": "gzip"} if want_gzip else None
+            extra = {"Vary": "Accept-Encoding"}
+            if want_gzip:
+                extra["Content-Encoding"] = "gzip"
             self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST, extra)
         elif path == "/healthz":
             if self.server.cache.sampler.any_up():
@@ -177,6 +212,7 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.cache = cache
         self.basic_auth = basic_auth
+        self.auth_cache = AuthCache()
         if ssl_context is not None:
             # handshake in the request thread, so a slow client cannot stall accept()
             self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
@@ -211,5 +247,7 @@ class PrometheusExporter:
         self._thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever, which never ran otherwise
+            self.server.shutdown()
+            self._thread = None
         self.server.server_close()

@@ -23,8 +23,10 @@ def busy_and_total_s(times: Any) -> tuple[float, float]:
     """Busy and total CPU seconds from a psutil ``cpu_times()`` result (all CPUs summed)."""
     total = float(sum(times))
     idle = float(times.idle) + float(getattr(times, "iowait", 0.0))
-    # guest time is already counted in user on Linux; counting it twice would inflate busy time
+    # guest time is already counted in user on Linux; counting it twice would inflate busy time. Steal time is
+    # when the hypervisor ran someone else: this VM's CPU was neither busy nor drawing power for it.
     total -= float(getattr(times, "guest", 0.0)) + float(getattr(times, "guest_nice", 0.0))
+    total -= float(getattr(times, "steal", 0.0))
     return total - idle, total
 
 

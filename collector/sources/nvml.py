@@ -6,7 +6,8 @@ microseconds since the Unix epoch; everything leaving this module is in joules, 
 Every NVML call goes through one boundary (``_nvml_boundary``) that maps ``pynvml.NVMLError`` to
 ``collector.errors``: errors that concern the library as a whole become ``SourceError``, the rest concern one
 GPU and become ``DeviceLost`` (or ``PermissionDeniedError``). A GPU that fails is retried with exponential
-backoff while the others keep going.
+backoff while the others keep going. When the library as a whole fails (a driver reload), ``read`` raises
+``SourceError`` and re-initialises NVML with the same backoff, keeping every GPU's energy total.
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ def _optional(nvml: Any, fn: Callable[..., T], *args: Any, absent: frozenset[int
 
 @dataclass
 class _Gpu:
-    """State of one GPU. Counters are touched only by ``read``; the rest is shared under the source's lock."""
+    """State of one GPU. Counters are touched only by ``read``; the rest is shared under the source's lock.
+
+    ``discovered`` is False for a GPU whose description failed at open: it is kept, down, and described again
+    when it first answers. ``stale`` means NVML was re-initialised since ``handle`` was acquired.
+    """
 
     index: int
     device_id: str
@@ -102,6 +107,9 @@ class _Gpu:
     energy_field: bool
     instant_field: bool
     module_field: bool
+    info: DeviceInfo
+    discovered: bool = True
+    stale: bool = False
     counter: EnergyCounter = field(default_factory=lambda: EnergyCounter(scale_j=1e-3))
     integrator: PowerIntegrator = field(default_factory=PowerIntegrator)
     down_reason: str | None = None
@@ -130,8 +138,8 @@ class NvmlSource(Source):
     (``EnergyMethod.INTEGRATED``). Power is ``NVML_FI_DEV_POWER_INSTANT`` (mW), or
     ``nvmlDeviceGetPowerUsage`` (mW, a 1 s average on Ampere and Hopper) only where that field is missing.
 
-    ``nvml`` is the pynvml module (injectable for tests); ``monotonic_ns`` and ``time_ns`` are the clocks used
-    for ``mono_ns``, backoff, and the wall time used when NVML gives no field timestamp.
+    ``nvml`` is the pynvml module (injectable for tests); ``monotonic_ns`` is the clock for ``mono_ns``, backoff
+    and power integration, ``time_ns`` the wall time used for ``time_ns`` when NVML gives no field timestamp.
     ``library_path`` loads libnvidia-ml from that path instead of the dynamic loader's default.
     """
 
@@ -157,10 +165,17 @@ class NvmlSource(Source):
         self._time_ns = time_ns
         self._library_path = library_path
         self._gpus: list[_Gpu] = []
-        self._devices: list[DeviceInfo] = []
-        # Guards the fields of _Gpu that read() and read_status() share; never held across an NVML call.
+        # Guards the fields of _Gpu that read() and read_status() share, and the library state below; never
+        # held across an NVML call.
         self._lock = threading.Lock()
         self._opened = False
+        # Set while NVML as a whole is broken: why, and when read() next re-initialises it.
+        self._library_down: str | None = None
+        self._library_retry_at_ns = 0
+        # None while NVML works; kept across a re-initialisation until a read succeeds, so it keeps growing
+        # when NVML initialises but fails again at once.
+        self._library_backoff_s: float | None = None
+        self._warned: set[str] = set()  # messages already logged by _warn_once
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -175,21 +190,22 @@ class NvmlSource(Source):
         except SourceError as exc:
             self.close()
             raise SourceUnavailable(f"NVML could not count GPUs: {exc}") from exc
-        gpus: list[_Gpu] = []
-        devices: list[DeviceInfo] = []
-        for index in range(count):
-            try:
-                gpu, info = self._discover(index)
-            except SourceError as exc:
-                log.warning("NVML: skipping GPU %d: %s", index, exc)
-                continue
-            gpus.append(gpu)
-            devices.append(info)
-        if not gpus:
+        if count == 0:
             self.close()
             raise SourceUnavailable("NVML found no usable NVIDIA GPU on this host")
+        gpus: list[_Gpu] = []
+        for index in range(count):
+            try:
+                gpu = self._discover(index)
+            except (DeviceLost, PermissionDeniedError) as exc:
+                # Kept as a known GPU that is down (wattmeter_gpu_up 0), described again once it answers.
+                gpu = self._undiscovered(index)
+                self._mark_down(gpu, str(exc), self._monotonic_ns())
+            except SourceError:
+                self.close()  # the library broke while opening: the caller retries open()
+                raise
+            gpus.append(gpu)
         self._gpus = gpus
-        self._devices = devices
 
     def _init_library(self) -> None:
         nvml = self._nvml
@@ -209,7 +225,31 @@ class NvmlSource(Source):
                 reason = str(exc)
             raise SourceUnavailable(f"NVML unavailable: {reason}") from exc
 
-    def _discover(self, index: int) -> tuple[_Gpu, DeviceInfo]:
+    def _undiscovered(self, index: int) -> _Gpu:
+        """A GPU NVML counts but could not describe: UUID and model unknown until it answers."""
+        device_id = f"gpu{index}"
+        info = DeviceInfo(
+            device_id=device_id,
+            kind=DeviceKind.GPU,
+            source=self.name,
+            vendor="NVIDIA",
+            model="",
+            index=index,
+            uuid="",
+        )
+        return _Gpu(
+            index=index,
+            device_id=device_id,
+            uuid="",
+            handle=None,
+            energy_field=False,
+            instant_field=False,
+            module_field=False,
+            info=info,
+            discovered=False,
+        )
+
+    def _discover(self, index: int) -> _Gpu:
         nvml = self._nvml
         device_id = f"gpu{index}"
         with _nvml_boundary(nvml, device_id):
@@ -218,15 +258,6 @@ class NvmlSource(Source):
             model = _text(nvml.nvmlDeviceGetName(handle))
             energy_field, instant_field, module_field = self._probe_fields(handle)
             attributes = (*self._mig_attributes(handle), ("power_scope", "module" if module_field else "gpu"))
-        gpu = _Gpu(
-            index=index,
-            device_id=device_id,
-            uuid=uuid,
-            handle=handle,
-            energy_field=energy_field,
-            instant_field=instant_field,
-            module_field=module_field,
-        )
         info = DeviceInfo(
             device_id=device_id,
             kind=DeviceKind.GPU,
@@ -238,7 +269,16 @@ class NvmlSource(Source):
             method=EnergyMethod.COUNTER if energy_field else EnergyMethod.INTEGRATED,
             attributes=attributes,
         )
-        return gpu, info
+        return _Gpu(
+            index=index,
+            device_id=device_id,
+            uuid=uuid,
+            handle=handle,
+            energy_field=energy_field,
+            instant_field=instant_field,
+            module_field=module_field,
+            info=info,
+        )
 
     def _probe_fields(self, handle: Any) -> tuple[bool, bool, bool]:
         """Which of energy, instant power and module-scope power this GPU answers (asked once, at open)."""
@@ -276,7 +316,11 @@ class NvmlSource(Source):
         return (("mig_mode", "enabled"), ("mig_instances", str(instances)))
 
     def devices(self) -> Sequence[DeviceInfo]:
-        return tuple(self._devices)
+        """The GPUs as described now. A GPU that failed discovery at open has uuid "" and model "" here until it
+        first answers; the sampler takes ``devices()`` once, at open, so its labels keep those until a restart.
+        """
+        with self._lock:
+            return tuple(gpu.info for gpu in self._gpus)
 
     def close(self) -> None:
         """Shut NVML down; errors are swallowed because there is nothing left to do about them."""
@@ -294,18 +338,44 @@ class NvmlSource(Source):
         """One reading per GPU that answered: energy in J (monotonic), power in W, times in ns.
 
         Makes at most one ``nvmlDeviceGetFieldValues`` call per GPU. Raises SourceError only when NVML as a
-        whole stopped working (uninitialised, driver gone); a failing GPU is just left out.
+        whole stopped working (uninitialised, driver gone); a failing GPU is just left out. After such an error
+        NVML is re-initialised at the first read past the backoff (1 s doubling to 60 s); until then every read
+        raises SourceError without calling NVML.
         """
+        with self._lock:
+            library_down, retry_at_ns = self._library_down, self._library_retry_at_ns
+        if library_down is not None:
+            mono_ns = self._monotonic_ns()
+            if mono_ns < retry_at_ns:
+                raise SourceError(library_down)
+            self._reinit(mono_ns)
+        try:
+            readings = self._read_gpus()
+        except SourceError as exc:  # _read_gpus handles a GPU's own errors: this one concerns the library
+            self._library_failed(str(exc), self._monotonic_ns())
+            raise
+        if self._library_backoff_s is not None:
+            with self._lock:
+                self._library_backoff_s = None
+        return readings
+
+    def _read_gpus(self) -> list[DeviceReading]:
         readings: list[DeviceReading] = []
         for gpu in self._gpus:
             mono_ns = self._monotonic_ns()
             with self._lock:
-                down, retry_at_ns = gpu.down_reason is not None, gpu.retry_at_ns
+                down, stale, retry_at_ns = gpu.down_reason is not None, gpu.stale, gpu.retry_at_ns
             if down and mono_ns < retry_at_ns:
                 continue
+            refresh = down or stale
             try:
                 with _nvml_boundary(self._nvml, gpu.device_id):
-                    handle = self._reacquire(gpu) if down else gpu.handle
+                    if not gpu.discovered:
+                        handle = self._rediscover(gpu)
+                    elif refresh:
+                        handle = self._reacquire(gpu)
+                    else:
+                        handle = gpu.handle
                     sample = self._sample(gpu, handle)
                     power_mw = sample.power_mw
                     power_ts_us = sample.power_ts_us
@@ -315,19 +385,64 @@ class NvmlSource(Source):
             except (DeviceLost, PermissionDeniedError) as exc:
                 self._mark_down(gpu, str(exc), mono_ns)
                 continue
-            if down:
-                log.info("NVML: %s is back", gpu.device_id)
-                # The power drawn while the GPU was away is unknown; start integrating afresh, keep the total.
-                restarted = PowerIntegrator()
-                restarted.total_j = gpu.integrator.total_j
-                gpu.integrator = restarted
+            if refresh:
+                if down:
+                    log.info("NVML: %s is back", gpu.device_id)
+                # The power drawn while the GPU (or NVML) was away is unknown: integrate afresh, keep the total.
+                gpu.integrator.restart()
             readings.append(self._reading(gpu, sample, power_mw, power_ts_us, mono_ns))
             with self._lock:
                 gpu.handle = handle
+                gpu.stale = False
                 gpu.down_reason = None
                 gpu.backoff_s = BACKOFF_INITIAL_S
                 gpu.module_power_w = sample.module_power_mw / 1000.0 if sample.module_power_mw is not None else None
         return readings
+
+    def _library_failed(self, reason: str, mono_ns: int) -> None:
+        """NVML as a whole failed: every handle is now suspect; re-initialise after the backoff."""
+        with self._lock:
+            first = self._library_backoff_s is None
+            backoff_s = BACKOFF_INITIAL_S if self._library_backoff_s is None else self._library_backoff_s * 2.0
+            backoff_s = min(backoff_s, BACKOFF_MAX_S)
+            self._library_backoff_s = backoff_s
+            self._library_down = reason
+            self._library_retry_at_ns = mono_ns + int(backoff_s * 1e9)
+            for gpu in self._gpus:
+                gpu.stale = True
+        if first:
+            log.warning("NVML stopped working: %s; re-initialising it in %g s", reason, backoff_s)
+        else:
+            log.debug("NVML still not working: %s; next try in %g s", reason, backoff_s)
+
+    def _reinit(self, mono_ns: int) -> None:
+        """Shut NVML down and initialise it again; handles are re-acquired by ``_read_gpus`` (they are stale)."""
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception as exc:  # the library may already be gone; init below is what matters
+            log.debug("NVML shutdown before re-initialisation failed: %s", exc)
+        try:
+            self._init_library()
+        except SourceUnavailable as exc:
+            reason = f"NVML re-initialisation failed: {exc}"
+            self._library_failed(reason, mono_ns)
+            raise SourceError(reason) from exc
+        with self._lock:
+            self._library_down = None
+        log.info("NVML re-initialised")
+
+    def _rediscover(self, gpu: _Gpu) -> Any:
+        """Describe a GPU that failed discovery at open, keeping its state objects (the counters); its handle."""
+        fresh = self._discover(gpu.index)
+        with self._lock:
+            gpu.uuid = fresh.uuid
+            gpu.handle = fresh.handle
+            gpu.energy_field = fresh.energy_field
+            gpu.instant_field = fresh.instant_field
+            gpu.module_field = fresh.module_field
+            gpu.info = fresh.info
+            gpu.discovered = True
+        return fresh.handle
 
     def _reacquire(self, gpu: _Gpu) -> Any:
         """A fresh handle for a GPU that was down: by UUID (stable across resets), else by index."""
@@ -379,9 +494,8 @@ class NvmlSource(Source):
             ts_us = sample.energy_ts_us or power_ts_us
         else:
             if power_w is not None:
-                # Field timestamps and the wall clock share the epoch; without the field, use monotonic time.
-                t_ns = (power_ts_us * 1000 or wall_ns) if gpu.instant_field else mono_ns
-                gpu.integrator.update(power_w, t_ns)
+                # Monotonic time of the read: field timestamps are wall clock, which NTP can step.
+                gpu.integrator.update(power_w, mono_ns)
             energy_j = gpu.integrator.total_j
             ts_us = power_ts_us
         return DeviceReading(
@@ -391,6 +505,13 @@ class NvmlSource(Source):
             mono_ns=mono_ns,
             time_ns=ts_us * 1000 if ts_us else wall_ns,
         )
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        log.warning(message, *args)
 
     def _mark_down(self, gpu: _Gpu, reason: str, mono_ns: int) -> None:
         with self._lock:
@@ -412,16 +533,20 @@ class NvmlSource(Source):
         """Power limit (W), utilisation 0..1, memory used (bytes), temperature (C), SM clock (Hz), processes.
 
         A value the GPU does not support is None; a GPU that errors is left out (``read`` decides it is down).
+        Nothing is read while NVML is down or a GPU's handle is stale (``read`` re-acquires it).
         """
         with self._lock:
-            snapshot = [(gpu, gpu.handle) for gpu in self._gpus if gpu.down_reason is None]
+            if self._library_down is not None:
+                return []
+            snapshot = [(gpu, gpu.handle) for gpu in self._gpus if gpu.down_reason is None and not gpu.stale]
         statuses: list[DeviceStatus] = []
         for gpu, handle in snapshot:
             try:
                 with _nvml_boundary(self._nvml, gpu.device_id):
                     status = self._status(gpu, handle)
-            except (DeviceLost, PermissionDeniedError) as exc:
-                log.debug("NVML: no status for %s: %s", gpu.device_id, exc)
+            except SourceError as exc:
+                reason = str(exc)
+                self._warn_once(f"status {gpu.device_id} {reason}", "NVML: no status for %s: %s", gpu.device_id, reason)
                 continue
             statuses.append(status)
         return statuses
@@ -451,14 +576,14 @@ class NvmlSource(Source):
         nvml = self._nvml
         memory: dict[int, int | None] = {}
         for getter in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-            for proc in _optional(nvml, getter, handle) or ():
+            for proc in self._process_query(getter, handle) or ():
                 pid = int(proc.pid)
                 used = proc.usedGpuMemory
                 if memory.get(pid) is None:
                     memory[pid] = int(used) if used is not None else None
         # NOT_FOUND: no sample since the last timestamp; SUCCESS raised by pynvml when there are zero samples.
         absent = frozenset({_ERROR_NOT_SUPPORTED, _ERROR_NOT_FOUND, _SUCCESS})
-        samples = _optional(nvml, nvml.nvmlDeviceGetProcessUtilization, handle, gpu.process_seen_us, absent=absent)
+        samples = self._process_query(nvml.nvmlDeviceGetProcessUtilization, handle, gpu.process_seen_us, absent=absent)
         sm_util: dict[int, tuple[int, float]] = {}
         for sample in samples or ():
             pid, stamp = int(sample.pid), int(sample.timeStamp)
@@ -473,6 +598,23 @@ class NvmlSource(Source):
             )
             for pid, used in sorted(memory.items())
         )
+
+    def _process_query(
+        self, fn: Callable[..., T], *args: Any, absent: frozenset[int] = frozenset({_ERROR_NOT_SUPPORTED})
+    ) -> T | None:
+        """A process query; NO_PERMISSION (usual in containers) is absent like NOT_SUPPORTED, and logged once."""
+        try:
+            return _optional(self._nvml, fn, *args, absent=absent)
+        except self._nvml.NVMLError as exc:
+            if _error_code(exc) != _ERROR_NO_PERMISSION:
+                raise
+        self._warn_once(
+            "process-permission",
+            "NVML: not allowed to query GPU processes (%s); per-process metrics are off. Run the agent with access "
+            "to other users' processes (as root, sharing the host PID namespace: hostPID: true in Kubernetes).",
+            getattr(fn, "__name__", "process query"),
+        )
+        return None
 
 
 def _text(value: str | bytes) -> str:

@@ -27,7 +27,7 @@ from collector.sources.base import Source, register_source
 
 log = logging.getLogger(__name__)
 
-_ZONE_DIR = re.compile(r"^intel-rapl(?:-mmio)?:(\d+)(?::(\d+))?$")
+_ZONE_DIR = re.compile(r"^(intel-rapl(?:-mmio)?):(\d+)(?::(\d+))?$")
 # Assumed ceiling where the zone states no max power: well above any server CPU package today.
 _FALLBACK_MAX_POWER_W = 1000.0
 
@@ -82,45 +82,61 @@ class RaplSource(Source):
         self._warned_slow: set[str] = set()
 
     def open(self) -> None:
+        self.close()  # a retried open must not leak the descriptors of the last try
         if not self.root.is_dir():
             raise SourceUnavailable(f"no powercap tree at {self.root} (no RAPL on this host, or not mounted)")
-        self._zones = self._discover()
+        try:
+            self._zones = self._discover()
+        except OSError as exc:
+            raise SourceError(f"cannot list RAPL zones under {self.root}: {exc.strerror or exc}") from None
         if not self._zones:
             raise SourceUnavailable(f"no intel-rapl zones under {self.root}")
-        for zone in self._zones:  # one read now, so a permission problem is one clear error at start
-            self._read_zone(zone, time.monotonic_ns())
+        try:
+            for zone in self._zones:  # one read now, so a permission problem is one clear error at start
+                self._read_zone(zone, time.monotonic_ns())
+        except SourceError:
+            self.close()
+            raise
 
     def _discover(self) -> list[_Zone]:
         entries = []
-        for entry in sorted(os.listdir(self.root)):
+        for entry in os.listdir(self.root):
             match = _ZONE_DIR.match(entry)
             if match:
-                entries.append((int(match.group(1)), match.group(2), entry))
-        package_names: dict[int, str] = {}
+                interface, top, sub = match.group(1), int(match.group(2)), match.group(3)
+                entries.append((interface != "intel-rapl", top, -1 if sub is None else int(sub), interface, entry))
+        entries.sort()  # MSR zones before MMIO ones, each package before its subzones
+        package_names: dict[tuple[str, int], str] = {}
+        seen: set[tuple[str, str]] = set()
         zones = []
-        for top, sub, entry in sorted(entries, key=lambda e: (e[0], -1 if e[1] is None else int(e[1]))):
+        for _, top, sub, interface, entry in entries:
             path = (self.root / entry).resolve()  # follow class/powercap symlinks into devices/virtual/...
             try:
                 zone_name = (path / "name").read_text().strip()
                 max_range = read_int(path / "max_energy_range_uj")
-            except FileNotFoundError:
-                log.warning("RAPL zone %s has no name or max_energy_range_uj; skipped", path)
+            except (OSError, ValueError) as exc:
+                log.warning("RAPL zone %s skipped: no readable name or max_energy_range_uj (%s)", path, exc)
                 continue
-            if sub is None:
-                package_names[top] = zone_name
+            if sub < 0:
+                package_names[(interface, top)] = zone_name
             domain = zone_name.split("-")[0] if zone_name.startswith("package-") else zone_name
-            top_name = package_names.get(top, "")
-            package = top_name.split("-", 1)[1] if top_name.startswith("package-") else str(top)
-            if domain == "package":
-                device_id = f"cpu{package}"
-            elif domain == "dram":
-                device_id = f"dram{package}"
-            elif domain == "psys":
-                device_id = f"psys{top}"
+            top_name = package_names.get((interface, top), "")
+            if domain == "psys":  # the whole platform, not a socket
+                package, device_id = "", "psys"
             else:
-                device_id = f"cpu{package}-{domain}"
-            if "mmio" in entry:
-                device_id += "-mmio"
+                package = top_name.split("-", 1)[1] if top_name.startswith("package-") else str(top)
+                if domain == "package":
+                    device_id = f"cpu{package}"
+                elif domain == "dram":
+                    device_id = f"dram{package}"
+                else:
+                    device_id = f"cpu{package}-{domain}"
+            if (package, domain) in seen:
+                # intel-rapl-mmio duplicates the MSR interface's package zone on some Intel CPUs: the same
+                # energy twice, which a sum over packages would count twice
+                log.info("RAPL zone %s skipped: same package %r and domain %r as another zone", entry, package, domain)
+                continue
+            seen.add((package, domain))
             max_power_w = _zone_max_power_w(path)
             info = DeviceInfo(
                 device_id=device_id,
@@ -173,6 +189,9 @@ class RaplSource(Source):
             if zone.fd is None:
                 zone.fd = os.open(energy_path, os.O_RDONLY)
                 zone.checked_ns = mono_ns
+                if zone.counter.started:  # back after an error: its new value is a new baseline
+                    zone.counter.rebase()
+                    zone.last_mono_ns = None
             elif mono_ns - zone.checked_ns >= self._recheck_ns:
                 zone.checked_ns = mono_ns
                 os.stat(energy_path)

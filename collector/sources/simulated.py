@@ -117,7 +117,7 @@ class SimulatedSource(Source):
         gpus: int,
         interval_s: float = 0.1,
         seed: int = 0,
-        cpu: bool = True,
+        cpu: bool = False,
         index_offset: int = 0,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:

@@ -174,7 +174,7 @@ def fake() -> tuple[Sampler, FakeGpuSource, FakeCpuSource, ExpositionCache]:
 
 def test_every_required_metric_with_its_labels_from_the_simulated_source() -> None:
     clock = FakeClock()
-    source = SimulatedSource(gpus=2, interval_s=0.1, seed=3, monotonic_ns=clock)
+    source = SimulatedSource(gpus=2, interval_s=0.1, seed=3, cpu=True, monotonic_ns=clock)
     sampler, (state,) = make_sampler(source)
     reads = 5
     for _ in range(reads):

@@ -120,6 +120,15 @@ class FakeNvmlLibrary:
         self.gpus[index].lost = False
         self._new_handle(index)
 
+    def reload_driver(self) -> None:
+        """The driver was unloaded and loaded again: NVML is uninitialised and every old handle is invalid.
+
+        Leave ``init_result`` at an error (e.g. NVML_ERROR_DRIVER_NOT_LOADED) while the driver is still away.
+        """
+        self.initialized = False
+        for index in range(len(self.gpus)):
+            self._new_handle(index)
+
     def count(self, function: str, index: int | None = None) -> int:
         return sum(1 for name, i in self.calls if name == function and (index is None or i == index))
 
@@ -200,6 +209,8 @@ class FakeNvmlLibrary:
             return int(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         if self.gpus[i].lost:
             return int(pynvml.NVML_ERROR_GPU_IS_LOST)
+        if "nvmlDeviceGetHandleByIndex_v2" in self.gpus[i].errors:
+            return self.gpus[i].errors["nvmlDeviceGetHandleByIndex_v2"]
         self._point(device_ref, self._structs[i])
         return SUCCESS
 

@@ -14,9 +14,9 @@ def times(busy: float, idle: float) -> Times:
     return Times(busy, 0.0, 0.0, idle, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-def test_busy_excludes_idle_iowait_and_double_counted_guest() -> None:
-    busy, total = busy_and_total_s(Times(10.0, 1.0, 2.0, 50.0, 5.0, 0.0, 0.0, 0.0, 4.0, 0.0))
-    assert total == pytest.approx(68.0)
+def test_busy_excludes_idle_iowait_steal_and_double_counted_guest() -> None:
+    busy, total = busy_and_total_s(Times(10.0, 1.0, 2.0, 50.0, 5.0, 0.0, 0.0, 3.0, 4.0, 0.0))
+    assert total == pytest.approx(68.0)  # 75 counted, less guest (4, inside user already) and steal (3)
     assert busy == pytest.approx(13.0)
 
 

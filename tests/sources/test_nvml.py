@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from unittest import mock
 
@@ -196,13 +197,14 @@ def test_integrates_power_when_energy_field_not_supported(clock: Clock) -> None:
     with installed(lib):
         source = opened(clock)
         assert source.devices()[0].method is EnergyMethod.INTEGRATED
-        start_us = lib.clock_us
+        start_mono = clock.mono
         energies = []
         for t_s, mw in samples:
-            lib.clock_us = start_us + int(t_s * 1e6)
-            clock.mono += 7 * S  # the field timestamps, not the read times, drive the integration
+            clock.mono = start_mono + int(t_s * S)
+            lib.advance(7)  # the monotonic read times, not the field timestamps, drive the integration
             lib.gpus[0].power_mw = mw
             (r0,) = source.read()
+            assert r0.time_ns == lib.clock_us * 1000  # the field timestamp still dates the reading
             energies.append(r0.energy_j)
     expected = 0.0
     for (t0, p0), (t1, p1) in itertools.pairwise(samples):
@@ -210,6 +212,23 @@ def test_integrates_power_when_energy_field_not_supported(clock: Clock) -> None:
     assert expected == pytest.approx(0.5 * 150 + 1.0 * 175 + 0.25 * 100)
     assert energies[-1] == pytest.approx(expected)
     assert energies == sorted(energies)
+
+
+@pytest.mark.parametrize("step_s", [3_600.0, -3_600.0])
+def test_wall_clock_step_does_not_change_integrated_energy(clock: Clock, step_s: float) -> None:
+    lib = make_fake(FakeGpu("GPU-pascal", supports_energy_field=False, power_mw=100_000))
+    with installed(lib):
+        source = opened(clock)
+        source.read()
+        tick(lib, clock, 1.0)
+        assert source.read()[0].energy_j == pytest.approx(100.0)
+        # NTP steps the wall clock (and so the driver's field timestamps) by an hour; 1 s passes.
+        lib.advance(step_s)
+        clock.wall += int(step_s * S)
+        tick(lib, clock, 1.0)
+        (r0,) = source.read()
+    assert r0.energy_j == pytest.approx(200.0)
+    assert r0.time_ns == lib.clock_us * 1000
 
 
 def test_integration_without_instant_field_uses_monotonic_time(clock: Clock) -> None:
@@ -334,6 +353,62 @@ def test_every_gpu_failing_returns_empty(fake: FakeNvmlLibrary, clock: Clock) ->
     assert source.read_status() == []
 
 
+@pytest.mark.parametrize(
+    ("function", "code"),
+    [
+        ("nvmlDeviceGetHandleByIndex_v2", pynvml.NVML_ERROR_GPU_IS_LOST),
+        ("nvmlDeviceGetUUID", pynvml.NVML_ERROR_UNKNOWN),
+    ],
+)
+def test_gpu_failing_discovery_is_kept_down_retried_and_recovers(
+    fake: FakeNvmlLibrary, clock: Clock, function: str, code: int
+) -> None:
+    fake.gpus[1].errors[function] = code
+    source = opened(clock)
+    # Known but down: listed (so wattmeter_gpu_up is 0 for it), UUID and model unknown yet.
+    assert [(d.device_id, d.index, d.uuid, d.model) for d in source.devices()] == [
+        ("gpu0", 0, "GPU-aaaa", "NVIDIA H100 80GB HBM3"),
+        ("gpu1", 1, "", ""),
+    ]
+    assert set(by_id(source.read())) == {"gpu0"}
+    assert set(source.device_errors()) == {"gpu1"}
+    assert [s.device_id for s in source.read_status()] == ["gpu0"]
+
+    # Retried with the per-GPU backoff: 1 s after the failure at open, then 2 s.
+    tries = fake.count("nvmlDeviceGetHandleByIndex_v2", 1)
+    tick(fake, clock, 0.9)
+    source.read()
+    assert fake.count("nvmlDeviceGetHandleByIndex_v2", 1) == tries
+    tick(fake, clock, 0.1)
+    assert set(by_id(source.read())) == {"gpu0"}
+    assert fake.count("nvmlDeviceGetHandleByIndex_v2", 1) == tries + 1
+    tick(fake, clock, 1.9)
+    source.read()
+    assert fake.count("nvmlDeviceGetHandleByIndex_v2", 1) == tries + 1
+
+    del fake.gpus[1].errors[function]
+    tick(fake, clock, 0.1)
+    readings = by_id(source.read())
+    assert set(readings) == {"gpu0", "gpu1"}
+    assert readings["gpu1"].energy_j == pytest.approx(2_000.0)  # type: ignore[attr-defined]
+    assert source.device_errors() == {}
+    info = source.devices()[1]
+    assert (info.uuid, info.model, info.method) == ("GPU-bbbb", "NVIDIA A100-SXM4-40GB", EnergyMethod.COUNTER)
+    fake.gpus[1].energy_mj += 1_000
+    tick(fake, clock, 0.1)
+    assert by_id(source.read())["gpu1"].energy_j == pytest.approx(2_001.0)  # type: ignore[attr-defined]
+    assert [s.device_id for s in source.read_status()] == ["gpu0", "gpu1"]
+
+
+def test_every_gpu_failing_discovery_still_opens_with_gpus_down(fake: FakeNvmlLibrary, clock: Clock) -> None:
+    for gpu in fake.gpus:
+        gpu.lost = True
+    source = opened(clock)
+    assert [d.device_id for d in source.devices()] == ["gpu0", "gpu1"]
+    assert source.read() == []
+    assert set(source.device_errors()) == {"gpu0", "gpu1"}
+
+
 def test_per_field_error_other_than_not_supported_marks_gpu_down(fake: FakeNvmlLibrary, clock: Clock) -> None:
     source = opened(clock)
     fake.gpus[0].field_errors[pynvml.NVML_FI_DEV_ENERGY] = pynvml.NVML_ERROR_GPU_IS_LOST
@@ -346,6 +421,111 @@ def test_uninitialized_nvml_raises_source_error(fake: FakeNvmlLibrary, clock: Cl
     fake.initialized = False
     with pytest.raises(SourceError):
         source.read()
+
+
+def test_driver_reload_raises_then_reinitialises_after_backoff(fake: FakeNvmlLibrary, clock: Clock) -> None:
+    source = opened(clock)
+    source.read()
+    fake.gpus[0].energy_mj += 100_000
+    tick(fake, clock, 1.0)
+    assert by_id(source.read())["gpu0"].energy_j == pytest.approx(1_100.0)  # type: ignore[attr-defined]
+
+    # The driver is unloaded: NVML answers UNINITIALIZED, and cannot be initialised until the driver is back.
+    fake.reload_driver()
+    fake.init_result = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+    tick(fake, clock, 0.1)
+    with pytest.raises(SourceError):
+        source.read()
+    assert source.read_status() == []  # the slow path stays off NVML meanwhile, and does not raise
+    inits = fake.count("nvmlInitWithFlags")
+    tick(fake, clock, 0.9)
+    with pytest.raises(SourceError):
+        source.read()
+    assert fake.count("nvmlInitWithFlags") == inits, "re-initialised before the 1 s backoff"
+    tick(fake, clock, 0.1)
+    shutdowns = fake.count("nvmlShutdown")
+    with pytest.raises(SourceError, match="re-initialisation failed"):
+        source.read()
+    assert fake.count("nvmlInitWithFlags") == inits + 1
+    assert fake.count("nvmlShutdown") == shutdowns + 1
+
+    # The driver is back, its energy counters restarted from 0 (and counted a little since).
+    fake.init_result = pynvml.NVML_SUCCESS
+    fake.gpus[0].energy_mj = 30_000
+    fake.gpus[1].energy_mj = 5_000
+    tick(fake, clock, 1.9)
+    with pytest.raises(SourceError):
+        source.read()  # the backoff doubled to 2 s
+    assert fake.count("nvmlInitWithFlags") == inits + 1
+    tick(fake, clock, 0.1)
+    readings = by_id(source.read())
+    assert fake.count("nvmlInitWithFlags") == inits + 2
+    assert set(readings) == {"gpu0", "gpu1"}
+    # Handles were re-acquired (the old ones are invalid), by UUID, keeping the totals monotonic.
+    assert fake.count("nvmlDeviceGetHandleByUUID", 0) == 1
+    assert fake.count("nvmlDeviceGetHandleByUUID", 1) == 1
+    assert readings["gpu0"].energy_j == pytest.approx(1_130.0)  # type: ignore[attr-defined]
+    assert readings["gpu1"].energy_j == pytest.approx(2_005.0)  # type: ignore[attr-defined]
+    assert source.device_errors() == {}
+    fake.gpus[0].energy_mj = 40_000
+    tick(fake, clock, 0.1)
+    assert by_id(source.read())["gpu0"].energy_j == pytest.approx(1_140.0)  # type: ignore[attr-defined]
+    assert [s.device_id for s in source.read_status()] == ["gpu0", "gpu1"]
+
+
+def test_library_reinit_backoff_doubles_to_sixty_seconds(fake: FakeNvmlLibrary, clock: Clock) -> None:
+    source = opened(clock)
+    source.read()
+    fake.reload_driver()
+    fake.init_result = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+    with pytest.raises(SourceError):
+        source.read()
+    attempts = []
+    for _ in range(1200):  # 300 s of reads at 0.25 s
+        tick(fake, clock, 0.25)
+        before = fake.count("nvmlInitWithFlags")
+        with pytest.raises(SourceError):
+            source.read()
+        if fake.count("nvmlInitWithFlags") > before:
+            attempts.append(clock.mono)
+    gaps = [(b - a) / S for a, b in itertools.pairwise(attempts)]
+    assert gaps[:5] == pytest.approx([2.0, 4.0, 8.0, 16.0, 32.0])
+    assert gaps[5:] and all(g == pytest.approx(60.0) for g in gaps[5:])
+
+
+def test_backoff_keeps_growing_when_nvml_fails_again_right_after_reinit(fake: FakeNvmlLibrary, clock: Clock) -> None:
+    source = opened(clock)
+    source.read()
+    for gpu in fake.gpus:  # NVML initialises each time, then fails again before any GPU answers
+        gpu.errors["nvmlDeviceGetFieldValues"] = pynvml.NVML_ERROR_UNINITIALIZED
+    attempts = []
+    for _ in range(200):  # 50 s of reads
+        tick(fake, clock, 0.25)
+        before = fake.count("nvmlInitWithFlags")
+        with pytest.raises(SourceError):
+            source.read()
+        if fake.count("nvmlInitWithFlags") > before:
+            attempts.append(clock.mono)
+    gaps = [(b - a) / S for a, b in itertools.pairwise(attempts)]
+    assert gaps[:4] == pytest.approx([2.0, 4.0, 8.0, 16.0])
+
+
+def test_integrated_gpu_restarts_its_time_base_after_reinit(clock: Clock) -> None:
+    lib = make_fake(FakeGpu("GPU-pascal", supports_energy_field=False, power_mw=100_000))
+    with installed(lib):
+        source = opened(clock)
+        source.read()
+        tick(lib, clock, 1.0)
+        assert source.read()[0].energy_j == pytest.approx(100.0)
+        lib.reload_driver()
+        tick(lib, clock, 0.1)
+        with pytest.raises(SourceError):
+            source.read()
+        tick(lib, clock, 1.0)
+        # The first reading after re-initialisation is a new start: the 1.1 s without NVML add nothing.
+        assert source.read()[0].energy_j == pytest.approx(100.0)
+        tick(lib, clock, 1.0)
+        assert source.read()[0].energy_j == pytest.approx(200.0)
 
 
 # -- unavailable ---------------------------------------------------------------------------------------------
@@ -375,6 +555,9 @@ def test_close_swallows_errors(fake: FakeNvmlLibrary, clock: Clock) -> None:
     source = opened(clock)
     fake.initialized = False  # nvmlShutdown now fails
     source.close()
+    assert fake.count("nvmlShutdown") == 1
+    source.close()  # closing twice does not shut NVML down twice
+    assert fake.count("nvmlShutdown") == 1
 
 
 # -- status --------------------------------------------------------------------------------------------------
@@ -452,13 +635,63 @@ def test_read_status_not_supported_fields_are_none(clock: Clock) -> None:
     assert [(p.pid, p.used_memory_bytes, p.sm_utilization_ratio) for p in status.processes] == [(7, 100, None)]
 
 
-def test_read_status_skips_gpu_on_other_errors(fake: FakeNvmlLibrary, clock: Clock) -> None:
+def test_read_status_skips_gpu_on_other_errors(
+    fake: FakeNvmlLibrary, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
     source = opened(clock)
     fake.gpus[0].errors["nvmlDeviceGetTemperature"] = pynvml.NVML_ERROR_UNKNOWN
-    assert [s.device_id for s in source.read_status()] == ["gpu1"]
+    with caplog.at_level(logging.WARNING, logger="collector.sources.nvml"):
+        for _ in range(3):
+            assert [s.device_id for s in source.read_status()] == ["gpu1"]
+        fake.gpus[0].errors["nvmlDeviceGetTemperature"] = pynvml.NVML_ERROR_IN_USE
+        source.read_status()
+        source.read_status()
+    # A warning once per distinct reason, not one per slow read.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert all("gpu0" in w for w in warnings)
     # The slow path reports, it does not decide: the fast path still reads gpu0.
     assert set(by_id(source.read())) == {"gpu0", "gpu1"}
     assert source.device_errors() == {}
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        "nvmlDeviceGetGraphicsRunningProcesses_v3",
+        "nvmlDeviceGetProcessUtilization",
+    ],
+)
+def test_no_permission_on_process_queries_keeps_the_rest_of_the_status(
+    clock: Clock, caplog: pytest.LogCaptureFixture, function: str
+) -> None:
+    gpu = FakeGpu(
+        "GPU-container",
+        power_limit_mw=650_000,
+        temperature_c=61,
+        processes=[FakeProcess(101, used_memory_bytes=1 << 30), FakeProcess(303, graphics=True)],
+        util_samples=[FakeUtilSample(101, timestamp_us=20, sm_util=55)],
+        errors={function: pynvml.NVML_ERROR_NO_PERMISSION},
+    )
+    lib = make_fake(gpu)
+    with installed(lib), caplog.at_level(logging.WARNING, logger="collector.sources.nvml"):
+        source = opened(clock)
+        (status,) = source.read_status()
+        source.read_status()
+    assert status.power_limit_w == pytest.approx(650.0)
+    assert status.temperature_c == pytest.approx(61.0)
+    assert status.utilization_ratio == pytest.approx(0.5)
+    procs = {p.pid: p.sm_utilization_ratio for p in status.processes}
+    expected = {
+        "nvmlDeviceGetComputeRunningProcesses_v3": {303: None},
+        "nvmlDeviceGetGraphicsRunningProcesses_v3": {101: pytest.approx(0.55)},
+        "nvmlDeviceGetProcessUtilization": {101: None, 303: None},
+    }[function]
+    assert procs == expected
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once, with the fix
+    assert "hostPID" in warnings[0]
 
 
 def test_read_status_single_call_not_supported_leaves_rest(fake: FakeNvmlLibrary, clock: Clock) -> None:
@@ -508,12 +741,33 @@ def test_grace_hopper_module_power(clock: Clock) -> None:
 # -- strictness ----------------------------------------------------------------------------------------------
 
 
-def test_fake_rejects_functions_it_does_not_implement(fake: FakeNvmlLibrary, clock: Clock) -> None:
+def test_open_and_status_call_exactly_the_nvml_functions_they_mean_to(fake: FakeNvmlLibrary, clock: Clock) -> None:
     source = opened(clock)
-    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-    with pytest.raises(pynvml.NVMLError_FunctionNotFound):
-        pynvml.nvmlDeviceGetFanSpeed(handle)
-    assert not hasattr(fake, "nvmlDeviceGetPowerUsge")
+    per_gpu = {name for name, index in fake.calls if index == 0}
+    assert per_gpu == {
+        "nvmlDeviceGetHandleByIndex_v2",
+        "nvmlDeviceGetUUID",
+        "nvmlDeviceGetName",
+        "nvmlDeviceGetFieldValues",
+        "nvmlDeviceGetMigMode",
+    }
+    assert fake.count("nvmlDeviceGetFieldValues", 0) == 1  # the fields are probed in one call
+    assert {name for name, index in fake.calls if index is None} == {"nvmlInitWithFlags", "nvmlDeviceGetCount_v2"}
+
+    fake.calls.clear()
+    source.read_status()
+    status_calls = {
+        "nvmlDeviceGetEnforcedPowerLimit",
+        "nvmlDeviceGetUtilizationRates",
+        "nvmlDeviceGetMemoryInfo",
+        "nvmlDeviceGetTemperature",
+        "nvmlDeviceGetClockInfo",
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        "nvmlDeviceGetGraphicsRunningProcesses_v3",
+        "nvmlDeviceGetProcessUtilization",
+    }
+    # Each once per GPU; the slow path never touches the fast path's fields.
+    assert sorted(fake.calls) == sorted((name, index) for name in status_calls for index in (0, 1))
     source.close()
 
 
@@ -541,6 +795,4 @@ def test_source_calls_pynvml_with_real_signatures(
     source.read()
     source.read_status()
     assert pynvml.nvmlDeviceGetPowerUsage.call_count == 3  # gpu1, on each read
-    assert pynvml.nvmlDeviceGetHandleByUUID.call_count == 1
-    with pytest.raises(AttributeError):
-        pynvml.nvmlDeviceGetPowerUsge  # noqa: B018
+    pynvml.nvmlDeviceGetHandleByUUID.assert_called_once_with("GPU-aaaa")

@@ -19,7 +19,7 @@ class FakeClock:
 
 def run(seed: int, seconds: float = 120.0) -> list[tuple[str, float]]:
     clock = FakeClock()
-    source = SimulatedSource(gpus=2, interval_s=0.1, seed=seed, monotonic_ns=clock)
+    source = SimulatedSource(gpus=2, interval_s=0.1, seed=seed, cpu=True, monotonic_ns=clock)
     source.open()
     out = []
     for _ in range(int(seconds / 0.1)):
@@ -34,7 +34,7 @@ def test_same_seed_same_run_and_other_seed_differs() -> None:
 
 
 def test_devices_are_marked_simulated() -> None:
-    source = SimulatedSource(gpus=3, index_offset=2)
+    source = SimulatedSource(gpus=3, index_offset=2, cpu=True)
     source.open()
     gpus = [d for d in source.devices() if d.kind is DeviceKind.GPU]
     assert [d.device_id for d in gpus] == ["gpu2", "gpu3", "gpu4"]
@@ -60,7 +60,7 @@ def test_power_is_h100_like_in_every_phase() -> None:
 
 def test_energy_is_the_integral_of_power() -> None:
     clock = FakeClock()
-    source = SimulatedSource(gpus=1, interval_s=0.01, cpu=False, monotonic_ns=clock)
+    source = SimulatedSource(gpus=1, interval_s=0.01, monotonic_ns=clock)
     source.open()
     expected = 0.0
     last_power = None
