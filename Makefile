@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench venv clean format tools
+.PHONY: run test lint bench venv clean format tools bench-tools
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ run: venv
 tools:
 	bash scripts/install-test-tools.sh
 
+bench-tools:
+	bash scripts/install-test-tools.sh --bench
+
 test: venv tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
@@ -33,7 +36,7 @@ format: venv
 	$(BIN)/ruff format collector tests bench
 	$(BIN)/ruff check --fix collector tests bench
 
-bench: venv tools
+bench: venv bench-tools
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

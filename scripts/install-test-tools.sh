@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# System tools the test suite runs for real: promtool (Debian `prometheus`) and node_exporter for the benchmark.
+# System tools run for real: promtool (Debian `prometheus`) for the tests; with --bench, node_exporter too.
 set -euo pipefail
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
-command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
+if [ "${1:-}" = "--bench" ]; then
+  command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
-  echo "missing ${need[*]}: run 'sudo apt-get install ${need[*]}' (Debian/Ubuntu), then 'make test' again" >&2
+  echo "missing ${need[*]}: run 'sudo apt-get install ${need[*]}' (Debian/Ubuntu), then try again" >&2
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# the packages start their daemons; the tests start their own on free ports
+# the packages start their own daemons where systemd runs; the tests start theirs on free ports
 for service in prometheus prometheus-node-exporter; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
     systemctl stop "$service" || true

@@ -107,8 +107,8 @@ def test_config_check_does_not_blame_the_file_for_the_environment(
     monkeypatch.setenv("WATTMETER_SOURCES__RAPL__INTERVAL_S", "-1")
     rc = main(["config", "check", str(path)])
     _, err = capsys.readouterr()
-    # The file is valid: either it passes, or the error names the environment, never the file.
-    assert rc == 0 or f"{path}: sources.rapl.interval_s" not in err, err
+    # `config check` checks the file alone: a valid file passes whatever the environment holds
+    assert rc == 0 and err == "", err
 
 
 # --- config show ------------------------------------------------------------------------------------------

@@ -531,3 +531,9 @@ def test_tomlwrite_scalars() -> None:
     data = {"b": True, "i": -3, "f": 0.1, "s": "x", "l": [1, 2.5, "y", False], "t": {"n": None, "k": 1}}
     text = tomlwrite.dumps(data)
     assert tomllib.loads(text) == {"b": True, "i": -3, "f": 0.1, "s": "x", "l": [1, 2.5, "y", False], "t": {"k": 1}}
+
+
+def test_an_env_var_that_is_not_a_table_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATTMETER_PROMETHEUS", "foo")
+    with pytest.raises(ConfigError, match="WATTMETER_PROMETHEUS__LISTEN"):
+        load_config(None, default_path=tmp_path / "none.toml")

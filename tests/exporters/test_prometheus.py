@@ -607,6 +607,30 @@ def test_http_basic_auth(
     assert value(samples, "wattmeter_gpu_power_watts", **gpu_labels(1)) == 410.5
 
 
+def test_passed_credentials_are_cached_failed_ones_never(
+    fake: tuple[Sampler, FakeGpuSource, FakeCpuSource, ExpositionCache],
+    start_exporter: ExporterFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import collector.exporters.prometheus as module
+
+    checks: list[str] = []
+    real_check = module.check_password
+
+    def counting(auth: BasicAuthConfig, username: str, password: str) -> bool:
+        checks.append(password)
+        return real_check(auth, username, password)
+
+    monkeypatch.setattr(module, "check_password", counting)
+    sampler, _, _, _ = fake
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    exporter = start_exporter(sampler, basic_auth=BasicAuthConfig(username="u", password_hash=hashed))
+    for _ in range(3):
+        assert get(exporter.port, "/metrics", basic("u", "pw"))[0] == 200
+        assert get(exporter.port, "/metrics", basic("u", "bad"))[0] == 401
+    assert checks == ["pw", "bad", "bad", "bad"]
+
+
 def test_check_password() -> None:
     sha = BasicAuthConfig(username="u", password_hash="sha256:" + hashlib.sha256(b"pw").hexdigest())
     assert check_password(sha, "u", "pw")
