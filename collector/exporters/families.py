@@ -30,7 +30,7 @@ def sampler_families(sampler: Sampler) -> list[Family]:
     gpu_energy = Family(
         "wattmeter_gpu_energy_joules",
         "counter",
-        "Energy used by the GPU since the agent started counting (J).",
+        "GPU energy (J); counts on from the hardware counter (NVML: energy since driver load).",
         GPU_LABELS,
     )
     gpu_power = Family("wattmeter_gpu_power_watts", "gauge", "GPU power draw now (W).", GPU_LABELS)

@@ -227,37 +227,29 @@ class NvmlSource(Source):
 
     def _undiscovered(self, index: int) -> _Gpu:
         """A GPU NVML counts but could not describe: UUID and model unknown until it answers."""
-        device_id = f"gpu{index}"
-        info = DeviceInfo(
-            device_id=device_id,
-            kind=DeviceKind.GPU,
-            source=self.name,
-            vendor="NVIDIA",
-            model="",
-            index=index,
-            uuid="",
-        )
-        return _Gpu(
-            index=index,
-            device_id=device_id,
-            uuid="",
-            handle=None,
-            energy_field=False,
-            instant_field=False,
-            module_field=False,
-            info=info,
-            discovered=False,
-        )
+        return self._gpu(index, handle=None, uuid="", model="", fields=(False, False, False), attributes=())
 
     def _discover(self, index: int) -> _Gpu:
         nvml = self._nvml
-        device_id = f"gpu{index}"
-        with _nvml_boundary(nvml, device_id):
+        with _nvml_boundary(nvml, f"gpu{index}"):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             uuid = _text(nvml.nvmlDeviceGetUUID(handle))
             model = _text(nvml.nvmlDeviceGetName(handle))
-            energy_field, instant_field, module_field = self._probe_fields(handle)
-            attributes = (*self._mig_attributes(handle), ("power_scope", "module" if module_field else "gpu"))
+            fields = self._probe_fields(handle)
+            attributes = (*self._mig_attributes(handle), ("power_scope", "module" if fields[2] else "gpu"))
+        return self._gpu(index, handle, uuid, model, fields, attributes)
+
+    def _gpu(
+        self,
+        index: int,
+        handle: Any,
+        uuid: str,
+        model: str,
+        fields: tuple[bool, bool, bool],
+        attributes: tuple[tuple[str, str], ...],
+    ) -> _Gpu:
+        energy_field, instant_field, module_field = fields
+        device_id = f"gpu{index}"
         info = DeviceInfo(
             device_id=device_id,
             kind=DeviceKind.GPU,
@@ -266,7 +258,7 @@ class NvmlSource(Source):
             model=model,
             index=index,
             uuid=uuid,
-            method=EnergyMethod.COUNTER if energy_field else EnergyMethod.INTEGRATED,
+            method=EnergyMethod.COUNTER if energy_field or handle is None else EnergyMethod.INTEGRATED,
             attributes=attributes,
         )
         return _Gpu(
@@ -278,6 +270,7 @@ class NvmlSource(Source):
             instant_field=instant_field,
             module_field=module_field,
             info=info,
+            discovered=handle is not None,
         )
 
     def _probe_fields(self, handle: Any) -> tuple[bool, bool, bool]:
