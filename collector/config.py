@@ -117,6 +117,43 @@ class SourcesConfig(_Section):
     simulated: SimulatedConfig = SimulatedConfig()
 
 
+Phase = Literal["training", "inference", "unknown"]
+
+
+class WorkloadRule(_Section):
+    """``[[workloads.rules]]``: a process whose command line matches ``match_cmdline`` is this workload."""
+
+    match_cmdline: str = Field(min_length=1, description="Python regular expression, searched in the command line")
+    workload: str | None = Field(None, description="default: the executable name")
+    phase: Phase | None = None
+    job: str | None = None
+
+    @field_validator("match_cmdline")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class WorkloadsConfig(_Section):
+    enabled: bool = True
+    interval_s: float = Field(1.0, gt=0, le=60, description="process scans; shares hold until the next scan")
+    proc_root: Path = Path("/proc")
+    max_series: int = Field(500, ge=1, le=100_000, description="beyond it the smallest fold into workload=other")
+    retain_s: float = Field(600.0, ge=0, description="ended workloads stay exported this long")
+    rules: list[WorkloadRule] = []
+
+
+class ApiConfig(_Section):
+    socket: Path = Path("/run/wattmeter/agent.sock")
+    socket_mode: int = Field(0o660, ge=0, le=0o777)
+    max_message_bytes: int = Field(65536, ge=256, le=16 * 1024 * 1024)
+    max_messages_per_s: float = Field(1000.0, gt=0, description="per connection; past it messages are dropped")
+
+
 class SamplerConfig(_Section):
     read_timeout_s: float = Field(2.0, gt=0, le=60, description="a read longer than this marks its source down")
 
@@ -128,6 +165,8 @@ class AgentConfig(_Section):
     prometheus: PrometheusConfig = PrometheusConfig()
     sources: SourcesConfig = SourcesConfig()
     sampler: SamplerConfig = SamplerConfig()
+    workloads: WorkloadsConfig = WorkloadsConfig()
+    api: ApiConfig = ApiConfig()
 
 
 class _AgentEnvironment(AgentConfig, BaseSettings):
