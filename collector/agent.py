@@ -11,6 +11,7 @@ from types import FrameType
 
 from collector.config import AgentConfig
 from collector.errors import SourceError, SourceUnavailable
+from collector.exporters.families import sampler_families, workload_families
 from collector.exporters.prometheus import PrometheusExporter
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading
 from collector.sampler import Sampler, SourceState
@@ -18,6 +19,7 @@ from collector.sources import BUILTIN_ORDER, registered_sources
 from collector.sources.base import Source
 from collector.sources.cpu_model import CpuModelSource
 from collector.sources.simulated import SimulatedSource
+from collector.workloads.tracker import WorkloadTracker
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,14 @@ class Agent:
                 self.sampler.mark_opened(state)
         if any(s.name == "rapl" for s in retry) and any(isinstance(s, CpuModelSource) for s in opened):
             self.sampler.add_listener(self._retire_estimate_once_rapl_reads)
+        self.workloads: WorkloadTracker | None = None
+        if config.workloads.enabled:
+            tracker = WorkloadTracker(config.workloads, self.sampler)
+            self.workloads = tracker
+            self.exporter.cache.providers = [
+                lambda: sampler_families(self.sampler, [("workloads", tracker.up, tracker.errors_total)]),
+                lambda: workload_families(tracker),
+            ]
 
     def _retire_estimate_once_rapl_reads(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
         if source_name == "rapl" and any(state.name == "model" for state in self.sampler.states):
@@ -106,6 +116,8 @@ class Agent:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        if self.workloads is not None:
+            self.workloads.start()  # first: its listener must see the sampler's first readings
         self.sampler.start()
         self.exporter.start()
         names = ", ".join(state.name for state in self.sampler.states) or "none"
@@ -122,6 +134,8 @@ class Agent:
         started = time.monotonic()
         deadline = started + SHUTDOWN_BUDGET_S
         self.sampler.signal_stop()
+        if self.workloads is not None:
+            self.workloads.stop()
         self.exporter.stop()
         self.sampler.stop(timeout_s=max(0.0, deadline - time.monotonic() - CLOSE_TIMEOUT_S))
         closer = threading.Thread(target=self._close_sources, name="close", daemon=True)

@@ -237,15 +237,15 @@ class Sampler:
         if state.hung or not state.up:
             log.info("source %s is up", state.name)
         state.up, state.hung, state.last_error = True, False, ""
-        if new_errors:
-            self._count_errors(state, new_errors)
-        else:
-            self._bump()
-        for listener in self._listeners:
+        for listener in self._listeners:  # before the bump, so the next render sees what they derived too
             try:
                 listener(state.name, readings)
             except Exception:
                 log.exception("readings listener failed for source %s", state.name)
+        if new_errors:
+            self._count_errors(state, new_errors)
+        else:
+            self._bump()
 
     def _status_once(self, state: SourceState) -> None:
         try:

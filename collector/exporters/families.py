@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from collector import __version__
+from collector.attribution import IDLE, SpecialKey
 from collector.exporters.exposition import Family
 from collector.readings import DeviceKind
 from collector.sampler import Sampler
+from collector.workloads.tracker import WorkloadTracker, label_values
 
 GPU_LABELS = ("gpu", "uuid", "model")
 CPU_LABELS = ("package", "domain", "source")
@@ -26,7 +30,9 @@ _GPU_STATUS = (
 )
 
 
-def sampler_families(sampler: Sampler) -> list[Family]:
+def sampler_families(sampler: Sampler, extra_sources: Sequence[tuple[str, bool, int]] = ()) -> list[Family]:
+    """The device and source families; ``extra_sources`` are (name, up, errors) of parts outside the sampler
+    (the workload scanner) that report in ``wattmeter_source_up`` and ``wattmeter_source_errors_total`` too."""
     gpu_energy = Family(
         "wattmeter_gpu_energy_joules",
         "counter",
@@ -108,6 +114,10 @@ def sampler_families(sampler: Sampler) -> list[Family]:
                 if reading.power_w is not None:
                     cpu_power.add(labels, reading.power_w)
 
+    for extra_name, up, errors in extra_sources:
+        source_up.add((extra_name,), 1.0 if up else 0.0)
+        source_errors.add((extra_name,), float(errors))
+
     build = Family("wattmeter_build_info", "gauge", "Wattmeter version.", ("version",))
     build.add((__version__,), 1.0)
     return [
@@ -124,3 +134,47 @@ def sampler_families(sampler: Sampler) -> list[Family]:
         durations,
         build,
     ]
+
+
+WORKLOAD_LABELS = ("workload", "phase", "job", "device")
+WORKLOAD_INFO_LABELS = ("workload", "phase", "job", "namespace", "pod", "container", "unit", "slurm_job")
+
+
+def workload_families(tracker: WorkloadTracker) -> list[Family]:
+    """Energy per workload and device, idle energy per device, energy per phase, and who each workload is."""
+    energy = Family(
+        "wattmeter_workload_energy_joules",
+        "counter",
+        "Device energy attributed to a workload (J); workload=system is CPU/DRAM energy in no workload's CPU time, "
+        "workload=other the workloads folded past [workloads] max_series.",
+        WORKLOAD_LABELS,
+    )
+    power = Family("wattmeter_workload_power_watts", "gauge", "Workload power on the device (W).", WORKLOAD_LABELS)
+    idle = Family("wattmeter_idle_energy_joules", "counter", "GPU energy while no process ran on it (J).", ("device",))
+    phase_energy = Family("wattmeter_phase_energy_joules", "counter", "Host energy per workload phase (J).", ("phase",))
+    info = Family(
+        "wattmeter_workload_info",
+        "gauge",
+        "Who a workload is: Kubernetes, systemd and Slurm facts.",
+        WORKLOAD_INFO_LABELS,
+    )
+    series, phases = tracker.snapshot()
+    workloads = set()
+    for key, device_id, joules, power_w in series:
+        if key == IDLE:
+            idle.add((device_id,), joules)
+            continue
+        labels = (*label_values(key), device_id)
+        energy.add(labels, joules)
+        power.add(labels, power_w)
+        if not isinstance(key, SpecialKey):
+            workloads.add(key)
+    for phase in sorted(phases):
+        phase_energy.add((phase,), phases[phase])
+    for key in sorted(workloads):
+        identity = tracker.identities.get(key)
+        if identity is not None:
+            info.add(
+                (*key, identity.namespace, identity.pod, identity.container, identity.unit, identity.slurm_job), 1.0
+            )
+    return [energy, power, idle, phase_energy, info]

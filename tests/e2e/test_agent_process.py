@@ -123,7 +123,7 @@ def test_scrape_has_gpus_cpu_and_health(agent: tuple[AgentProcess, str], fake_ra
     assert cpu[("0", "dram", "rapl")] == pytest.approx(2.0)
     assert ("0", "package", "model") not in cpu  # RAPL is readable, so no estimate
     up = {lb["source"]: v for lb, v in first["wattmeter_source_up"]}
-    assert up == {"rapl": 1.0, "simulated": 1.0}
+    assert up == {"rapl": 1.0, "simulated": 1.0, "workloads": 1.0}
     assert first["wattmeter_build_info"][0][0]["version"]
 
     fake_rapl.set_energy(fake_rapl.zones["0"], fake_rapl.zones["0"].energy_uj + 3_500_000)

@@ -152,3 +152,7 @@ class FakeProc:
 
     def path(self, pid: int) -> Path:
         return self.root / str(pid)
+
+    def set_total_cpu(self, user: int, idle: int = 0) -> None:
+        """Write ``<root>/stat``'s aggregate cpu line: all CPUs' time in clock ticks."""
+        (self.root / "stat").write_text(f"cpu  {user} 0 0 {idle} 0 0 0 0 0 0\ncpu0 {user} 0 0 {idle} 0 0 0 0 0 0\n")

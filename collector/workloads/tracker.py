@@ -1,0 +1,206 @@
+"""Which workload used each device's energy: process scans set the shares, every reading is split by them.
+
+A scan (every ``[workloads] interval_s``) reads the process table, resolves the processes that used CPU time
+since the last scan (and those on each GPU) to workload identities, and sets each device's shares; every device
+reading between two scans is split with those shares as it arrives (a sampler listener), so workload energy keeps
+the device's own time resolution. Per device, the workloads plus ``idle`` (GPUs) or ``system`` (CPU, DRAM) add up
+to the device's energy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from collector.attribution import OTHER, SYSTEM, DeviceSplitter, ProcessShare, SpecialKey, WorkloadEnergy
+from collector.config import WorkloadsConfig
+from collector.errors import SourceUnavailable
+from collector.readings import DeviceKind, DeviceReading, GpuProcess
+from collector.sampler import Sampler
+from collector.workloads.identity import WorkloadIdentity
+from collector.workloads.procfs import ProcessSample, ProcessTable
+from collector.workloads.resolve import Resolver
+
+log = logging.getLogger(__name__)
+
+WorkloadKey = tuple[str, str, str]  # (workload, phase, job): one energy series per device
+MIN_POWER_WINDOW_S = 1.0
+
+
+def read_total_cpu_ticks(proc_root: Path) -> int:
+    """All CPUs' time in clock ticks from ``<proc_root>/stat`` (guest time is inside user already)."""
+    with open(proc_root / "stat", "rb") as handle:
+        fields = handle.readline().split()
+    if not fields or fields[0] != b"cpu":
+        raise ValueError(f"{proc_root / 'stat'}: no aggregate cpu line")
+    return sum(int(value) for value in fields[1:9])  # user .. steal
+
+
+class WorkloadTracker:
+    """Owns the process table, the resolver, the device splitter and the exported accumulators."""
+
+    def __init__(self, config: WorkloadsConfig, sampler: Sampler) -> None:
+        self.config = config
+        self.sampler = sampler
+        self.table = ProcessTable(config.proc_root)
+        self.resolver = Resolver(config.rules)
+        self.splitter: DeviceSplitter[WorkloadKey] = DeviceSplitter()
+        # power is the energy added over a window; it must hold at least two reads of the slowest source
+        slowest_s = max((state.source.interval_s for state in sampler.states), default=0.0)
+        window_s = max(MIN_POWER_WINDOW_S, 2 * slowest_s)
+        self.energy: WorkloadEnergy[WorkloadKey] = WorkloadEnergy(config.max_series, config.retain_s, window_s)
+        self.phase_energy_j: dict[str, float] = {}
+        self.identities: dict[WorkloadKey, WorkloadIdentity] = {}
+        self.errors = 0
+        self.up = False
+        self.scan_durations_s: list[float] = []
+        self._lock = threading.Lock()  # splitter and accumulators: source threads add, the scan thread sets shares
+        self._ticks: dict[tuple[int, int], int] = {}
+        self._total_ticks: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def errors_total(self) -> int:
+        return self.errors + self.table.errors
+
+    def start(self) -> None:
+        for state in self.sampler.states:
+            for info in state.devices:
+                self.splitter.add_device(info.device_id, info.kind)
+        self.sampler.add_listener(self.on_readings)
+        self._thread = threading.Thread(target=self._loop, name="workloads", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        interval = self.config.interval_s
+        deadline = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.scan()
+                self.up = True
+            except SourceUnavailable as exc:
+                self.up = False
+                self.errors += 1
+                log.error("workload scan: %s", exc)
+            except Exception:
+                self.up = False
+                self.errors += 1
+                log.exception("workload scan failed")
+            deadline += interval
+            now = time.monotonic()
+            if deadline <= now:
+                deadline = now + interval
+            if self._stop.wait(deadline - now):
+                return
+
+    # --- readings: split as they arrive --------------------------------------------------------------------------
+
+    def on_readings(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
+        now_s = time.monotonic()
+        with self._lock:
+            for reading in readings:
+                for key, joules in self.splitter.on_reading(reading).items():
+                    self.energy.add(key, reading.device_id, joules, now_s)
+                    if not isinstance(key, SpecialKey):
+                        phase = key[1]
+                        self.phase_energy_j[phase] = self.phase_energy_j.get(phase, 0.0) + joules
+
+    # --- scans: set the shares ---------------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        started = time.perf_counter()
+        snapshot = self.table.scan()
+        self.resolver.prune(snapshot)
+        total = read_total_cpu_ticks(self.config.proc_root)
+        ticks_by_key = self._cpu_ticks_by_key(snapshot)
+        last_total, self._total_ticks = self._total_ticks, total
+        gpu_shares = self._gpu_shares(snapshot)
+        with self._lock:
+            if last_total is not None and ticks_by_key is not None:
+                for state in self.sampler.states:
+                    for info in state.devices:
+                        if info.kind is not DeviceKind.GPU:
+                            self.splitter.set_cpu_shares(info.device_id, ticks_by_key, total - last_total)
+            for device_id, shares in gpu_shares.items():
+                self.splitter.set_gpu_shares(device_id, shares)
+        self.scan_durations_s.append(time.perf_counter() - started)
+        del self.scan_durations_s[:-100]
+
+    def _identity(self, pid: int, snapshot: dict[int, ProcessSample]) -> WorkloadIdentity:
+        identity = self.resolver.resolve(pid, snapshot, self.table.static)
+        self.identities[identity.key()] = identity
+        return identity
+
+    def _cpu_ticks_by_key(self, snapshot: dict[int, ProcessSample]) -> dict[WorkloadKey, float] | None:
+        """CPU ticks per workload since the last scan; None at the first scan (no window yet)."""
+        first = not self._ticks
+        ticks: dict[tuple[int, int], int] = {}
+        by_key: dict[WorkloadKey, float] = {}
+        for pid, sample in snapshot.items():
+            process = (pid, sample.starttime)
+            ticks[process] = sample.cpu_ticks
+            before = self._ticks.get(process)
+            # a process first seen now started inside the window (unless this is the first scan): all its ticks count
+            used = sample.cpu_ticks - before if before is not None else (0 if first else sample.cpu_ticks)
+            if used > 0:  # resolving only the processes that ran keeps a host of sleeping processes cheap
+                key = self._identity(pid, snapshot).key()
+                by_key[key] = by_key.get(key, 0.0) + used
+        self._ticks = ticks
+        return None if first else by_key
+
+    def _gpu_shares(self, snapshot: dict[int, ProcessSample]) -> dict[str, list[ProcessShare[WorkloadKey]]]:
+        shares: dict[str, list[ProcessShare[WorkloadKey]]] = {}
+        for state in self.sampler.states:
+            for device_id, status in state.statuses.items():
+                shares[device_id] = [
+                    ProcessShare(
+                        self._gpu_process_key(process, snapshot),
+                        process.sm_utilization_ratio,
+                        process.used_memory_bytes,
+                    )
+                    for process in status.processes
+                ]
+        return shares
+
+    def _gpu_process_key(self, process: GpuProcess, snapshot: dict[int, ProcessSample]) -> WorkloadKey:
+        if process.pid in snapshot:
+            return self._identity(process.pid, snapshot).key()
+        if process.workload:  # the simulated source names its own processes; they have no /proc entry
+            identity = WorkloadIdentity(process.workload, process.phase or "unknown", process.job, origin="source")
+            self.identities[identity.key()] = identity
+            return identity.key()
+        # in another pid namespace (a container without hostPID) the pid means nothing here
+        identity = WorkloadIdentity(process.name or f"pid-{process.pid}", "unknown", origin="executable")
+        self.identities[identity.key()] = identity
+        return identity.key()
+
+    # --- export ---------------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[list[tuple[WorkloadKey | SpecialKey, str, float, float]], dict[str, float]]:
+        with self._lock:
+            return self.energy.snapshot(time.monotonic()), dict(self.phase_energy_j)
+
+
+def label_values(key: WorkloadKey | SpecialKey) -> tuple[str, str, str]:
+    """(workload, phase, job) label values of a series key; ``system`` and ``other`` are workloads of their own."""
+    if isinstance(key, SpecialKey):
+        return (str(key), "unknown", "") if key in (SYSTEM, OTHER) else (str(key), "", "")
+    return key
+
+
+def pid_starttime(proc_root: Path, pid: int) -> int | None:
+    """A live process's start time in clock ticks, to tie a registration to this process and not a pid reuse."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "stat"), "rb") as handle:
+            data = handle.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

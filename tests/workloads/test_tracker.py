@@ -1,0 +1,141 @@
+"""The tracker end to end in process: fake /proc, a simulated GPU and a CPU source, readings driven by hand."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from collector.attribution import IDLE, SYSTEM
+from collector.config import WorkloadsConfig
+from collector.exporters.families import workload_families
+from collector.readings import DeviceInfo, DeviceKind, DeviceReading, DeviceStatus, GpuProcess
+from collector.sampler import Sampler
+from collector.sources.base import Source
+from collector.workloads.tracker import WorkloadTracker, pid_starttime
+from tests.fakes.proc import FakeProc
+
+
+class ScriptedSource(Source):
+    """One GPU and one CPU package with energies and GPU processes set by the test."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.energy = {"gpu0": 0.0, "cpu0": 0.0}
+        self.gpu_processes: tuple[GpuProcess, ...] = ()
+
+    def devices(self) -> Sequence[DeviceInfo]:
+        return [
+            DeviceInfo("gpu0", DeviceKind.GPU, self.name, "NVIDIA", "H100", 0, uuid="GPU-0"),
+            DeviceInfo("cpu0", DeviceKind.CPU, self.name, "Intel", "Xeon", 0, package="0", domain="package"),
+        ]
+
+    def read(self) -> Sequence[DeviceReading]:
+        now = time.monotonic_ns()
+        return [DeviceReading(d, e, None, now, time.time_ns()) for d, e in self.energy.items()]
+
+    def read_status(self) -> Sequence[DeviceStatus]:
+        return [DeviceStatus("gpu0", processes=self.gpu_processes)]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[FakeProc, ScriptedSource, Sampler, WorkloadTracker]:
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_total_cpu(1000)
+    proc.add(1, 0, "systemd", "/sbin/init")
+    proc.add(100, 1, "torchrun", "torchrun --nproc-per-node 8 train.py", environ={"WATTMETER_JOB": "j7"})
+    proc.add(101, 100, "python", "python train.py --rank 0", utime=100)
+    proc.add(200, 1, "vllm", "vllm serve meta-llama/Llama-3.1-8B", utime=50)
+    source = ScriptedSource()
+    sampler = Sampler([source])
+    state = sampler.states[0]
+    sampler.mark_opened(state)
+    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root), sampler)
+    for info in state.devices:
+        tracker.splitter.add_device(info.device_id, info.kind)
+    sampler.add_listener(tracker.on_readings)
+    sampler._read_once(state)  # baseline readings
+    return proc, source, sampler, tracker
+
+
+def step(source: ScriptedSource, sampler: Sampler, gpu_j: float, cpu_j: float) -> None:
+    source.energy["gpu0"] += gpu_j
+    source.energy["cpu0"] += cpu_j
+    sampler._read_once(sampler.states[0])
+
+
+def totals(tracker: WorkloadTracker) -> dict[tuple[object, str], float]:
+    series, _ = tracker.snapshot()
+    return {(key, device): joules for key, device, joules, _ in series}
+
+
+def test_energy_splits_by_cpu_time_and_gpu_processes_and_adds_up(world: tuple) -> None:  # type: ignore[type-arg]
+    proc, source, sampler, tracker = world
+    tracker.scan()  # first scan: a baseline of CPU times, no CPU shares yet
+    step(source, sampler, gpu_j=70.0, cpu_j=10.0)
+    assert totals(tracker) == {(IDLE, "gpu0"): 70.0, (SYSTEM, "cpu0"): 10.0}
+
+    proc.set_cpu(101, utime=400, stime=0)  # the trainer used 300 ticks
+    proc.set_cpu(200, utime=150, stime=0)  # the server 100
+    proc.set_total_cpu(2000)  # of 1000 ticks in all
+    source.gpu_processes = (GpuProcess(101, sm_utilization_ratio=0.75), GpuProcess(200, sm_utilization_ratio=0.25))
+    sampler._status_once(sampler.states[0])
+    tracker.scan()
+    step(source, sampler, gpu_j=400.0, cpu_j=100.0)
+    step(source, sampler, gpu_j=200.0, cpu_j=50.0)  # shares hold until the next scan
+
+    got = totals(tracker)
+    trainer = ("torchrun", "training", "j7")
+    server = ("Llama-3.1-8B", "inference", "")
+    keys = {key for key, _ in got}
+    assert trainer in keys and server in keys, keys
+    assert got[(trainer, "gpu0")] == pytest.approx(600.0 * 0.75)
+    assert got[(server, "gpu0")] == pytest.approx(600.0 * 0.25)
+    assert got[(trainer, "cpu0")] == pytest.approx(150.0 * 0.3)
+    assert got[(server, "cpu0")] == pytest.approx(150.0 * 0.1)
+    assert got[(SYSTEM, "cpu0")] == pytest.approx(10.0 + 150.0 * 0.6)
+    for device, energy in (("gpu0", 670.0), ("cpu0", 160.0)):  # conservation: workloads + idle/system = device
+        assert sum(j for (key, d), j in got.items() if d == device) == pytest.approx(energy, rel=1e-12)
+    assert tracker.phase_energy_j["training"] == pytest.approx(450.0 + 45.0)
+
+
+def test_exported_families(world: tuple) -> None:  # type: ignore[type-arg]
+    proc, source, sampler, tracker = world
+    tracker.scan()
+    proc.set_cpu(101, utime=200, stime=0)
+    proc.set_total_cpu(1500)
+    source.gpu_processes = (GpuProcess(101),)
+    sampler._status_once(sampler.states[0])
+    tracker.scan()
+    step(source, sampler, gpu_j=100.0, cpu_j=10.0)
+    families = {family.name: family for family in workload_families(tracker)}
+    energy = {labels: value for _, _, labels, value in families["wattmeter_workload_energy_joules"].samples}
+    assert energy[("torchrun", "training", "j7", "gpu0")] == pytest.approx(100.0)
+    assert energy[("system", "unknown", "", "cpu0")] == pytest.approx(10.0 * 0.8)
+    info = [labels for _, _, labels, _ in families["wattmeter_workload_info"].samples]
+    assert ("torchrun", "training", "j7", "", "", "", "", "") in info
+    assert families["wattmeter_idle_energy_joules"].samples[0][2] == ("gpu0",)
+
+
+def test_gpu_process_outside_this_pid_namespace_and_simulated_processes(world: tuple) -> None:  # type: ignore[type-arg]
+    _, source, sampler, tracker = world
+    source.gpu_processes = (
+        GpuProcess(999_999, name="ghost"),
+        GpuProcess(4_000_002, workload="sim-chat", phase="inference"),
+    )
+    sampler._status_once(sampler.states[0])
+    tracker.scan()
+    step(source, sampler, gpu_j=10.0, cpu_j=0.0)
+    got = totals(tracker)
+    assert got[(("ghost", "unknown", ""), "gpu0")] == pytest.approx(5.0)
+    assert got[(("sim-chat", "inference", ""), "gpu0")] == pytest.approx(5.0)
+
+
+def test_pid_starttime(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    proc.add(42, 1, "a (weird) name", "x", starttime=123456)
+    assert pid_starttime(proc.root, 42) == 123456
+    assert pid_starttime(proc.root, 43) is None
