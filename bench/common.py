@@ -282,7 +282,8 @@ def start_agent(workdir: Path, rapl: FakeRapl, name: str = "agent", attempts: in
             f'[prometheus]\nlisten = "{LOOPBACK}:{port}"\n\n'
             "[sources.nvml]\nenabled = false\n\n"
             f'[sources.rapl]\nroot = "{rapl.class_dir}"\ninterval_s = {SAMPLE_INTERVAL_S}\n\n'
-            f"[sources.simulated]\ngpus = {SIMULATED_GPUS}\ninterval_s = {SAMPLE_INTERVAL_S}\n"
+            f"[sources.simulated]\ngpus = {SIMULATED_GPUS}\ninterval_s = {SAMPLE_INTERVAL_S}\n\n"
+            f'[api]\nsocket = "{workdir / f"{name}.sock"}"\n'
         )
         argv = [
             sys.executable, "-m", "collector", "agent",

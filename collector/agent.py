@@ -10,15 +10,17 @@ from collections.abc import Sequence
 from types import FrameType
 
 from collector.config import AgentConfig
-from collector.errors import SourceError, SourceUnavailable
+from collector.errors import RegistrationSocketError, SourceError, SourceUnavailable
 from collector.exporters.families import sampler_families, workload_families
 from collector.exporters.prometheus import PrometheusExporter
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading
+from collector.registration import RegistrationEvent, RegistrationServer
 from collector.sampler import Sampler, SourceState
 from collector.sources import BUILTIN_ORDER, registered_sources
 from collector.sources.base import Source
 from collector.sources.cpu_model import CpuModelSource
 from collector.sources.simulated import SimulatedSource
+from collector.workloads.identity import WorkloadIdentity
 from collector.workloads.tracker import WorkloadTracker
 
 log = logging.getLogger(__name__)
@@ -93,13 +95,31 @@ class Agent:
         if any(s.name == "rapl" for s in retry) and any(isinstance(s, CpuModelSource) for s in opened):
             self.sampler.add_listener(self._retire_estimate_once_rapl_reads)
         self.workloads: WorkloadTracker | None = None
+        self.registration: RegistrationServer | None = None
+        self._registration_up = False
         if config.workloads.enabled:
             tracker = WorkloadTracker(config.workloads, self.sampler)
             self.workloads = tracker
+            self.registration = RegistrationServer.from_config(
+                config.api, on_register=self._on_register, on_disconnect=tracker.unregister
+            )
             self.exporter.cache.providers = [
-                lambda: sampler_families(self.sampler, [("workloads", tracker.up, tracker.errors_total)]),
+                lambda: sampler_families(self.sampler, self._extra_sources()),
                 lambda: workload_families(tracker),
             ]
+
+    def _extra_sources(self) -> list[tuple[str, bool, int]]:
+        extra = []
+        if self.workloads is not None:
+            extra.append(("workloads", self.workloads.up, self.workloads.errors_total))
+        if self.registration is not None:
+            extra.append(("api", self._registration_up, self.registration.errors))
+        return extra
+
+    def _on_register(self, event: RegistrationEvent) -> None:
+        if self.workloads is not None:
+            identity = WorkloadIdentity(event.workload, event.phase, event.job, origin="registration")
+            self.workloads.register(event.pid, identity)
 
     def _retire_estimate_once_rapl_reads(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
         if source_name == "rapl" and any(state.name == "model" for state in self.sampler.states):
@@ -118,6 +138,16 @@ class Agent:
         signal.signal(signal.SIGINT, self.request_stop)
         if self.workloads is not None:
             self.workloads.start()  # first: its listener must see the sampler's first readings
+        if self.registration is not None:
+            try:
+                self.registration.start()
+                self._registration_up = True
+            except (OSError, RegistrationSocketError) as exc:
+                log.error(
+                    "registration socket %s: %s; processes cannot register (set [api] socket to a writable path)",
+                    self.config.api.socket,
+                    exc,
+                )
         self.sampler.start()
         self.exporter.start()
         names = ", ".join(state.name for state in self.sampler.states) or "none"
@@ -136,6 +166,8 @@ class Agent:
         self.sampler.signal_stop()
         if self.workloads is not None:
             self.workloads.stop()
+        if self.registration is not None and self._registration_up:
+            self.registration.stop(timeout_s=0.2)
         self.exporter.stop()
         self.sampler.stop(timeout_s=max(0.0, deadline - time.monotonic() - CLOSE_TIMEOUT_S))
         closer = threading.Thread(target=self._close_sources, name="close", daemon=True)

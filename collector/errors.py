@@ -30,3 +30,7 @@ class DeviceLost(SourceError):
         super().__init__(f"{device_id}: {reason}")
         self.device_id = device_id
         self.reason = reason
+
+
+class RegistrationSocketError(WattmeterError):
+    """The registration socket cannot be set up (path in use by a live agent, not a socket, not writable)."""

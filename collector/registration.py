@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
-from collector.errors import WattmeterError
+from collector.errors import RegistrationSocketError
 
 if TYPE_CHECKING:
     from collector.config import ApiConfig
@@ -68,10 +68,6 @@ ERROR_REASONS = (
 
 EventKind = Literal["register", "phase"]
 PhaseName = Literal["training", "inference", "unknown"]
-
-
-class RegistrationSocketError(WattmeterError):
-    """The registration socket cannot be set up (path in use by a live agent, not a socket, not writable)."""
 
 
 @dataclass(frozen=True)

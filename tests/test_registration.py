@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from collector.config import ApiConfig
-from collector.registration import RegistrationEvent, RegistrationServer, RegistrationSocketError
+from collector.errors import RegistrationSocketError
+from collector.registration import RegistrationEvent, RegistrationServer
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:

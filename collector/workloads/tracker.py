@@ -10,7 +10,6 @@ to the device's energy.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -59,6 +58,7 @@ class WorkloadTracker:
         self.up = False
         self.scan_durations_s: list[float] = []
         self._lock = threading.Lock()  # splitter and accumulators: source threads add, the scan thread sets shares
+        self._pending: list[tuple[int, WorkloadIdentity | None]] = []  # registrations, applied at the next scan
         self._ticks: dict[tuple[int, int], int] = {}
         self._total_ticks: int | None = None
         self._stop = threading.Event()
@@ -115,9 +115,28 @@ class WorkloadTracker:
 
     # --- scans: set the shares ---------------------------------------------------------------------------------
 
+    def register(self, pid: int, identity: WorkloadIdentity) -> None:
+        """A process said who it is (over the registration socket); takes effect at the next scan."""
+        with self._lock:
+            self._pending.append((pid, identity))
+
+    def unregister(self, pid: int) -> None:
+        with self._lock:
+            self._pending.append((pid, None))
+
+    def _apply_registrations(self, snapshot: dict[int, ProcessSample]) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for pid, identity in pending:
+            if identity is None:
+                self.resolver.drop_registration(pid)
+            elif pid in snapshot:  # tied to this process's start time, so a reused pid does not inherit it
+                self.resolver.set_registration(pid, snapshot[pid].starttime, identity)
+
     def scan(self) -> None:
         started = time.perf_counter()
         snapshot = self.table.scan()
+        self._apply_registrations(snapshot)
         self.resolver.prune(snapshot)
         total = read_total_cpu_ticks(self.config.proc_root)
         ticks_by_key = self._cpu_ticks_by_key(snapshot)
@@ -194,13 +213,3 @@ def label_values(key: WorkloadKey | SpecialKey) -> tuple[str, str, str]:
     if isinstance(key, SpecialKey):
         return (str(key), "unknown", "") if key in (SYSTEM, OTHER) else (str(key), "", "")
     return key
-
-
-def pid_starttime(proc_root: Path, pid: int) -> int | None:
-    """A live process's start time in clock ticks, to tie a registration to this process and not a pid reuse."""
-    try:
-        with open(os.path.join(proc_root, str(pid), "stat"), "rb") as handle:
-            data = handle.read()
-        return int(data[data.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None

@@ -90,6 +90,9 @@ interval_s = 0.1
 
 [sources.simulated]
 interval_s = 0.1
+
+[api]
+socket = "{tmp_path / 'agent.sock'}"
 """
     )
     process = AgentProcess(config, "--simulate-gpus", "2")
@@ -123,7 +126,7 @@ def test_scrape_has_gpus_cpu_and_health(agent: tuple[AgentProcess, str], fake_ra
     assert cpu[("0", "dram", "rapl")] == pytest.approx(2.0)
     assert ("0", "package", "model") not in cpu  # RAPL is readable, so no estimate
     up = {lb["source"]: v for lb, v in first["wattmeter_source_up"]}
-    assert up == {"rapl": 1.0, "simulated": 1.0, "workloads": 1.0}
+    assert up == {"rapl": 1.0, "simulated": 1.0, "workloads": 1.0, "api": 1.0}
     assert first["wattmeter_build_info"][0][0]["version"]
 
     fake_rapl.set_energy(fake_rapl.zones["0"], fake_rapl.zones["0"].energy_uj + 3_500_000)
@@ -165,6 +168,7 @@ def test_cpu_estimate_when_no_rapl(tmp_path: Path) -> None:
     config.write_text(
         f'[prometheus]\nlisten = "127.0.0.1:{port}"\n[sources.nvml]\nenabled = false\n'
         f'[sources.rapl]\nroot = "{tmp_path / "no-powercap"}"\n[sources.cpu_model]\ninterval_s = 0.1\n'
+        f'[api]\nsocket = "{tmp_path / "agent.sock"}"\n'
     )
     process = AgentProcess(config)
     url = f"http://127.0.0.1:{port}"
@@ -176,4 +180,55 @@ def test_cpu_estimate_when_no_rapl(tmp_path: Path) -> None:
         assert sources == {"model"}
         assert "wattmeter_gpu_energy_joules_total" not in samples
     finally:
+        process.kill()
+
+
+BURNER = """
+import time
+import collector.client as client
+client.register("e2e-finetune", phase="training", job="77")
+end = time.monotonic() + 4.0
+while time.monotonic() < end:
+    sum(range(10000))
+"""
+
+
+def test_a_registered_process_gets_its_cpu_energy(tmp_path: Path, fake_rapl: FakePowercap) -> None:
+    port = free_port()
+    socket_path = tmp_path / "agent.sock"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[prometheus]\nlisten = "127.0.0.1:{port}"\n[sources.nvml]\nenabled = false\n'
+        f'[sources.rapl]\nroot = "{fake_rapl.class_dir}"\n[workloads]\ninterval_s = 0.5\n'
+        f'[api]\nsocket = "{socket_path}"\n'
+    )
+    process = AgentProcess(config, "--simulate-gpus", "1")
+    url = f"http://127.0.0.1:{port}"
+    burner = None
+    try:
+        process.wait_healthy(url)
+        assert socket_path.is_socket()
+        env = {**os.environ, "WATTMETER_SOCKET": str(socket_path), "PYTHONPATH": str(REPO)}
+        burner = subprocess.Popen([sys.executable, "-c", BURNER], env=env)
+        zone = fake_rapl.zones["0"]
+        deadline = time.monotonic() + 15
+        found: list[tuple[dict[str, str], float]] = []
+        while time.monotonic() < deadline and not found:
+            fake_rapl.set_energy(zone, zone.energy_uj + 2_000_000)  # the package draws 2 J per step
+            time.sleep(0.2)
+            samples = scrape(url)
+            found = [
+                (labels, value)
+                for labels, value in samples.get("wattmeter_workload_energy_joules_total", [])
+                if labels["workload"] == "e2e-finetune" and value > 0
+            ]
+        assert found, "the registered process never got energy"
+        labels, _ = found[0]
+        assert labels["phase"] == "training" and labels["job"] == "77" and labels["device"] == "cpu0"
+        phases = {lb["phase"]: v for lb, v in samples["wattmeter_phase_energy_joules_total"]}
+        assert phases.get("training", 0.0) > 0
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait(5)
         process.kill()

@@ -14,7 +14,8 @@ from collector.exporters.families import workload_families
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading, DeviceStatus, GpuProcess
 from collector.sampler import Sampler
 from collector.sources.base import Source
-from collector.workloads.tracker import WorkloadTracker, pid_starttime
+from collector.workloads.identity import WorkloadIdentity
+from collector.workloads.tracker import WorkloadTracker
 from tests.fakes.proc import FakeProc
 
 
@@ -134,8 +135,21 @@ def test_gpu_process_outside_this_pid_namespace_and_simulated_processes(world: t
     assert got[(("sim-chat", "inference", ""), "gpu0")] == pytest.approx(5.0)
 
 
-def test_pid_starttime(tmp_path: Path) -> None:
-    proc = FakeProc(tmp_path)
-    proc.add(42, 1, "a (weird) name", "x", starttime=123456)
-    assert pid_starttime(proc.root, 42) == 123456
-    assert pid_starttime(proc.root, 43) is None
+def test_a_registration_names_the_process_and_its_children_from_the_next_scan(world: tuple) -> None:  # type: ignore[type-arg]
+    proc, source, sampler, tracker = world
+    tracker.scan()
+    tracker.register(100, WorkloadIdentity("llama-70b-ft", "training", "1234", origin="registration"))
+    tracker.register(999, WorkloadIdentity("not-running", "training", "", origin="registration"))
+    proc.set_cpu(101, utime=300, stime=0)
+    proc.set_total_cpu(1200)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=100.0)
+    got = totals(tracker)
+    assert got[(("llama-70b-ft", "training", "1234"), "cpu0")] == pytest.approx(100.0)  # worker 101 inherits
+    assert not any(key == ("not-running", "training", "") for key, _ in got)
+    tracker.unregister(100)
+    proc.set_cpu(101, utime=500, stime=0)
+    proc.set_total_cpu(1400)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=10.0)
+    assert totals(tracker)[(("torchrun", "training", "j7"), "cpu0")] == pytest.approx(10.0)
