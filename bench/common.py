@@ -283,7 +283,10 @@ def start_agent(workdir: Path, rapl: FakeRapl, name: str = "agent", attempts: in
             "[sources.nvml]\nenabled = false\n\n"
             f'[sources.rapl]\nroot = "{rapl.class_dir}"\ninterval_s = {SAMPLE_INTERVAL_S}\n\n'
             f"[sources.simulated]\ngpus = {SIMULATED_GPUS}\ninterval_s = {SAMPLE_INTERVAL_S}\n\n"
-            f'[api]\nsocket = "{workdir / f"{name}.sock"}"\n'
+            f'[api]\nsocket = "{workdir / f"{name}.sock"}"\n\n'
+            # the agent-core figures (issue 2): sources, sampler and exporter; workload attribution is measured
+            # on its own terms (16 GPU processes, 2,000 host processes) by its own benchmark
+            "[workloads]\nenabled = false\n"
         )
         argv = [
             sys.executable, "-m", "collector", "agent",
