@@ -1,6 +1,11 @@
 """A cheap scan of ``/proc``: one read of ``/proc/<pid>/stat`` per process per scan, and the things that never
 change during a process's life (command line, selected environment, cgroup) read once and cached.
 
+Each process's ``stat`` stays open between scans and is re-read with one ``pread`` (about a quarter of the cost of
+an open, read and close). An open ``/proc/<pid>/stat`` belongs to the process, not to the pid: once the process is
+reaped, reads fail with ``ESRCH``, so a reused pid is never read through the old descriptor; and a new process
+under an old pid shows a new ``starttime``.
+
 Units: ``starttime`` and CPU times are in clock ticks (``os.sysconf("SC_CLK_TCK")``, 100 on Linux) since boot,
 as the kernel writes them in ``stat`` (proc(5)).
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +27,12 @@ ENVIRON_KEYS: tuple[str, ...] = ("WATTMETER_WORKLOAD", "WATTMETER_PHASE", "WATTM
 _ENVIRON_PREFIXES: tuple[bytes, ...] = tuple(key.encode() + b"=" for key in ENVIRON_KEYS)
 
 _READ_CHUNK = 8192
+#: ``stat``'s fields up to ``starttime`` (field 22) take at most about 530 bytes (a 64-byte comm, 20-digit numbers).
+_STAT_READ = 1024
+#: File descriptors left free for everything else the agent opens (sockets, sysfs, NVML) when stat files are kept.
+FD_HEADROOM = 256
+#: Kept-open stat files at most, whatever the limit: each costs the kernel about 1 KiB.
+MAX_CACHED_FDS = 32768
 
 # Kubernetes pod cgroups: "kubepods-burstable-pod<uid, '-' as '_'>.slice" with the systemd driver,
 # "pod<uid>" with cgroupfs. Static (mirror) pods have a 32-hex md5 UID without dashes.
@@ -78,6 +90,7 @@ def parse_stat(data: bytes, pid: int) -> ProcessSample | None:
     """Parse one ``/proc/<pid>/stat``; None when it is not a stat line of ``pid``.
 
     ``comm`` may hold spaces and parentheses (``(my (weird) proc)``), so the fields after it start at the last ')'.
+    Only the fields up to ``starttime`` are split off: the thirty after it are never looked at.
     """
     head, paren, tail = data.rpartition(b")")
     if not paren:
@@ -85,7 +98,7 @@ def parse_stat(data: bytes, pid: int) -> ProcessSample | None:
     pid_text, open_paren, comm = head.partition(b"(")
     if not open_paren:
         return None
-    fields = tail.split()
+    fields = tail.split(None, 20)
     if len(fields) < 20:
         return None
     try:
@@ -189,49 +202,144 @@ def _read_at(dir_fd: int, name: str) -> bytes:
         os.close(fd)
 
 
+_fd_limit_raised = False
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to the hard limit (once); returns the soft limit now."""
+    global _fd_limit_raised
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not _fd_limit_raised:
+        _fd_limit_raised = True
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, MAX_CACHED_FDS + FD_HEADROOM)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (OSError, ValueError):
+                pass
+    return soft
+
+
+class _Open:
+    """A process's ``stat`` kept open between scans, with what it held at the last read."""
+
+    __slots__ = ("data", "fd", "sample")
+
+    def __init__(self, fd: int, data: bytes, sample: ProcessSample) -> None:
+        self.fd = fd
+        self.data = data
+        self.sample = sample
+
+
 class ProcessTable:
     """Scans a proc tree (``/proc``, or a fake one in tests) and caches per-process static facts.
 
     Nothing here raises for one process: a process that exits mid-scan, or a file that holds garbage, is skipped
     and counted in ``errors``. Only a proc root that cannot be listed at all raises (``SourceUnavailable``).
+
+    ``stat`` files the kernel generates (``st_size`` 0) stay open between scans, up to ``max_open`` of them
+    (default: the soft ``RLIMIT_NOFILE``, raised to the hard limit, less ``FD_HEADROOM``, and at most
+    ``MAX_CACHED_FDS``); past that, and for regular files (a fake tree), each scan opens, reads and closes.
+    ``close()`` releases them.
     """
 
-    def __init__(self, proc_root: Path = Path("/proc")) -> None:
+    def __init__(self, proc_root: Path = Path("/proc"), max_open: int | None = None) -> None:
         self.proc_root = Path(proc_root)
         self.errors = 0
         self._root = str(self.proc_root)
         self._statics: dict[tuple[int, int], ProcessStatic | None] = {}
+        self._max_open = max_open
+        self._open: dict[str, _Open] = {}  # by the pid's directory name
+
+    @property
+    def max_open(self) -> int:
+        """How many ``stat`` files may stay open (decided at the first scan unless given)."""
+        if self._max_open is None:
+            self._max_open = max(0, min(MAX_CACHED_FDS, raise_fd_limit() - FD_HEADROOM))
+        return self._max_open
+
+    def open_files(self) -> int:
+        """How many ``stat`` files are kept open between scans now."""
+        return len(self._open)
+
+    def close(self) -> None:
+        """Close the ``stat`` files kept open; the next scan opens them again."""
+        kept, self._open = self._open, {}
+        for entry in kept.values():
+            os.close(entry.fd)
 
     def scan(self) -> dict[int, ProcessSample]:
-        """Every process now, by pid. Static facts of processes gone (or pids reused) are dropped from the cache."""
-        samples: dict[int, ProcessSample] = {}
+        """Every process now, by pid. Static facts of processes gone (or pids reused) are dropped from the cache.
+
+        A process whose ``stat`` reads the same bytes as at the last scan gives the same ``ProcessSample`` object.
+        """
         root = self._root
         try:
-            entries = os.scandir(root)
+            listing = os.listdir(root)
         except OSError as exc:
             raise SourceUnavailable(f"{root}: cannot list processes ({exc.strerror}); is proc mounted?") from None
-        with entries:
-            names = [entry.name for entry in entries if entry.name.isdigit()]
-        for name in names:
+        samples: dict[int, ProcessSample] = {}
+        was_open, now_open = self._open, {}
+        room = self.max_open - len(was_open)
+        pread = os.pread
+        for name in listing:
+            entry = was_open.pop(name, None)
+            if entry is not None:
+                try:
+                    data = pread(entry.fd, _STAT_READ, 0)
+                except OSError:  # ESRCH: reaped (the pid may be someone else's now)
+                    data = b""
+                if data == entry.data:
+                    sample = entry.sample
+                    samples[sample.pid] = sample
+                    now_open[name] = entry
+                    continue
+                if data:
+                    changed = parse_stat(data, entry.sample.pid)
+                    if changed is not None and changed.starttime == entry.sample.starttime:
+                        entry.data = data
+                        entry.sample = changed
+                        samples[changed.pid] = changed
+                        now_open[name] = entry
+                        continue
+                os.close(entry.fd)  # gone, garbage or another process: read it afresh below
+                room += 1
+            elif not name.isdigit():
+                continue
             pid = int(name)
             try:
                 fd = os.open(f"{root}/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    data = os.read(fd, _READ_CHUNK)
-                finally:
-                    os.close(fd)
             except OSError:  # exited since the listing: ENOENT, or ESRCH while it is being reaped
                 self.errors += 1
                 continue
-            sample = parse_stat(data, pid)
-            if sample is None:
+            keep = False
+            try:
+                data = os.read(fd, _READ_CHUNK)
+                # a file the kernel makes up on read (size 0) can be read again; a regular file may be replaced
+                keep = room > 0 and len(data) < _STAT_READ and os.fstat(fd).st_size == 0
+            except OSError:
+                data = b""
+            finally:
+                if not keep:
+                    os.close(fd)
+            parsed = parse_stat(data, pid)
+            if parsed is None:
                 self.errors += 1
+                if keep:
+                    os.close(fd)
                 continue
-            samples[pid] = sample
+            samples[pid] = parsed
+            if keep:
+                now_open[name] = _Open(fd, data, parsed)
+                room -= 1
+        for entry in was_open.values():  # no longer listed: exited
+            os.close(entry.fd)
+        self._open = now_open
         stale = [
             key
             for key in self._statics
-            if (sample := samples.get(key[0])) is None or sample.starttime != key[1]  # gone, or the pid reused
+            if (seen := samples.get(key[0])) is None or seen.starttime != key[1]  # gone, or the pid reused
         ]
         for key in stale:
             del self._statics[key]

@@ -80,6 +80,12 @@ class WorkloadTracker:
         self._stop.set()
 
     def _loop(self) -> None:
+        try:
+            self._scan_until_stopped()
+        finally:
+            self.table.close()  # the stat files it keeps open
+
+    def _scan_until_stopped(self) -> None:
         interval = self.config.interval_s
         deadline = time.monotonic()
         while not self._stop.is_set():

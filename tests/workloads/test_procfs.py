@@ -87,36 +87,18 @@ def test_pid_without_stat_is_skipped_and_counted(proc: FakeProc) -> None:
     assert table.errors == 1
 
 
-class _Listing:
-    """What os.scandir returns, with a process exiting right after the listing was taken."""
-
-    def __init__(self, entries: list[os.DirEntry[str]]) -> None:
-        self.entries = entries
-
-    def __enter__(self) -> _Listing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def __iter__(self) -> Iterator[os.DirEntry[str]]:
-        return iter(self.entries)
-
-
 def test_pid_that_exits_between_listing_and_read(proc: FakeProc, monkeypatch: pytest.MonkeyPatch) -> None:
     proc.add(10, 1, "stays", ["stays"])
     proc.add(11, 1, "exits", ["exits"])
-    real_scandir = os.scandir
+    real_listdir = os.listdir
 
-    def scandir_then_exit(path: Any) -> Any:
-        if str(path) != str(proc.root):  # os.scandir is global: shutil uses it too
-            return real_scandir(path)
-        with real_scandir(path) as entries:
-            listing = list(entries)
-        proc.remove(11)
-        return _Listing(listing)
+    def listdir_then_exit(path: Any) -> Any:
+        listing = real_listdir(path)
+        if str(path) == str(proc.root):  # os.listdir is global: shutil may use it too
+            proc.remove(11)
+        return listing
 
-    monkeypatch.setattr(os, "scandir", scandir_then_exit)
+    monkeypatch.setattr(os, "listdir", listdir_then_exit)
     table = ProcessTable(proc.root)
     assert set(table.scan()) == {10}
     assert table.errors == 1
@@ -478,3 +460,106 @@ def test_real_proc_environ_of_another_user_is_denied() -> None:
     assert named == "True"
     assert environ == "{}"
     assert int(errors) >= 1
+
+
+def test_fake_tree_stat_files_are_not_kept_open(proc: FakeProc) -> None:
+    proc.add(10, 1, "a", ["a"])
+    table = ProcessTable(proc.root)
+    assert set(table.scan()) == {10}
+    assert table.open_files() == 0  # a regular file may be replaced under the same name: open it every scan
+
+
+def test_parse_stat_ignores_what_follows_starttime() -> None:
+    line = b"9 (p) S 1 9 9 0 -1 0 0 0 0 0 7 8 0 0 20 0 1 0 4242"  # cut right after starttime
+    sample = parse_stat(line, 9)
+    assert sample is not None and (sample.ppid, sample.cpu_ticks, sample.starttime) == (1, 15, 4242)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+@needs_proc
+def test_real_proc_keeps_stat_open_and_drops_a_reaped_process(sleeper: subprocess.Popen[bytes]) -> None:
+    table = ProcessTable(Path("/proc"))
+    try:
+        first = table.scan()
+        assert sleeper.pid in first and os.getpid() in first
+        assert table.open_files() >= 2
+        opened_before = table.open_files()
+        second = table.scan()
+        assert second[sleeper.pid].starttime == first[sleeper.pid].starttime
+        assert table.open_files() >= opened_before - 5  # kept, not reopened (other processes may come and go)
+        sleeper.kill()
+        sleeper.wait()
+        third = table.scan()
+        assert sleeper.pid not in third
+        assert str(sleeper.pid) not in table._open
+        assert table.errors == 0
+    finally:
+        table.close()
+    assert table.open_files() == 0
+
+
+@needs_proc
+def test_real_proc_failed_pread_reopens(sleeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    table = ProcessTable(Path("/proc"))
+    try:
+        table.scan()
+        stale_fd = table._open[str(sleeper.pid)].fd
+        real_pread = os.pread
+
+        def pread_esrch(fd: int, length: int, offset: int) -> bytes:
+            if fd == stale_fd:
+                raise ProcessLookupError(errno.ESRCH, "No such process")
+            return real_pread(fd, length, offset)
+
+        reopened: list[str] = []
+        real_open = os.open
+
+        def recording_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            reopened.append(str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "pread", pread_esrch)
+        monkeypatch.setattr(os, "open", recording_open)
+        again = table.scan()  # the pid is still listed: whatever process holds it now is read afresh
+        assert sleeper.pid in again
+        assert f"/proc/{sleeper.pid}/stat" in reopened
+        assert str(sleeper.pid) in table._open
+        assert table.errors == 0
+    finally:
+        table.close()
+
+
+@needs_proc
+def test_real_proc_open_files_are_capped(sleeper: subprocess.Popen[bytes]) -> None:
+    capped = ProcessTable(Path("/proc"), max_open=2)
+    try:
+        samples = capped.scan()
+        assert sleeper.pid in samples and os.getpid() in samples
+        assert capped.open_files() == 2  # the rest are opened, read and closed each scan
+        again = capped.scan()
+        assert sleeper.pid in again and capped.open_files() == 2
+    finally:
+        capped.close()
+
+
+@needs_proc
+def test_default_cap_leaves_headroom_under_the_fd_limit() -> None:
+    import resource
+
+    from collector.workloads.procfs import FD_HEADROOM, MAX_CACHED_FDS
+
+    table = ProcessTable(Path("/proc"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert table.max_open == max(0, min(MAX_CACHED_FDS, soft - FD_HEADROOM))
