@@ -304,6 +304,36 @@ class WorkloadEnergy(Generic[K]):
         if new and self._count > self.max_series:
             self._fold()
 
+    def add_many(self, device_id: str, joules_by_key: Mapping[K | SpecialKey, float], now_s: float) -> None:
+        """``add`` of each (key, joules) on ``device_id`` at ``now_s``, in order: one device reading's split
+        (``DeviceSplitter.on_reading``). The same result as one ``add`` per key, for less work per key.
+
+        Raises ValueError, before adding anything, when any ``joules`` is negative or not finite.
+        """
+        for joules in joules_by_key.values():
+            if not 0.0 <= joules < math.inf:  # NaN fails too
+                _check_energy(joules)
+        cutoff_s = now_s - self.power_window_s
+        folded = self._folded
+        last_seen = self._last_seen_s
+        all_series = self._series
+        for key, joules in joules_by_key.items():
+            if folded and key in folded:
+                self.add(key, device_id, joules, now_s)
+                continue
+            by_device = all_series.get(key)
+            series = by_device.get(device_id) if by_device is not None else None
+            if series is None:  # a new series, which may fold others
+                self.add(key, device_id, joules, now_s)
+                continue
+            last_seen[key] = now_s
+            if joules > 0:
+                series.total_j += joules
+                recent = series.recent
+                recent.append((now_s, joules))
+                while recent[0][0] <= cutoff_s:  # never the increment just added: the window is positive
+                    recent.popleft()
+
     def snapshot(self, now_s: float) -> list[tuple[K | SpecialKey, str, float, float]]:
         """Drop keys not seen for ``retain_s``, then (key, device id, cumulative joules, power watts) per series."""
         self._expire(now_s)

@@ -440,3 +440,49 @@ def test_exported_counters_never_go_backwards(
         if retain_s == 1e9:  # nothing expired: folding moves joules, never loses them
             assert math.isclose(sum(series.values()), added, rel_tol=1e-9, abs_tol=1e-9)
         previous = series
+
+
+BATCH = st.tuples(
+    st.sampled_from(["gpu0", "gpu1", "cpu0"]),
+    st.dictionaries(
+        st.sampled_from(["a", "b", "c", "d", "e", IDLE, SYSTEM, OTHER]),
+        st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=1e4)),
+        max_size=5,
+    ),
+    st.sampled_from([0.0, 0.05, 0.1, 0.5, 1.0, 3.0]),  # time step, seconds
+    st.booleans(),  # snapshot after this batch
+)
+
+
+@settings(max_examples=300)
+@given(
+    max_series=st.integers(min_value=1, max_value=8),
+    retain_s=st.sampled_from([0.0, 2.0, 1e9]),
+    batches=st.lists(BATCH, max_size=40),
+)
+def test_add_many_is_one_add_per_key(
+    max_series: int, retain_s: float, batches: list[tuple[str, dict[Hashable, float], float, bool]]
+) -> None:
+    one: WorkloadEnergy[Hashable] = WorkloadEnergy(max_series=max_series, retain_s=retain_s, power_window_s=1.0)
+    many: WorkloadEnergy[Hashable] = WorkloadEnergy(max_series=max_series, retain_s=retain_s, power_window_s=1.0)
+    now = 0.0
+    for device, joules_by_key, step, take in batches:
+        now += step
+        for key, joules in joules_by_key.items():
+            one.add(key, device, joules, now)
+        many.add_many(device, joules_by_key, now)
+        assert one.series_count == many.series_count
+        for key in ["a", "b", "c", "d", "e", IDLE, SYSTEM, OTHER]:
+            assert one.last_seen_s(key) == many.last_seen_s(key)
+            assert one.is_folded(key) == many.is_folded(key)
+        if take:
+            assert sorted(one.snapshot(now), key=repr) == sorted(many.snapshot(now), key=repr)
+    assert sorted(one.snapshot(now + 0.5), key=repr) == sorted(many.snapshot(now + 0.5), key=repr)
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_add_many_rejects_bad_joules_before_adding_any(bad: float) -> None:
+    energy: WorkloadEnergy[str] = WorkloadEnergy(max_series=10, retain_s=60.0, power_window_s=1.0)
+    with pytest.raises(ValueError, match="energy must be finite"):
+        energy.add_many("gpu0", {"a": 1.0, "b": bad}, 0.0)
+    assert energy.series_count == 0

@@ -59,7 +59,7 @@ class WorkloadTracker:
         self.scan_durations_s: list[float] = []
         self._lock = threading.Lock()  # splitter and accumulators: source threads add, the scan thread sets shares
         self._pending: list[tuple[int, WorkloadIdentity | None]] = []  # registrations, applied at the next scan
-        self._ticks: dict[tuple[int, int], int] = {}
+        self._previous: dict[int, ProcessSample] = {}  # the last scan: ticks since then are this scan's window
         self._total_ticks: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -112,12 +112,16 @@ class WorkloadTracker:
     def on_readings(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
         now_s = time.monotonic()
         with self._lock:
+            phase_energy_j = self.phase_energy_j
             for reading in readings:
-                for key, joules in self.splitter.on_reading(reading).items():
-                    self.energy.add(key, reading.device_id, joules, now_s)
+                split = self.splitter.on_reading(reading)
+                if not split:
+                    continue
+                self.energy.add_many(reading.device_id, split, now_s)
+                for key, joules in split.items():
                     if not isinstance(key, SpecialKey):
                         phase = key[1]
-                        self.phase_energy_j[phase] = self.phase_energy_j.get(phase, 0.0) + joules
+                        phase_energy_j[phase] = phase_energy_j.get(phase, 0.0) + joules
 
     # --- scans: set the shares ---------------------------------------------------------------------------------
 
@@ -166,19 +170,21 @@ class WorkloadTracker:
 
     def _cpu_ticks_by_key(self, snapshot: dict[int, ProcessSample]) -> dict[WorkloadKey, float] | None:
         """CPU ticks per workload since the last scan; None at the first scan (no window yet)."""
-        first = not self._ticks
-        ticks: dict[tuple[int, int], int] = {}
+        previous = self._previous
+        first = not previous
         by_key: dict[WorkloadKey, float] = {}
         for pid, sample in snapshot.items():
-            process = (pid, sample.starttime)
-            ticks[process] = sample.cpu_ticks
-            before = self._ticks.get(process)
-            # a process first seen now started inside the window (unless this is the first scan): all its ticks count
-            used = sample.cpu_ticks - before if before is not None else (0 if first else sample.cpu_ticks)
+            before = previous.get(pid)
+            if before is sample:  # the table hands back the same sample when its stat did not change: no ticks
+                continue
+            if before is not None and before.starttime == sample.starttime:
+                used = sample.cpu_ticks - before.cpu_ticks
+            else:  # first seen now, so it started inside the window (unless this is the first scan): all its ticks
+                used = 0 if first else sample.cpu_ticks
             if used > 0:  # resolving only the processes that ran keeps a host of sleeping processes cheap
                 key = self._identity(pid, snapshot).key()
                 by_key[key] = by_key.get(key, 0.0) + used
-        self._ticks = ticks
+        self._previous = snapshot
         return None if first else by_key
 
     def _gpu_shares(self, snapshot: dict[int, ProcessSample]) -> dict[str, list[ProcessShare[WorkloadKey]]]:
