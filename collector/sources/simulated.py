@@ -23,6 +23,7 @@ IDLE_W = 70.0
 POWER_LIMIT_W = 700.0
 SIM_PID_BASE = 4_000_000  # above the default pid_max (4,194,304 is the kernel's max), so no real pid collides
 MEMORY_BYTES = 80 * 1024**3
+MAX_PROCESSES_PER_GPU = 1000  # pids SIM_PID_BASE + gpu * 1000 + k: distinct up to 194 GPUs
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,29 @@ class GpuScenario:
             return 200.0 + 250.0 * burst + 10.0 * ripple
         return IDLE_W + 2.0 * ripple
 
-    def processes(self, t_s: float) -> tuple[GpuProcess, ...]:
+    def processes(self, t_s: float, count: int | None = None) -> tuple[GpuProcess, ...]:
+        """The processes on this GPU at ``t_s``: by the phase schedule, or ``count`` of them at all times.
+
+        With ``count``, every process belongs to a workload of its own (``sim-worker-<gpu>-<k>``) and holds GPU
+        memory all along; while the GPU is busy they share about 95% SM utilisation in the ratio 1 : 2 : ... : count.
+        """
         phase = self.phase_at(t_s).phase
+        if count is not None:
+            busy = phase != "idle"
+            weights = count * (count + 1) / 2
+            base = SIM_PID_BASE + self.index * MAX_PROCESSES_PER_GPU
+            return tuple(
+                GpuProcess(
+                    base + k,
+                    MEMORY_BYTES // (2 * count),
+                    0.95 * (k + 1) / weights if busy else 0.0,
+                    "python",
+                    f"sim-worker-{self.index}-{k}",
+                    self._busy_phase,
+                    f"sim-job-{self.index}",
+                )
+                for k in range(count)
+            )
         base = SIM_PID_BASE + self.index * 10
         if phase == "training":
             return (
@@ -120,8 +142,14 @@ class SimulatedSource(Source):
         cpu: bool = False,
         index_offset: int = 0,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        processes_per_gpu: int | None = None,
     ) -> None:
+        """``processes_per_gpu``: None (the default) follows each GPU's phase schedule (0, 1 or 2 processes);
+        a number puts that many processes, each its own workload, on every GPU at all times (load tests)."""
+        if processes_per_gpu is not None and not 1 <= processes_per_gpu < MAX_PROCESSES_PER_GPU:
+            raise ValueError(f"processes_per_gpu must be 1 to {MAX_PROCESSES_PER_GPU - 1}, got {processes_per_gpu}")
         self.gpus = gpus
+        self.processes_per_gpu = processes_per_gpu
         self.interval_s = interval_s
         self.slow_interval_s = 1.0
         self.seed = seed
@@ -200,7 +228,7 @@ class SimulatedSource(Source):
         t_s = self.elapsed_s(self._monotonic_ns())
         statuses = []
         for i, scenario in enumerate(self._scenarios):
-            processes = scenario.processes(t_s)
+            processes = scenario.processes(t_s, self.processes_per_gpu)
             busy = sum(p.sm_utilization_ratio or 0.0 for p in processes)
             statuses.append(
                 DeviceStatus(

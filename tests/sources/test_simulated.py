@@ -85,3 +85,31 @@ def test_processes_follow_the_phase() -> None:
                 assert process.workload and process.pid >= 4_000_000
         clock.advance(1.0)
     assert phases_seen == {"training", "inference"}
+
+
+def test_processes_per_gpu_puts_that_many_workloads_on_every_gpu() -> None:
+    clock = FakeClock()
+    source = SimulatedSource(gpus=8, processes_per_gpu=2, monotonic_ns=clock)
+    source.open()
+    for _ in range(3):
+        statuses = source.read_status()
+        processes = [p for status in statuses for p in status.processes]
+        assert len(processes) == 16
+        assert len({p.pid for p in processes}) == 16
+        assert len({p.workload for p in processes}) == 16
+        for status in statuses:
+            assert status.utilization_ratio is not None and status.utilization_ratio <= 0.95 + 1e-9
+            assert all(p.used_memory_bytes for p in status.processes)
+        clock.advance(50.0)
+
+
+def test_default_processes_follow_the_schedule() -> None:
+    source = SimulatedSource(gpus=4)
+    source.open()
+    assert all(len(status.processes) <= 2 for status in source.read_status())
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1000])
+def test_processes_per_gpu_out_of_range(bad: int) -> None:
+    with pytest.raises(ValueError, match="processes_per_gpu"):
+        SimulatedSource(gpus=1, processes_per_gpu=bad)
