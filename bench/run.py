@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import latency, overhead, render, rss, versus
+from bench import latency, overhead, render, rss, versus, workloads
 from bench.common import BenchError, Context, Result, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -29,6 +29,10 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], list[Result]], str]] = {
     "rss": (rss.run, "agent peak RSS (VmHWM) after idle and after scraping"),
     "versus": (versus.run, "CPU per scrape vs node_exporter's rapl collector on the same fake tree"),
     "render": (render.run, "(informational) in-process render cost and a cProfile of it"),
+    "workloads": (
+        workloads.run,
+        "agent CPU with workload attribution: 16 GPU processes, 2,000 host processes scanned at 1 Hz; scan cost",
+    ),
 }
 
 
