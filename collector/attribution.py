@@ -179,9 +179,16 @@ class DeviceSplitter(Generic[K]):
         self._last_energy_j: dict[str, float] = {}
 
     def add_device(self, device_id: str, kind: DeviceKind) -> None:
-        """Declare a device with no shares yet: a GPU's energy goes to ``IDLE``, a CPU's or DRAM's to ``SYSTEM``."""
+        """Declare a device with no shares yet: a GPU's energy goes to ``IDLE``, a CPU's or DRAM's to ``SYSTEM``.
+
+        Shares a scan already set for the device stay.
+        """
         rest_key = IDLE if kind is DeviceKind.GPU else SYSTEM
-        self._shares[device_id] = _Shares({}, 1.0, rest_key)
+        self._shares.setdefault(device_id, _Shares({}, 1.0, rest_key))
+
+    def rebase(self, device_id: str) -> None:
+        """Forget the device's last energy: its next reading is a new baseline (another source took it over)."""
+        self._last_energy_j.pop(device_id, None)
 
     def set_gpu_shares(self, device_id: str, processes: Sequence[ProcessShare[K]]) -> None:
         """The processes found on a GPU at a scan; they hold until the next call (see ``split_gpu_interval``)."""

@@ -10,12 +10,13 @@ to the device's energy.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from collector.attribution import OTHER, SYSTEM, DeviceSplitter, ProcessShare, SpecialKey, WorkloadEnergy
+from collector.attribution import DeviceSplitter, ProcessShare, SpecialKey, WorkloadEnergy
 from collector.config import WorkloadsConfig
 from collector.errors import SourceUnavailable
 from collector.readings import DeviceKind, DeviceReading, GpuProcess
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 WorkloadKey = tuple[str, str, str]  # (workload, phase, job): one energy series per device
 MIN_POWER_WINDOW_S = 1.0
+KTHREADD_PID = 2  # the parent of every kernel thread
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 def read_total_cpu_ticks(proc_root: Path) -> int:
@@ -60,6 +63,9 @@ class WorkloadTracker:
         self._lock = threading.Lock()  # splitter and accumulators: source threads add, the scan thread sets shares
         self._pending: list[tuple[int, WorkloadIdentity | None]] = []  # registrations, applied at the next scan
         self._previous: dict[int, ProcessSample] = {}  # the last scan: ticks since then are this scan's window
+        self._previous_uptime_ticks: int | None = None
+        self._device_source: dict[str, str] = {}
+        self._phase_counted: dict[str, bool] = {}
         self._total_ticks: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,9 +75,6 @@ class WorkloadTracker:
         return self.errors + self.table.errors
 
     def start(self) -> None:
-        for state in self.sampler.states:
-            for info in state.devices:
-                self.splitter.add_device(info.device_id, info.kind)
         self.sampler.add_listener(self.on_readings)
         self._thread = threading.Thread(target=self._loop, name="workloads", daemon=True)
         self._thread.start()
@@ -109,15 +112,39 @@ class WorkloadTracker:
 
     # --- readings: split as they arrive --------------------------------------------------------------------------
 
+    def _declare(self, source_name: str, device_id: str) -> bool:
+        """First reading of a device from this source: declare it; returns whether it counts in phase totals."""
+        info = next(
+            (i for st in self.sampler.states if st.name == source_name for i in st.devices if i.device_id == device_id),
+            None,
+        )
+        kind = info.kind if info is not None else DeviceKind.GPU
+        if self._device_source.get(device_id) not in (None, source_name):
+            self.splitter.rebase(device_id)  # another source took the device over (RAPL after the estimate)
+        else:
+            self.splitter.add_device(device_id, kind)
+        self._device_source[device_id] = source_name
+        # phase totals add devices up: leave out the parts of a package (core, uncore) and the whole platform (psys)
+        counted = info is None or kind is not DeviceKind.CPU or info.domain == "package"
+        self._phase_counted[device_id] = counted
+        return counted
+
     def on_readings(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
         now_s = time.monotonic()
         with self._lock:
             phase_energy_j = self.phase_energy_j
             for reading in readings:
+                device_id = reading.device_id
+                if self._device_source.get(device_id) == source_name:
+                    counted = self._phase_counted[device_id]
+                else:
+                    counted = self._declare(source_name, device_id)
                 split = self.splitter.on_reading(reading)
                 if not split:
                     continue
-                self.energy.add_many(reading.device_id, split, now_s)
+                self.energy.add_many(device_id, split, now_s)
+                if not counted:
+                    continue
                 for key, joules in split.items():
                     if not isinstance(key, SpecialKey):
                         phase = key[1]
@@ -172,15 +199,23 @@ class WorkloadTracker:
         """CPU ticks per workload since the last scan; None at the first scan (no window yet)."""
         previous = self._previous
         first = not previous
+        started_after = self._previous_uptime_ticks
+        self._previous_uptime_ticks = uptime_ticks(self.config.proc_root)
         by_key: dict[WorkloadKey, float] = {}
         for pid, sample in snapshot.items():
+            if pid == KTHREADD_PID or sample.ppid == KTHREADD_PID:
+                continue  # kernel threads: their time is the kernel's, left to `system`
             before = previous.get(pid)
             if before is sample:  # the table hands back the same sample when its stat did not change: no ticks
                 continue
             if before is not None and before.starttime == sample.starttime:
                 used = sample.cpu_ticks - before.cpu_ticks
-            else:  # first seen now, so it started inside the window (unless this is the first scan): all its ticks
-                used = 0 if first else sample.cpu_ticks
+            elif first or (started_after is not None and sample.starttime < started_after):
+                # not seen at the last scan but older than it (a read that failed then): its lifetime of ticks
+                # is not this window's
+                used = 0
+            else:  # started inside the window: all its ticks are
+                used = sample.cpu_ticks
             if used > 0:  # resolving only the processes that ran keeps a host of sleeping processes cheap
                 key = self._identity(pid, snapshot).key()
                 by_key[key] = by_key.get(key, 0.0) + used
@@ -221,7 +256,17 @@ class WorkloadTracker:
 
 
 def label_values(key: WorkloadKey | SpecialKey) -> tuple[str, str, str]:
-    """(workload, phase, job) label values of a series key; ``system`` and ``other`` are workloads of their own."""
+    """(workload, phase, job) label values of a series key. ``system`` and ``other`` carry ``phase=""``, which no
+    workload has (training, inference or unknown), so a workload someone names ``system`` is never merged in."""
     if isinstance(key, SpecialKey):
-        return (str(key), "unknown", "") if key in (SYSTEM, OTHER) else (str(key), "", "")
+        return (str(key), "", "")
     return key
+
+
+def uptime_ticks(proc_root: Path) -> int | None:
+    """Seconds since boot from ``<proc_root>/uptime``, in clock ticks (the unit of a process's starttime)."""
+    try:
+        with open(proc_root / "uptime", "rb") as handle:
+            return int(float(handle.read().split()[0]) * CLOCK_TICKS_PER_S)
+    except (OSError, ValueError, IndexError):
+        return None

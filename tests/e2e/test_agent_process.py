@@ -92,7 +92,7 @@ interval_s = 0.1
 interval_s = 0.1
 
 [api]
-socket = "{tmp_path / 'agent.sock'}"
+socket = "{tmp_path / "agent.sock"}"
 """
     )
     process = AgentProcess(config, "--simulate-gpus", "2")

@@ -12,7 +12,7 @@ from collector.attribution import IDLE, SYSTEM
 from collector.config import WorkloadsConfig
 from collector.exporters.families import workload_families
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading, DeviceStatus, GpuProcess
-from collector.sampler import Sampler
+from collector.sampler import Sampler, SourceState
 from collector.sources.base import Source
 from collector.workloads.identity import WorkloadIdentity
 from collector.workloads.tracker import WorkloadTracker
@@ -115,7 +115,7 @@ def test_exported_families(world: tuple) -> None:  # type: ignore[type-arg]
     families = {family.name: family for family in workload_families(tracker)}
     energy = {labels: value for _, _, labels, value in families["wattmeter_workload_energy_joules"].samples}
     assert energy[("torchrun", "training", "j7", "gpu0")] == pytest.approx(100.0)
-    assert energy[("system", "unknown", "", "cpu0")] == pytest.approx(10.0 * 0.8)
+    assert energy[("system", "", "", "cpu0")] == pytest.approx(10.0 * 0.8)
     info = [labels for _, _, labels, _ in families["wattmeter_workload_info"].samples]
     assert ("torchrun", "training", "j7", "", "", "", "", "") in info
     assert families["wattmeter_idle_energy_joules"].samples[0][2] == ("gpu0",)
@@ -153,3 +153,56 @@ def test_a_registration_names_the_process_and_its_children_from_the_next_scan(wo
     tracker.scan()
     step(source, sampler, gpu_j=0.0, cpu_j=10.0)
     assert totals(tracker)[(("torchrun", "training", "j7"), "cpu0")] == pytest.approx(10.0)
+
+
+def test_kernel_threads_are_left_to_system(world: tuple) -> None:  # type: ignore[type-arg]
+    proc, source, sampler, tracker = world
+    proc.add(2, 0, "kthreadd", "")
+    proc.add(300, 2, "kworker/0:1", "", utime=0)
+    tracker.scan()
+    proc.set_cpu(300, utime=500, stime=0)
+    proc.set_total_cpu(2000)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=10.0)
+    assert totals(tracker) == {(IDLE, "gpu0"): 0.0, (SYSTEM, "cpu0"): pytest.approx(10.0)}
+
+
+class CoreZone(ScriptedSource):
+    name = "parts"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy = {"cpu0-core": 0.0}
+
+    def devices(self) -> Sequence[DeviceInfo]:
+        return [DeviceInfo("cpu0-core", DeviceKind.CPU, self.name, "Intel", "Xeon", 0, package="0", domain="core")]
+
+    def read_status(self) -> Sequence[DeviceStatus]:
+        return []
+
+
+def test_phase_totals_leave_out_parts_of_a_package(world: tuple) -> None:  # type: ignore[type-arg]
+    proc, source, sampler, tracker = world
+    core = CoreZone()
+    sampler.states.append(SourceState(core))
+    sampler.mark_opened(sampler.states[-1])
+    sampler._read_once(sampler.states[-1])
+    tracker.scan()
+    proc.set_cpu(101, utime=1100, stime=0)
+    proc.set_total_cpu(2000)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=10.0)
+    core.energy["cpu0-core"] += 8.0  # inside the package's 10 J
+    sampler._read_once(sampler.states[-1])
+    got = totals(tracker)
+    assert got[(("torchrun", "training", "j7"), "cpu0-core")] == pytest.approx(8.0)  # split like any domain
+    assert tracker.phase_energy_j["training"] == pytest.approx(10.0)  # but counted once, through the package
+
+
+def test_a_device_taken_over_by_another_source_starts_a_new_baseline(world: tuple) -> None:  # type: ignore[type-arg]
+    _, source, sampler, tracker = world
+    step(source, sampler, gpu_j=0.0, cpu_j=5.0)
+    before = totals(tracker)[(SYSTEM, "cpu0")]
+    tracker.on_readings("rapl", [DeviceReading("cpu0", 262_000.0, None, 1, 2)])  # RAPL's counter starts high
+    tracker.on_readings("rapl", [DeviceReading("cpu0", 262_003.0, None, 2, 3)])
+    assert totals(tracker)[(SYSTEM, "cpu0")] == pytest.approx(before + 3.0)
