@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 WorkloadKey = tuple[str, str, str]  # (workload, phase, job): one energy series per device
 MIN_POWER_WINDOW_S = 1.0
 KTHREADD_PID = 2  # the parent of every kernel thread
+UNRESOLVED_WORKLOAD = "unresolved"
+MAX_PENDING_REGISTRATIONS = 10_000
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -154,12 +156,17 @@ class WorkloadTracker:
 
     def register(self, pid: int, identity: WorkloadIdentity) -> None:
         """A process said who it is (over the registration socket); takes effect at the next scan."""
-        with self._lock:
-            self._pending.append((pid, identity))
+        self._queue(pid, identity)
 
     def unregister(self, pid: int) -> None:
+        self._queue(pid, None)
+
+    def _queue(self, pid: int, identity: WorkloadIdentity | None) -> None:
         with self._lock:
-            self._pending.append((pid, None))
+            if len(self._pending) >= MAX_PENDING_REGISTRATIONS:  # a flood between two scans: keep memory bounded
+                self.errors += 1
+                return
+            self._pending.append((pid, identity))
 
     def _apply_registrations(self, snapshot: dict[int, ProcessSample]) -> None:
         with self._lock:
@@ -237,14 +244,14 @@ class WorkloadTracker:
         return shares
 
     def _gpu_process_key(self, process: GpuProcess, snapshot: dict[int, ProcessSample]) -> WorkloadKey:
-        if process.pid in snapshot:
-            return self._identity(process.pid, snapshot).key()
-        if process.workload:  # the simulated source names its own processes; they have no /proc entry
+        if process.workload:  # the simulated source names its own processes; their pids are not this host's
             identity = WorkloadIdentity(process.workload, process.phase or "unknown", process.job, origin="source")
-            self.identities[identity.key()] = identity
-            return identity.key()
-        # in another pid namespace (a container without hostPID) the pid means nothing here
-        identity = WorkloadIdentity(process.name or f"pid-{process.pid}", "unknown", origin="executable")
+        elif process.pid in snapshot:
+            return self._identity(process.pid, snapshot).key()
+        else:
+            # gone since the scan listed /proc, or in another pid namespace (the agent without hostPID): never a
+            # raw pid on an energy series, which would make one series per process
+            identity = WorkloadIdentity(process.name or UNRESOLVED_WORKLOAD, "unknown", origin="executable")
         self.identities[identity.key()] = identity
         return identity.key()
 

@@ -133,6 +133,13 @@ def test_gpu_process_outside_this_pid_namespace_and_simulated_processes(world: t
     got = totals(tracker)
     assert got[(("ghost", "unknown", ""), "gpu0")] == pytest.approx(5.0)
     assert got[(("sim-chat", "inference", ""), "gpu0")] == pytest.approx(5.0)
+    source.gpu_processes = (GpuProcess(888_888), GpuProcess(101, workload="sim-train", phase="training"))
+    sampler._status_once(sampler.states[0])
+    tracker.scan()
+    step(source, sampler, gpu_j=10.0, cpu_j=0.0)
+    got = totals(tracker)
+    assert got[(("unresolved", "unknown", ""), "gpu0")] == pytest.approx(5.0)  # no raw pid on a series
+    assert got[(("sim-train", "training", ""), "gpu0")] == pytest.approx(5.0)  # not the host's pid 101
 
 
 def test_a_registration_names_the_process_and_its_children_from_the_next_scan(world: tuple) -> None:  # type: ignore[type-arg]
