@@ -49,13 +49,21 @@ def free_port() -> int:
 def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=2) as response:
         text = response.read().decode()
-    values = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("wattmeter_gpu_energy_joules_total{") or line.startswith("wattmeter_gpu_power_watts{"):
             name = line.split("{", 1)[0]
             gpu = re.search(r'gpu="(\d+)"', line)
             if gpu and gpu.group(1) == "0":
                 values[name] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("wattmeter_workload_energy_joules_total{", "wattmeter_idle_energy_joules_total{")):
+            if 'device="gpu0"' not in line:
+                continue
+            value = float(line.rsplit(" ", 1)[1])
+            workload = re.search(r'workload="([^"]*)"', line)
+            name = f"workload:{workload.group(1)}" if workload else "idle"
+            values[name] = values.get(name, 0.0) + value
+            values["attributed"] = values.get("attributed", 0.0) + value
     return values
 
 
@@ -175,7 +183,19 @@ def main() -> int:
         joules = e1 - e0
         print(f"{name:10s}  {b - a:7.1f}  {joules:11.1f}  {ref:12.1f}  {joules / ref:5.3f}  {joules / (b - a):6.1f}")
     print(f"\nenergy counter never decreased: {monotonic_ok} ({len(energies)} scrapes)")
-    print("workload split and per-request energy: not yet (needs workload attribution, issue 3)")
+    # conservation on the real card: workloads + idle on gpu0 against the GPU's own energy, over the run
+    with_split = [v for _, v in scrapes if "attributed" in v and "wattmeter_gpu_energy_joules_total" in v]
+    if len(with_split) >= 2:
+        first, last = with_split[0], with_split[-1]
+        device_j = last["wattmeter_gpu_energy_joules_total"] - first["wattmeter_gpu_energy_joules_total"]
+        split_j = last["attributed"] - first["attributed"]
+        print(f"\nworkloads + idle on gpu0: {split_j:.1f} J against the GPU's {device_j:.1f} J", end="")
+        print(f" (ratio {split_j / device_j:.6f})" if device_j > 0 else "")
+        for name in sorted(k for k in last if k.startswith("workload:") or k == "idle"):
+            print(f"  {name:40s} {last[name] - first.get(name, 0.0):10.1f} J")
+    else:
+        print("\nno workload series on gpu0 (is [workloads] enabled?)")
+    print("per-request energy: not yet (issue 5)")
     print(f"agent log: {out / 'agent.log'}")
     return 0 if monotonic_ok else 1
 
