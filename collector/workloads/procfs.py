@@ -29,6 +29,9 @@ _ENVIRON_PREFIXES: tuple[bytes, ...] = tuple(key.encode() + b"=" for key in ENVI
 _READ_CHUNK = 8192
 #: ``stat``'s fields up to ``starttime`` (field 22) take at most about 530 bytes (a 64-byte comm, 20-digit numbers).
 _STAT_READ = 1024
+# A process whose stat did not change for QUIET_AFTER scans is read once every QUIET_READ_EVERY scans.
+QUIET_AFTER = 5
+QUIET_READ_EVERY = 10
 #: File descriptors left free for everything else the agent opens (sockets, sysfs, NVML) when stat files are kept.
 FD_HEADROOM = 256
 #: Kept-open stat files at most, whatever the limit: each costs the kernel about 1 KiB.
@@ -224,12 +227,13 @@ def raise_fd_limit() -> int:
 class _Open:
     """A process's ``stat`` kept open between scans, with what it held at the last read."""
 
-    __slots__ = ("data", "fd", "sample")
+    __slots__ = ("data", "fd", "quiet", "sample")
 
     def __init__(self, fd: int, data: bytes, sample: ProcessSample) -> None:
         self.fd = fd
         self.data = data
         self.sample = sample
+        self.quiet = 0  # reads in a row that found the same bytes
 
 
 class ProcessTable:
@@ -251,6 +255,7 @@ class ProcessTable:
         self._statics: dict[tuple[int, int], ProcessStatic | None] = {}
         self._max_open = max_open
         self._open: dict[str, _Open] = {}  # by the pid's directory name
+        self._scans = 0
 
     @property
     def max_open(self) -> int:
@@ -283,18 +288,28 @@ class ProcessTable:
         was_open, now_open = self._open, {}
         room = self.max_open - len(was_open)
         pread = os.pread
+        self._scans += 1
+        sweep = self._scans % QUIET_READ_EVERY
         for name in listing:
             entry = was_open.pop(name, None)
             if entry is not None:
+                if entry.quiet >= QUIET_AFTER and (entry.fd + sweep) % QUIET_READ_EVERY:
+                    # a sleeping process: read it once every QUIET_READ_EVERY scans (in turn with the others), so
+                    # a host of thousands costs little; the CPU time it did use shows at its next read
+                    samples[entry.sample.pid] = entry.sample
+                    now_open[name] = entry
+                    continue
                 try:
                     data = pread(entry.fd, _STAT_READ, 0)
                 except OSError:  # ESRCH: reaped (the pid may be someone else's now)
                     data = b""
                 if data == entry.data:
+                    entry.quiet += 1
                     sample = entry.sample
                     samples[sample.pid] = sample
                     now_open[name] = entry
                     continue
+                entry.quiet = 0
                 if data:
                     changed = parse_stat(data, entry.sample.pid)
                     if changed is not None and changed.starttime == entry.sample.starttime:

@@ -563,3 +563,30 @@ def test_default_cap_leaves_headroom_under_the_fd_limit() -> None:
     table = ProcessTable(Path("/proc"))
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert table.max_open == max(0, min(MAX_CACHED_FDS, soft - FD_HEADROOM))
+
+
+def test_a_sleeping_process_is_read_once_every_few_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+    import collector.workloads.procfs as procfs
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        table = procfs.ProcessTable(Path("/proc"))
+        table.scan()
+        entry = table._open.get(str(sleeper.pid))
+        assert entry is not None, "stat of a live process is kept open"
+        reads: list[int] = []
+        real_pread = os.pread
+
+        def counting_pread(fd: int, length: int, offset: int) -> bytes:
+            if fd == entry.fd:
+                reads.append(fd)
+            return real_pread(fd, length, offset)
+
+        monkeypatch.setattr(procfs.os, "pread", counting_pread)
+        scans = procfs.QUIET_AFTER + 3 * procfs.QUIET_READ_EVERY
+        for _ in range(scans):
+            assert sleeper.pid in table.scan()  # still listed every scan, read or not
+        assert procfs.QUIET_AFTER <= len(reads) <= procfs.QUIET_AFTER + 4, reads
+    finally:
+        sleeper.kill()
+        sleeper.wait(5)
