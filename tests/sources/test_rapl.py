@@ -3,8 +3,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ import pytest
 from collector.errors import SourceError, SourceUnavailable
 from collector.readings import DeviceKind
 from collector.sources.rapl import RaplSource
+from tests.fakes.nobody import open_up, run_as_nobody
 from tests.fakes.powercap import FakePowercap, typical_server
 
 
@@ -169,11 +168,7 @@ def world_traversable_tree() -> Iterator[FakePowercap]:
     os.chmod(root, 0o755)
     try:
         tree = typical_server(root, packages=1)
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in filenames:
-                os.chmod(os.path.join(dirpath, name), 0o644)
+        open_up(root, 0o644)
         for zone in tree.zones.values():
             # as the kernel ships it since CVE-2020-8694; a non-root owner could still read 0400, so 0000 then
             os.chmod(zone.path / "energy_uj", 0o400 if os.geteuid() == 0 else 0o000)
@@ -183,12 +178,10 @@ def world_traversable_tree() -> Iterator[FakePowercap]:
 
 
 PERMISSION_PROBE = """
-import os, sys
+import sys
 from collector.errors import PermissionDeniedError
 from collector.sources.rapl import RaplSource
-if os.geteuid() == 0:  # imports first: the interpreter's own files may be unreadable to nobody
-    os.setgid(65534)
-    os.setuid(65534)  # nobody: root would read a 0400 file regardless
+drop()
 try:
     RaplSource(sys.argv[1]).open()
 except PermissionDeniedError as exc:
@@ -199,15 +192,7 @@ else:
 
 
 def test_permission_denied_names_the_fix(world_traversable_tree: FakePowercap) -> None:
-    repo = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", PERMISSION_PROBE, str(world_traversable_tree.class_dir)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-    )
+    result = run_as_nobody(PERMISSION_PROBE, str(world_traversable_tree.class_dir))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("DENIED"), result.stdout
     assert "CVE-2020-8694" in result.stdout

@@ -4,7 +4,6 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from collector.errors import SourceUnavailable
 from collector.workloads.procfs import CgroupInfo, ProcessTable, executable_name, parse_cgroup, parse_stat
+from tests.fakes.nobody import open_up, run_as_nobody
 from tests.fakes.proc import FakeProc
 
 POD_UID = "5f3c1a2b-7d4e-4f10-9a8b-0c1d2e3f4a5b"
@@ -385,11 +385,7 @@ def world_traversable_proc() -> Iterator[FakeProc]:
         proc = FakeProc(root / "proc")
         proc.add(1, 0, "systemd", ["/sbin/init"], starttime=1)
         proc.add(10, 1, "python3", ["python3", "serve.py"], environ={"WATTMETER_WORKLOAD": "secret-team"})
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in filenames:
-                os.chmod(os.path.join(dirpath, name), 0o444)
+        open_up(root, 0o444)
         # /proc/<pid>/environ is 0400 and owned by the process's user; a non-root owner could still read 0400
         os.chmod(proc.path(10) / "environ", 0o400 if os.geteuid() == 0 else 0o000)
         yield proc
@@ -398,12 +394,10 @@ def world_traversable_proc() -> Iterator[FakeProc]:
 
 
 ENVIRON_PROBE = """
-import os, sys
+import sys
 from pathlib import Path
 from collector.workloads.procfs import ProcessTable
-if os.geteuid() == 0:  # imports first: the interpreter's own files may be unreadable to nobody
-    os.setgid(65534)
-    os.setuid(65534)  # nobody: root would read a 0400 file regardless
+drop()
 table = ProcessTable(Path(sys.argv[1]))
 samples = table.scan()
 static = table.static(10, samples[10].starttime)
@@ -413,26 +407,15 @@ print(static.cmdline, dict(static.environ), table.errors, again is static)
 
 
 def test_unreadable_environ_is_empty_and_counted_once(world_traversable_proc: FakeProc) -> None:
-    repo = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", ENVIRON_PROBE, str(world_traversable_proc.root)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-    )
+    result = run_as_nobody(ENVIRON_PROBE, str(world_traversable_proc.root))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "('python3', 'serve.py') {} 1 True"
 
 
 REAL_PROC_PROBE = """
-import os
 from pathlib import Path
 from collector.workloads.procfs import ProcessTable
-if os.geteuid() == 0:
-    os.setgid(65534)
-    os.setuid(65534)
+drop()
 table = ProcessTable(Path("/proc"))
 samples = table.scan()
 static = table.static(1, samples[1].starttime)
@@ -446,15 +429,7 @@ print(table.errors)
 def test_real_proc_environ_of_another_user_is_denied() -> None:
     if os.geteuid() != 0 and os.stat("/proc/1").st_uid == os.geteuid():
         pytest.skip("pid 1 belongs to this user, so its environ is readable")
-    repo = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", REAL_PROC_PROBE],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-    )
+    result = run_as_nobody(REAL_PROC_PROBE)
     assert result.returncode == 0, result.stderr
     named, environ, errors = result.stdout.split("\n")[:3]
     assert named == "True"
