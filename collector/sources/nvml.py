@@ -577,17 +577,18 @@ class NvmlSource(Source):
         # NOT_FOUND: no sample since the last timestamp; SUCCESS raised by pynvml when there are zero samples.
         absent = frozenset({_ERROR_NOT_SUPPORTED, _ERROR_NOT_FOUND, _SUCCESS})
         samples = self._process_query(nvml.nvmlDeviceGetProcessUtilization, handle, gpu.process_seen_us, absent=absent)
-        sm_util: dict[int, tuple[int, float]] = {}
+        # the mean of a process's samples since the last read: its share over the interval, not one instant;
+        # once the GPU has samples, a process without any did not run a kernel in that time (0)
+        sums: dict[int, list[float]] = {}
         for sample in samples or ():
             pid, stamp = int(sample.pid), int(sample.timeStamp)
-            if pid not in sm_util or stamp >= sm_util[pid][0]:
-                sm_util[pid] = (stamp, int(sample.smUtil) / 100.0)
+            sums.setdefault(pid, []).append(int(sample.smUtil) / 100.0)
             gpu.process_seen_us = max(gpu.process_seen_us, stamp)
         return tuple(
             GpuProcess(
                 pid=pid,
                 used_memory_bytes=used,
-                sm_utilization_ratio=sm_util[pid][1] if pid in sm_util else None,
+                sm_utilization_ratio=(sum(sums[pid]) / len(sums[pid]) if pid in sums else 0.0) if sums else None,
             )
             for pid, used in sorted(memory.items())
         )

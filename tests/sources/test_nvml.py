@@ -598,8 +598,8 @@ def test_read_status_fields_processes_and_per_process_utilisation(clock: Clock) 
         assert procs[101].used_memory_bytes == 1 << 30
         assert procs[202].used_memory_bytes is None
         assert procs[303].used_memory_bytes == 2 << 20
-        assert procs[101].sm_utilization_ratio == pytest.approx(0.55)  # the latest sample wins
-        assert procs[202].sm_utilization_ratio is None
+        assert procs[101].sm_utilization_ratio == pytest.approx((0.55 + 0.40) / 2)  # the mean over the interval
+        assert procs[202].sm_utilization_ratio == 0.0  # no sample while others had some: it ran no kernel
         assert procs[303].sm_utilization_ratio == pytest.approx(0.05)
 
         # Only samples newer than the last seen one count; none new means no utilisation (NOT_FOUND).
@@ -609,7 +609,7 @@ def test_read_status_fields_processes_and_per_process_utilisation(clock: Clock) 
         (status,) = source.read_status()
         procs = {p.pid: p for p in status.processes}
         assert procs[202].sm_utilization_ratio == pytest.approx(0.12)
-        assert procs[101].sm_utilization_ratio is None
+        assert procs[101].sm_utilization_ratio == 0.0
 
 
 def test_read_status_not_supported_fields_are_none(clock: Clock) -> None:
@@ -684,7 +684,7 @@ def test_no_permission_on_process_queries_keeps_the_rest_of_the_status(
     assert status.utilization_ratio == pytest.approx(0.5)
     procs = {p.pid: p.sm_utilization_ratio for p in status.processes}
     expected = {
-        "nvmlDeviceGetComputeRunningProcesses_v3": {303: None},
+        "nvmlDeviceGetComputeRunningProcesses_v3": {303: 0.0},  # 101 had samples, 303 none: it ran no kernel
         "nvmlDeviceGetGraphicsRunningProcesses_v3": {101: pytest.approx(0.55)},
         "nvmlDeviceGetProcessUtilization": {101: None, 303: None},
     }[function]
