@@ -277,6 +277,10 @@ class WorkloadEnergy(Generic[K]):
         """The number of (key, device) series exported now."""
         return self._count
 
+    def keys(self) -> set[K | SpecialKey]:
+        """The keys that have series now."""
+        return set(self._series)
+
     def last_seen_s(self, key: K | SpecialKey) -> float | None:
         """When ``key`` was last added (seconds, the ``now_s`` clock), folded keys included; None if unknown."""
         seen = self._last_seen_s.get(key)

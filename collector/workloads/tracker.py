@@ -179,6 +179,12 @@ class WorkloadTracker:
 
     def scan(self) -> None:
         started = time.perf_counter()
+        with self._lock:
+            live = self.energy.keys()
+        # facts of workloads whose series expired go too; first, so what this scan resolves stays until its
+        # series exist (only this thread writes identities; the exporter reads single keys)
+        for key in [key for key in self.identities if key not in live]:
+            del self.identities[key]
         snapshot = self.table.scan()
         self._apply_registrations(snapshot)
         self.resolver.prune(snapshot)
@@ -259,7 +265,9 @@ class WorkloadTracker:
 
     def snapshot(self) -> tuple[list[tuple[WorkloadKey | SpecialKey, str, float, float]], dict[str, float]]:
         with self._lock:
-            return self.energy.snapshot(time.monotonic()), dict(self.phase_energy_j)
+            series = self.energy.snapshot(time.monotonic())
+            phases = dict(self.phase_energy_j)
+        return series, phases
 
 
 def label_values(key: WorkloadKey | SpecialKey) -> tuple[str, str, str]:

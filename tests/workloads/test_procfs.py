@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -545,6 +546,10 @@ def test_a_sleeping_process_is_read_once_every_few_scans(monkeypatch: pytest.Mon
 
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
+        deadline = time.monotonic() + 5  # until exec is done and the process sleeps, its stat still changes
+        while Path(f"/proc/{sleeper.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
         table = procfs.ProcessTable(Path("/proc"))
         table.scan()
         entry = table._open.get(str(sleeper.pid))

@@ -213,3 +213,28 @@ def test_a_device_taken_over_by_another_source_starts_a_new_baseline(world: tupl
     tracker.on_readings("rapl", [DeviceReading("cpu0", 262_000.0, None, 1, 2)])  # RAPL's counter starts high
     tracker.on_readings("rapl", [DeviceReading("cpu0", 262_003.0, None, 2, 3)])
     assert totals(tracker)[(SYSTEM, "cpu0")] == pytest.approx(before + 3.0)
+
+
+def test_facts_of_expired_workloads_are_dropped(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_total_cpu(1000)
+    proc.add(1, 0, "systemd", "/sbin/init")
+    proc.add(100, 1, "trainer", "python3 train.py", environ={"WATTMETER_WORKLOAD": "old-job"})
+    source = ScriptedSource()
+    sampler = Sampler([source])
+    state = sampler.states[0]
+    sampler.mark_opened(state)
+    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root, retain_s=0.0), sampler)
+    sampler.add_listener(tracker.on_readings)
+    sampler._read_once(state)
+    tracker.scan()
+    proc.set_cpu(100, utime=50, stime=0)
+    proc.set_total_cpu(1100)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=10.0)
+    assert ("old-job", "unknown", "") in tracker.identities
+    time.sleep(0.01)
+    series, _ = tracker.snapshot()  # retain_s = 0: the workload's series end at once
+    assert all(key != ("old-job", "unknown", "") for key, _, _, _ in series)
+    tracker.scan()
+    assert ("old-job", "unknown", "") not in tracker.identities
