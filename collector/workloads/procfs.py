@@ -83,6 +83,7 @@ class ProcessStatic:
     cmdline: tuple[str, ...]
     exe: str
     environ: Mapping[str, str] = field(default_factory=dict, hash=False)
+    comm: str = ""  # when read: a new comm with the same pid and starttime means an exec, and these are stale
     pod_uid: str = ""
     container_id: str = ""
     unit: str = ""
@@ -353,8 +354,10 @@ class ProcessTable:
         self._open = now_open
         stale = [
             key
-            for key in self._statics
-            if (seen := samples.get(key[0])) is None or seen.starttime != key[1]  # gone, or the pid reused
+            for key, static in self._statics.items()
+            if (seen := samples.get(key[0])) is None
+            or seen.starttime != key[1]  # gone, or the pid reused
+            or (static is not None and static.comm != seen.comm)  # exec'd since it was read
         ]
         for key in stale:
             del self._statics[key]
@@ -408,6 +411,7 @@ class ProcessTable:
             cmdline=cmdline,
             exe=executable_name(cmdline, sample.comm),
             environ=environ,
+            comm=sample.comm,
             pod_uid=cgroup.pod_uid,
             container_id=cgroup.container_id,
             unit=cgroup.unit,

@@ -209,7 +209,7 @@ class Resolver:
         self._registrations: dict[int, tuple[int | None, WorkloadIdentity]] = {
             pid: (None, identity) for pid, identity in (registrations or {}).items()
         }
-        self._cache: dict[tuple[int, int], tuple[int, WorkloadIdentity]] = {}
+        self._cache: dict[tuple[int, int, str], tuple[int, WorkloadIdentity]] = {}
         self.generation = 0
 
     def set_registration(self, pid: int, starttime: int, identity: WorkloadIdentity) -> None:
@@ -228,7 +228,11 @@ class Resolver:
 
     def prune(self, snapshot: Mapping[int, ProcessSample]) -> None:
         """Drop cached answers for processes not in ``snapshot`` and registrations whose pid was reused."""
-        stale = [key for key in self._cache if (s := snapshot.get(key[0])) is None or s.starttime != key[1]]
+        stale = [
+            key
+            for key in self._cache
+            if (s := snapshot.get(key[0])) is None or s.starttime != key[1] or s.comm != key[2]
+        ]
         for key in stale:
             del self._cache[key]
         reused = [
@@ -250,7 +254,7 @@ class Resolver:
         sample = snapshot.get(pid)
         if sample is None:
             return WorkloadIdentity("unknown", "unknown")
-        key = (pid, sample.starttime)
+        key = (pid, sample.starttime, sample.comm)  # a new comm at the same start time: it exec'd
         hit = self._cache.get(key)
         if hit is not None and hit[0] == self.generation:
             return hit[1]

@@ -238,3 +238,29 @@ def test_facts_of_expired_workloads_are_dropped(tmp_path: Path) -> None:
     assert all(key != ("old-job", "unknown", "") for key, _, _, _ in series)
     tracker.scan()
     assert ("old-job", "unknown", "") not in tracker.identities
+
+
+def test_a_process_that_execs_is_resolved_again(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_total_cpu(1000)
+    proc.add(1, 0, "systemd", "/sbin/init")
+    proc.add(700, 1, "bash", "bash run.sh", starttime=5000)  # a launcher script, about to exec
+    source = ScriptedSource()
+    sampler = Sampler([source])
+    state = sampler.states[0]
+    sampler.mark_opened(state)
+    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root), sampler)
+    sampler.add_listener(tracker.on_readings)
+    sampler._read_once(state)
+    tracker.scan()
+    proc.set_cpu(700, utime=10, stime=0)
+    proc.set_total_cpu(1100)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=10.0)
+    assert (("bash", "unknown", ""), "cpu0") in totals(tracker)
+    # exec: same pid and start time, a new comm and command line
+    proc.add(700, 1, "torchrun", "torchrun --nproc-per-node 8 train.py", utime=20, starttime=5000)
+    proc.set_total_cpu(1200)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=10.0)
+    assert totals(tracker)[(("torchrun", "training", ""), "cpu0")] == pytest.approx(1.0)  # 10 of 100 ticks
