@@ -85,3 +85,4 @@ class DeviceStatus:
     sm_clock_hz: float | None = None
     module_power_w: float | None = None
     processes: tuple[GpuProcess, ...] = field(default=())
+    processes_listed: bool = True  # False when the driver would not list them (no permission, not supported)

@@ -551,7 +551,7 @@ class NvmlSource(Source):
         memory = _optional(nvml, nvml.nvmlDeviceGetMemoryInfo, handle)
         temperature = _optional(nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
         sm_mhz = _optional(nvml, nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
-        processes = self._processes(gpu, handle)
+        processes, listed = self._processes(gpu, handle)
         with self._lock:
             module_power_w = gpu.module_power_w
         return DeviceStatus(
@@ -563,13 +563,18 @@ class NvmlSource(Source):
             sm_clock_hz=float(sm_mhz) * 1e6 if sm_mhz is not None else None,
             module_power_w=module_power_w,
             processes=processes,
+            processes_listed=listed,
         )
 
-    def _processes(self, gpu: _Gpu, handle: Any) -> tuple[GpuProcess, ...]:
+    def _processes(self, gpu: _Gpu, handle: Any) -> tuple[tuple[GpuProcess, ...], bool]:
+        """The GPU's processes, and whether the driver listed its compute processes at all."""
         nvml = self._nvml
         memory: dict[int, int | None] = {}
+        listed = False
         for getter in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-            for proc in self._process_query(getter, handle) or ():
+            found = self._process_query(getter, handle)
+            listed = listed or (found is not None and getter is nvml.nvmlDeviceGetComputeRunningProcesses)
+            for proc in found or ():
                 pid = int(proc.pid)
                 used = proc.usedGpuMemory
                 if memory.get(pid) is None:
@@ -584,7 +589,7 @@ class NvmlSource(Source):
             pid, stamp = int(sample.pid), int(sample.timeStamp)
             sums.setdefault(pid, []).append(int(sample.smUtil) / 100.0)
             gpu.process_seen_us = max(gpu.process_seen_us, stamp)
-        return tuple(
+        processes = tuple(
             GpuProcess(
                 pid=pid,
                 used_memory_bytes=used,
@@ -592,6 +597,7 @@ class NvmlSource(Source):
             )
             for pid, used in sorted(memory.items())
         )
+        return processes, listed
 
     def _process_query(
         self, fn: Callable[..., T], *args: Any, absent: frozenset[int] = frozenset({_ERROR_NOT_SUPPORTED})

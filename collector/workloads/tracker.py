@@ -31,6 +31,7 @@ WorkloadKey = tuple[str, str, str]  # (workload, phase, job): one energy series 
 MIN_POWER_WINDOW_S = 1.0
 KTHREADD_PID = 2  # the parent of every kernel thread
 UNRESOLVED_WORKLOAD = "unresolved"
+UNRESOLVED_KEY = (UNRESOLVED_WORKLOAD, "unknown", "")
 MAX_PENDING_REGISTRATIONS = 10_000
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -239,6 +240,13 @@ class WorkloadTracker:
         shares: dict[str, list[ProcessShare[WorkloadKey]]] = {}
         for state in self.sampler.states:
             for device_id, status in state.statuses.items():
+                if not status.processes_listed:
+                    # the driver would not say who runs there: a busy GPU's energy is nobody's idle
+                    busy = (status.utilization_ratio or 0.0) > 0.0
+                    shares[device_id] = [ProcessShare(UNRESOLVED_KEY)] if busy else []
+                    if busy:
+                        self.identities[UNRESOLVED_KEY] = WorkloadIdentity(UNRESOLVED_WORKLOAD, "unknown")
+                    continue
                 shares[device_id] = [
                     ProcessShare(
                         self._gpu_process_key(process, snapshot),

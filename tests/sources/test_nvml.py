@@ -689,6 +689,7 @@ def test_no_permission_on_process_queries_keeps_the_rest_of_the_status(
         "nvmlDeviceGetProcessUtilization": {101: None, 303: None},
     }[function]
     assert procs == expected
+    assert status.processes_listed is (function != "nvmlDeviceGetComputeRunningProcesses_v3")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings  # once, with the fix
     assert "hostPID" in warnings[0]

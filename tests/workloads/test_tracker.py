@@ -264,3 +264,19 @@ def test_a_process_that_execs_is_resolved_again(tmp_path: Path) -> None:
     tracker.scan()
     step(source, sampler, gpu_j=0.0, cpu_j=10.0)
     assert totals(tracker)[(("torchrun", "training", ""), "cpu0")] == pytest.approx(1.0)  # 10 of 100 ticks
+
+
+@pytest.mark.parametrize(("utilization", "expected"), [(0.6, "unresolved"), (0.0, "idle")])
+def test_a_gpu_whose_processes_cannot_be_listed(world: tuple, utilization: float, expected: str) -> None:  # type: ignore[type-arg]
+    _, source, sampler, tracker = world
+
+    def unlisted() -> Sequence[DeviceStatus]:
+        return [DeviceStatus("gpu0", utilization_ratio=utilization, processes_listed=False)]
+
+    source.read_status = unlisted  # type: ignore[method-assign]
+    sampler._status_once(sampler.states[0])
+    tracker.scan()
+    step(source, sampler, gpu_j=50.0, cpu_j=0.0)
+    got = totals(tracker)
+    key = ("unresolved", "unknown", "") if expected == "unresolved" else IDLE
+    assert got[(key, "gpu0")] == pytest.approx(50.0)  # a busy GPU's energy is not booked as idle
