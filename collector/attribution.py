@@ -277,6 +277,13 @@ class WorkloadEnergy(Generic[K]):
         """The number of (key, device) series exported now."""
         return self._count
 
+    def touch(self, key: K | SpecialKey, now_s: float) -> None:
+        """Mark ``key`` as seen without adding energy: a live workload that used nothing since does not expire."""
+        if key in self._last_seen_s:
+            self._last_seen_s[key] = now_s
+        elif key in self._folded:
+            self._folded[key] = now_s
+
     def keys(self) -> set[K | SpecialKey]:
         """The keys that have series now."""
         return set(self._series)

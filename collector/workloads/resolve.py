@@ -247,6 +247,10 @@ class Resolver:
         """How many (pid, starttime) answers are cached."""
         return len(self._cache)
 
+    def live_identities(self) -> set[WorkloadIdentity]:
+        """The identities of the processes resolved and still alive at the last ``prune``."""
+        return {identity for _, identity in self._cache.values()}
+
     def resolve(self, pid: int, snapshot: Mapping[int, ProcessSample], statics: StaticsLookup) -> WorkloadIdentity:
         """The identity of ``pid`` as in ``snapshot`` (one ``ProcessTable.scan``), with ``statics`` usually
         ``ProcessTable.static``. A pid not in the snapshot is ``unknown``/``unknown`` with an empty origin.

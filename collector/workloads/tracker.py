@@ -201,6 +201,13 @@ class WorkloadTracker:
                             self.splitter.set_cpu_shares(info.device_id, ticks_by_key, total - last_total)
             for device_id, shares in gpu_shares.items():
                 self.splitter.set_gpu_shares(device_id, shares)
+            # a workload whose processes live on, idle since, keeps its series past retain_s (no counter reset)
+            now_s = time.monotonic()
+            for identity in self.resolver.live_identities():
+                self.energy.touch(identity.key(), now_s)
+            for shares in gpu_shares.values():
+                for share in shares:
+                    self.energy.touch(share.key, now_s)
         self.scan_durations_s.append(time.perf_counter() - started)
         del self.scan_durations_s[:-100]
 

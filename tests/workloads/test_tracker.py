@@ -280,3 +280,31 @@ def test_a_gpu_whose_processes_cannot_be_listed(world: tuple, utilization: float
     got = totals(tracker)
     key = ("unresolved", "unknown", "") if expected == "unresolved" else IDLE
     assert got[(key, "gpu0")] == pytest.approx(50.0)  # a busy GPU's energy is not booked as idle
+
+
+def test_a_live_workload_idle_past_retain_s_keeps_its_series(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_total_cpu(1000)
+    proc.add(1, 0, "systemd", "/sbin/init")
+    proc.add(100, 1, "server", "python3 serve.py", environ={"WATTMETER_WORKLOAD": "chat"})
+    source = ScriptedSource()
+    sampler = Sampler([source])
+    state = sampler.states[0]
+    sampler.mark_opened(state)
+    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root, retain_s=0.05), sampler)
+    sampler.add_listener(tracker.on_readings)
+    sampler._read_once(state)
+    tracker.scan()
+    proc.set_cpu(100, utime=50, stime=0)
+    proc.set_total_cpu(1100)
+    tracker.scan()
+    step(source, sampler, gpu_j=0.0, cpu_j=10.0)
+    key = ("chat", "unknown", "")
+    for _ in range(3):  # alive, using no CPU, for longer than retain_s
+        time.sleep(0.06)
+        tracker.scan()
+        assert (key, "cpu0") in totals(tracker)
+    proc.remove(100)  # ended: now it expires
+    tracker.scan()
+    time.sleep(0.06)
+    assert (key, "cpu0") not in totals(tracker)
