@@ -1,4 +1,4 @@
-"""A minimal TOML writer for the config tree (tables of scalars, lists and nested tables)."""
+"""A minimal TOML writer for the config tree: tables, arrays of tables, scalars and lists of scalars."""
 
 from __future__ import annotations
 
@@ -24,22 +24,37 @@ def _value(value: Any) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def dumps(data: Mapping[str, Any], _prefix: str = "") -> str:
-    """Serialise ``data``; None values are left out (TOML has no null)."""
-    lines = []
-    tables = []
-    for key, value in data.items():
-        if value is None:
-            continue
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, Mapping) for item in value)
+
+
+def _scalars(table: Mapping[str, Any]) -> list[str]:
+    """``key = value`` lines of a table's own values; None is left out (TOML has no null)."""
+    return [
+        f"{key} = {_value(value)}"
+        for key, value in table.items()
+        if value is not None and not isinstance(value, Mapping) and not _is_table_array(value)
+    ]
+
+
+def _blocks(table: Mapping[str, Any], prefix: str) -> list[str]:
+    blocks = []
+    for key, value in table.items():
+        name = f"{prefix}.{key}" if prefix else key
         if isinstance(value, Mapping):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_value(value)}")
-    out = "\n".join(lines)
-    for key, table in tables:
-        name = f"{_prefix}.{key}" if _prefix else key
-        body = dumps(table, name)
-        has_scalars = any(v is not None and not isinstance(v, Mapping) for v in table.values())
-        header = f"[{name}]\n" if has_scalars or not table else ""
-        out += ("\n\n" if out else "") + header + body
-    return out.strip("\n") + ("\n" if not _prefix else "")
+            own = _scalars(value)
+            if own or not value:
+                blocks.append("\n".join([f"[{name}]", *own]))
+            blocks.extend(_blocks(value, name))
+        elif _is_table_array(value):
+            for item in value:
+                blocks.append("\n".join([f"[[{name}]]", *_scalars(item)]))
+                blocks.extend(_blocks(item, name))
+    return blocks
+
+
+def dumps(data: Mapping[str, Any]) -> str:
+    """Serialise ``data`` as TOML, ending with a newline."""
+    parts = ["\n".join(_scalars(data))] if _scalars(data) else []
+    parts.extend(_blocks(data, ""))
+    return "\n\n".join(parts) + "\n"

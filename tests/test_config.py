@@ -499,6 +499,16 @@ def test_tomlwrite_round_trips_a_full_config(tmp_path: Path, missing_default: Pa
     assert round_trip(config) == config
 
 
+def test_tomlwrite_round_trips_workload_rules(missing_default: Path) -> None:
+    rules = [
+        {"match_cmdline": r"my_trainer\.py --cfg \S+", "workload": "llama-70b-ft", "phase": "training", "job": "7"},
+        {"match_cmdline": "serve", "phase": "inference"},
+    ]
+    config = load(None, missing_default, {"workloads": {"rules": rules}})
+    assert round_trip(config) == config
+    assert len(round_trip(config).workloads.rules) == 2
+
+
 @pytest.mark.parametrize("enabled", ["auto", True, False])
 def test_tomlwrite_round_trips_cpu_model_enabled(missing_default: Path, enabled: object) -> None:
     config = load(None, missing_default, {"sources": {"cpu_model": {"enabled": enabled}}})
