@@ -28,6 +28,23 @@ OPEN_RETRY_MAX_S = 60.0
 ReadingsListener = Callable[[str, Sequence[DeviceReading]], None]
 
 
+def run_every(interval_s: float, tick: Callable[[], None], stopped: threading.Event) -> None:
+    """Call ``tick`` at ``start + k * interval_s`` (monotonic) until ``stopped`` is set; ``tick`` must not raise.
+
+    A tick that overruns skips the missed deadlines and keeps the phase: no drift, and no burst to catch up.
+    """
+    interval_ns = int(interval_s * 1e9)
+    deadline = time.monotonic_ns()
+    while not stopped.is_set():
+        tick()
+        deadline += interval_ns
+        now = time.monotonic_ns()
+        if deadline <= now:
+            deadline += ((now - deadline) // interval_ns + 1) * interval_ns
+        if stopped.wait((deadline - now) / 1e9):
+            return
+
+
 @dataclass
 class DurationHistogram:
     """Cumulative-bucket histogram of read durations in seconds (exported as a Prometheus histogram)."""
@@ -190,9 +207,7 @@ class Sampler:
             self._every(state, slow_interval_s, self._status_once)
 
     def _every(self, state: SourceState, interval_s: float, tick: Callable[[SourceState], None]) -> None:
-        interval_ns = int(interval_s * 1e9)
-        deadline = time.monotonic_ns()
-        while not state.stopped.is_set():
+        def guarded() -> None:
             try:
                 tick(state)
             except Exception as exc:  # a bug in a source or listener must not end the loop
@@ -200,12 +215,8 @@ class Sampler:
                 if message != state.last_error:
                     log.exception("source %s: unexpected error", state.name)
                 self._fail(state, message)
-            deadline += interval_ns
-            now = time.monotonic_ns()
-            if deadline <= now:  # overran: skip the missed ticks, keep the phase
-                deadline += ((now - deadline) // interval_ns + 1) * interval_ns
-            if state.stopped.wait((deadline - now) / 1e9):
-                return
+
+        run_every(interval_s, guarded, state.stopped)
 
     def _read_once(self, state: SourceState) -> None:
         started = time.perf_counter()

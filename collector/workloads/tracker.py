@@ -20,7 +20,7 @@ from collector.attribution import DeviceSplitter, ProcessShare, SpecialKey, Work
 from collector.config import WorkloadsConfig
 from collector.errors import SourceUnavailable
 from collector.readings import DeviceKind, DeviceReading, GpuProcess
-from collector.sampler import Sampler
+from collector.sampler import Sampler, run_every
 from collector.workloads.identity import WorkloadIdentity
 from collector.workloads.procfs import ProcessSample, ProcessTable
 from collector.workloads.resolve import Resolver
@@ -87,31 +87,22 @@ class WorkloadTracker:
 
     def _loop(self) -> None:
         try:
-            self._scan_until_stopped()
+            run_every(self.config.interval_s, self._scan_once, self._stop)
         finally:
             self.table.close()  # the stat files it keeps open
 
-    def _scan_until_stopped(self) -> None:
-        interval = self.config.interval_s
-        deadline = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.scan()
-                self.up = True
-            except SourceUnavailable as exc:
-                self.up = False
-                self.errors += 1
-                log.error("workload scan: %s", exc)
-            except Exception:
-                self.up = False
-                self.errors += 1
-                log.exception("workload scan failed")
-            deadline += interval
-            now = time.monotonic()
-            if deadline <= now:
-                deadline = now + interval
-            if self._stop.wait(deadline - now):
-                return
+    def _scan_once(self) -> None:
+        try:
+            self.scan()
+            self.up = True
+        except SourceUnavailable as exc:
+            self.up = False
+            self.errors += 1
+            log.error("workload scan: %s", exc)
+        except Exception:
+            self.up = False
+            self.errors += 1
+            log.exception("workload scan failed")
 
     # --- readings: split as they arrive --------------------------------------------------------------------------
 
