@@ -42,24 +42,33 @@ class ScriptedSource(Source):
         return [DeviceStatus("gpu0", processes=self.gpu_processes)]
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> tuple[FakeProc, ScriptedSource, Sampler, WorkloadTracker]:
-    proc = FakeProc(tmp_path / "proc")
+def fake_host(root: Path) -> FakeProc:
+    """A /proc with init and 1,000 ticks of CPU time so far."""
+    proc = FakeProc(root)
     proc.set_total_cpu(1000)
     proc.add(1, 0, "systemd", "/sbin/init")
-    proc.add(100, 1, "torchrun", "torchrun --nproc-per-node 8 train.py", environ={"WATTMETER_JOB": "j7"})
-    proc.add(101, 100, "python", "python train.py --rank 0", utime=100)
-    proc.add(200, 1, "vllm", "vllm serve meta-llama/Llama-3.1-8B", utime=50)
+    return proc
+
+
+def attach(proc: FakeProc, **workloads: object) -> tuple[ScriptedSource, Sampler, WorkloadTracker]:
+    """A scripted GPU and CPU, sampled, with a tracker on ``proc``; the first readings are the baseline."""
     source = ScriptedSource()
     sampler = Sampler([source])
     state = sampler.states[0]
     sampler.mark_opened(state)
-    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root), sampler)
-    for info in state.devices:
-        tracker.splitter.add_device(info.device_id, info.kind)
+    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root, **workloads), sampler)
     sampler.add_listener(tracker.on_readings)
-    sampler._read_once(state)  # baseline readings
-    return proc, source, sampler, tracker
+    sampler._read_once(state)
+    return source, sampler, tracker
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[FakeProc, ScriptedSource, Sampler, WorkloadTracker]:
+    proc = fake_host(tmp_path / "proc")
+    proc.add(100, 1, "torchrun", "torchrun --nproc-per-node 8 train.py", environ={"WATTMETER_JOB": "j7"})
+    proc.add(101, 100, "python", "python train.py --rank 0", utime=100)
+    proc.add(200, 1, "vllm", "vllm serve meta-llama/Llama-3.1-8B", utime=50)
+    return (proc, *attach(proc))
 
 
 def step(source: ScriptedSource, sampler: Sampler, gpu_j: float, cpu_j: float) -> None:
@@ -216,17 +225,9 @@ def test_a_device_taken_over_by_another_source_starts_a_new_baseline(world: tupl
 
 
 def test_facts_of_expired_workloads_are_dropped(tmp_path: Path) -> None:
-    proc = FakeProc(tmp_path / "proc")
-    proc.set_total_cpu(1000)
-    proc.add(1, 0, "systemd", "/sbin/init")
+    proc = fake_host(tmp_path / "proc")
     proc.add(100, 1, "trainer", "python3 train.py", environ={"WATTMETER_WORKLOAD": "old-job"})
-    source = ScriptedSource()
-    sampler = Sampler([source])
-    state = sampler.states[0]
-    sampler.mark_opened(state)
-    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root, retain_s=0.0), sampler)
-    sampler.add_listener(tracker.on_readings)
-    sampler._read_once(state)
+    source, sampler, tracker = attach(proc, retain_s=0.0)
     tracker.scan()
     proc.set_cpu(100, utime=50, stime=0)
     proc.set_total_cpu(1100)
@@ -241,17 +242,9 @@ def test_facts_of_expired_workloads_are_dropped(tmp_path: Path) -> None:
 
 
 def test_a_process_that_execs_is_resolved_again(tmp_path: Path) -> None:
-    proc = FakeProc(tmp_path / "proc")
-    proc.set_total_cpu(1000)
-    proc.add(1, 0, "systemd", "/sbin/init")
+    proc = fake_host(tmp_path / "proc")
     proc.add(700, 1, "bash", "bash run.sh", starttime=5000)  # a launcher script, about to exec
-    source = ScriptedSource()
-    sampler = Sampler([source])
-    state = sampler.states[0]
-    sampler.mark_opened(state)
-    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root), sampler)
-    sampler.add_listener(tracker.on_readings)
-    sampler._read_once(state)
+    source, sampler, tracker = attach(proc)
     tracker.scan()
     proc.set_cpu(700, utime=10, stime=0)
     proc.set_total_cpu(1100)
@@ -283,17 +276,9 @@ def test_a_gpu_whose_processes_cannot_be_listed(world: tuple, utilization: float
 
 
 def test_a_live_workload_idle_past_retain_s_keeps_its_series(tmp_path: Path) -> None:
-    proc = FakeProc(tmp_path / "proc")
-    proc.set_total_cpu(1000)
-    proc.add(1, 0, "systemd", "/sbin/init")
+    proc = fake_host(tmp_path / "proc")
     proc.add(100, 1, "server", "python3 serve.py", environ={"WATTMETER_WORKLOAD": "chat"})
-    source = ScriptedSource()
-    sampler = Sampler([source])
-    state = sampler.states[0]
-    sampler.mark_opened(state)
-    tracker = WorkloadTracker(WorkloadsConfig(proc_root=proc.root, retain_s=0.05), sampler)
-    sampler.add_listener(tracker.on_readings)
-    sampler._read_once(state)
+    source, sampler, tracker = attach(proc, retain_s=0.05)
     tracker.scan()
     proc.set_cpu(100, utime=50, stime=0)
     proc.set_total_cpu(1100)
