@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench venv clean format tools bench-tools
+.PHONY: run test lint bench venv clean format tools bench-tools proto
 
 venv: $(STAMP)
 
@@ -41,3 +41,7 @@ bench: venv bench-tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the committed gRPC/protobuf code; tests/test_proto.py fails when it is stale.
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. collector/proto/wattmeter.proto

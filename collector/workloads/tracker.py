@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from collector.attribution import DeviceSplitter, ProcessShare, SpecialKey, WorkloadEnergy
@@ -45,6 +45,9 @@ def read_total_cpu_ticks(proc_root: Path) -> int:
     return sum(int(value) for value in fields[1:9])  # user .. steal
 
 
+SplitListener = Callable[[DeviceReading, Mapping[WorkloadKey | SpecialKey, float], bool], None]
+
+
 class WorkloadTracker:
     """Owns the process table, the resolver, the device splitter and the exported accumulators."""
 
@@ -72,6 +75,7 @@ class WorkloadTracker:
         self._total_ticks: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._split_listeners: list[SplitListener] = []
 
     @property
     def errors_total(self) -> int:
@@ -123,6 +127,12 @@ class WorkloadTracker:
         self._phase_counted[device_id] = counted
         return counted
 
+    def add_split_listener(self, listener: SplitListener) -> None:
+        """Call ``listener(reading, joules_by_key, in_host_total)`` with every reading's split (the joules each key
+        used since the device's previous reading; ``in_host_total``: whether the device counts in host totals,
+        False for parts of a package and for psys). Runs on the source's thread under the tracker's lock: be quick."""
+        self._split_listeners.append(listener)
+
     def on_readings(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
         now_s = time.monotonic()
         with self._lock:
@@ -137,6 +147,8 @@ class WorkloadTracker:
                 if not split:
                     continue
                 self.energy.add_many(device_id, split, now_s)
+                for listener in self._split_listeners:
+                    listener(reading, split, counted)
                 if not counted:
                     continue
                 for key, joules in split.items():
