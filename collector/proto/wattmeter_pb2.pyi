@@ -17,20 +17,22 @@ class HostIdentity(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., machine_id: _Optional[str] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class DeviceSeries(_message.Message):
-    __slots__ = ("device_id", "kind", "source", "time_ns", "energy_j", "power_w")
+    __slots__ = ("device_id", "kind", "source", "time_ns", "energy_j", "power_w", "in_host_total")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TIME_NS_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     POWER_W_FIELD_NUMBER: _ClassVar[int]
+    IN_HOST_TOTAL_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     kind: str
     source: str
     time_ns: _containers.RepeatedScalarFieldContainer[int]
     energy_j: _containers.RepeatedScalarFieldContainer[float]
     power_w: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., source: _Optional[str] = ..., time_ns: _Optional[_Iterable[int]] = ..., energy_j: _Optional[_Iterable[float]] = ..., power_w: _Optional[_Iterable[float]] = ...) -> None: ...
+    in_host_total: bool
+    def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ..., source: _Optional[str] = ..., time_ns: _Optional[_Iterable[int]] = ..., energy_j: _Optional[_Iterable[float]] = ..., power_w: _Optional[_Iterable[float]] = ..., in_host_total: _Optional[bool] = ...) -> None: ...
 
 class WorkloadIdentity(_message.Message):
     __slots__ = ("workload", "phase", "job")
