@@ -5,8 +5,8 @@ Ingest (collector.aggregator) validates a batch, works out its rollup increments
 is the batch acknowledged. SQLite (one process, the default) and PostgreSQL (several aggregators on one database)
 implement the same ``Store``.
 
-Energy values in raw chunks are the agent's cumulative counters, which start at 0 when an agent instance starts.
-Readers that want one continuous counter per (host, device) across agent restarts use ``continuous_energy``.
+Energy values in raw chunks are the agent instance's cumulative counters: they never go backwards within an
+instance, but start anywhere (a device counter may start at the hardware's own value, a workload's at 0). Readers that want one continuous counter per (host, device) across agent restarts use ``continuous_energy``.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ class Store(abc.ABC):
 def continuous_energy(chunks: Iterable[tuple[str, Int64Array, Float64Array]]) -> tuple[Int64Array, Float64Array]:
     """Join (instance id, time_ns, cumulative energy_j) chunks, in time order, into one counter that never resets.
 
-    Each agent instance's counter starts at 0; when the instance changes, the new one continues from where the
-    previous one ended (the energy between the old agent's last sample and the new one's start was not measured).
+    When the instance changes, the new one's first sample continues from the previous one's last (the energy
+    between the old agent's last sample and the new one's first was not measured, so it counts as none).
     """
     times: list[Int64Array] = []
     energies: list[Float64Array] = []
@@ -190,8 +190,10 @@ def continuous_energy(chunks: Iterable[tuple[str, Int64Array, Float64Array]]) ->
     for instance_id, time_ns, energy_j in chunks:
         if len(time_ns) == 0:
             continue
-        if previous_instance is not None and instance_id != previous_instance:
-            offset = last
+        if previous_instance is None:
+            offset = 0.0
+        elif instance_id != previous_instance:
+            offset = last - float(energy_j[0])
         previous_instance = instance_id
         shifted = energy_j + offset
         times.append(time_ns)
