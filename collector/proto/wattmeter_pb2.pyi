@@ -128,12 +128,16 @@ class Batch(_message.Message):
     def __init__(self, protocol_major: _Optional[int] = ..., host: _Optional[_Union[HostIdentity, _Mapping]] = ..., agent_instance_id: _Optional[str] = ..., sequence: _Optional[int] = ..., created_ns: _Optional[int] = ..., oldest_pending_sequence: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceSeries, _Mapping]]] = ..., workloads: _Optional[_Iterable[_Union[WorkloadSeries, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[RequestSpan, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessBinding, _Mapping]]] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("agent_instance_id", "acked_sequence")
+    __slots__ = ("agent_instance_id", "acked_sequence", "rejected_sequence", "error")
     AGENT_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ACKED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     agent_instance_id: str
     acked_sequence: int
-    def __init__(self, agent_instance_id: _Optional[str] = ..., acked_sequence: _Optional[int] = ...) -> None: ...
+    rejected_sequence: int
+    error: str
+    def __init__(self, agent_instance_id: _Optional[str] = ..., acked_sequence: _Optional[int] = ..., rejected_sequence: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SpanReport(_message.Message):
     __slots__ = ("spans",)
