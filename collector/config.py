@@ -6,12 +6,13 @@ built-in defaults. Unknown keys in the file are errors, so a typo never silently
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
@@ -24,6 +25,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = Path("/etc/wattmeter/agent.toml")
+AGENT_EXAMPLE = "deploy/agent.example.toml"
 ENV_PREFIX = "WATTMETER_"
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 _SHA256_HASH = re.compile(r"sha256:[0-9a-fA-F]{64}")
@@ -169,15 +171,25 @@ class AgentConfig(_Section):
     api: ApiConfig = ApiConfig()
 
 
-class _AgentEnvironment(AgentConfig, BaseSettings):
-    """Only used to collect ``WATTMETER_*`` variables into a raw nested dict, validated with the rest."""
-
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The raw values that ``WATTMETER_<SECTION>__<KEY>`` variables set, nested like the file."""
-    source = EnvSettingsSource(_AgentEnvironment)
+@functools.cache
+def _environment_class(model: type[BaseModel]) -> type[BaseSettings]:
+    """``model`` as settings, only used to collect ``WATTMETER_*`` variables into a raw nested dict (validated
+    with the rest, by ``model`` itself)."""
+    settings = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore")
+    return cast(
+        type[BaseSettings], type(f"_{model.__name__}Environment", (model, BaseSettings), {"model_config": settings})
+    )
+
+
+def environment_overrides(
+    environ: Mapping[str, str] | None = None, model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """The raw values that ``WATTMETER_<SECTION>__<KEY>`` variables set for ``model`` (default: the agent's),
+    nested like the file."""
+    source = EnvSettingsSource(_environment_class(model or AgentConfig))
     if environ is not None:
         source.env_vars = {key.lower(): value for key, value in environ.items()}
     try:
@@ -227,6 +239,7 @@ def format_validation_error(
     origin: str,
     env: Mapping[str, Any] | None = None,
     cli: Mapping[str, Any] | None = None,
+    example: str = AGENT_EXAMPLE,
 ) -> list[str]:
     """One line per error: where the value came from, the dotted key, what was wrong, and the value given.
 
@@ -243,7 +256,7 @@ def format_validation_error(
             where = f"environment {ENV_PREFIX}{'__'.join(str(p) for p in loc).upper()}"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see deploy/agent.example.toml for every key)"
+            message = f"unknown key (check the spelling; see {example} for every key)"
         given = error.get("input")
         shown = (
             "" if error["type"] in ("extra_forbidden", "missing") or isinstance(given, Mapping) else f" (got {given!r})"
@@ -259,30 +272,44 @@ def load_config(
     default_path: Path = DEFAULT_CONFIG_PATH,
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    """Build the effective config: the file (``path``; None means ``default_path`` if it exists, else none),
-    then ``WATTMETER_*`` variables, then ``overrides`` (the CLI's), validated together so that one key of a pair
-    (a TLS key, a password hash) can be overridden alone.
+    """Build the agent's effective config: see ``load_model``."""
+    return load_model(AgentConfig, path, overrides, default_path=default_path, environ=environ)
+
+
+def load_model(
+    model: type[ModelT],
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    default_path: Path,
+    environ: Mapping[str, str] | None = None,
+    example: str = AGENT_EXAMPLE,
+) -> ModelT:
+    """Build an effective config of ``model``: the file (``path``; None means ``default_path`` if it exists, else
+    none), then ``WATTMETER_*`` variables, then ``overrides`` (the CLI's), validated together so that one key of a
+    pair (a TLS key, a password hash) can be overridden alone.
     """
     if path is None and default_path.exists():
         path = default_path
     file_data = read_toml(path) if path is not None else {}
-    env_data = environment_overrides(environ)
+    env_data = environment_overrides(environ, model)
     cli_data = dict(overrides or {})
     try:
-        return AgentConfig.model_validate(deep_merge(deep_merge(file_data, env_data), cli_data))
+        return model.model_validate(deep_merge(deep_merge(file_data, env_data), cli_data))
     except ValidationError as exc:
         origin = str(path) if path is not None else "defaults"
-        raise ConfigError("\n".join(format_validation_error(exc, origin, env_data, cli_data))) from None
+        raise ConfigError("\n".join(format_validation_error(exc, origin, env_data, cli_data, example))) from None
 
 
-def check_file(path: Path) -> list[str]:
-    """Errors in one config file on its own (no environment, no CLI): one line each; empty when it is valid."""
+def check_file(path: Path, model: type[BaseModel] | None = None, example: str = AGENT_EXAMPLE) -> list[str]:
+    """Errors in one config file of ``model`` (default: the agent's) on its own (no environment, no CLI): one line
+    each; empty when it is valid."""
     try:
-        AgentConfig.model_validate(read_toml(path))
+        (model or AgentConfig).model_validate(read_toml(path))
     except ConfigError as exc:
         return str(exc).splitlines()
     except ValidationError as exc:
-        return format_validation_error(exc, str(path))
+        return format_validation_error(exc, str(path), example=example)
     return []
 
 
