@@ -3,6 +3,9 @@
 Scrapes never touch hardware: they read the sampler's latest state. The exposition is rendered at most once
 per state change (``Sampler.version``) and the same bytes (and their gzip) are served to every scrape until
 the next change, so a scrape costs little more than a socket write.
+
+The HTTP server (``MetricsHTTPServer``) also serves the aggregator: it takes any exposition body, a health check
+and extra GET routes, all behind the same TLS and basic auth.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -50,6 +54,14 @@ class SamplerCollector(Collector):
 
 
 FamiliesProvider = Callable[[], Iterable[Family]]
+# A GET route: the query string (without "?") -> status, body, content type.
+Route = Callable[[str], tuple[HTTPStatus, bytes, str]]
+# A health check: (healthy, why not).
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+class ExpositionBody(Protocol):
+    def body(self, want_gzip: bool = False) -> bytes: ...
 
 
 class ExpositionCache:
@@ -168,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         if path == "/metrics":
             if not self._authorised():
                 return
@@ -179,10 +191,20 @@ class _Handler(BaseHTTPRequestHandler):
                 extra["Content-Encoding"] = "gzip"
             self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST, extra)
         elif path == "/healthz":
-            if self.server.cache.sampler.any_up():
+            healthy, why = self.server.health()
+            if healthy:
                 self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
             else:
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"no source is up\n", "text/plain; charset=utf-8")
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, why.encode() + b"\n", "text/plain; charset=utf-8")
+        elif path in self.server.routes:
+            if not self._authorised():
+                return
+            try:
+                status, body, content_type = self.server.routes[path](query)
+            except Exception:  # one failing route never takes the server down; the log has the traceback
+                log.exception("GET %s failed", self.path)
+                status, body, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain"
+            self._send(status, body, content_type)
         elif path == "/":
             self._send(
                 HTTPStatus.OK,
@@ -194,6 +216,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def _read_only(self) -> None:
+        self._send(
+            HTTPStatus.METHOD_NOT_ALLOWED, b"read-only: GET only\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"}
+        )
+        self.close_connection = True  # the request body, if any, was not read
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _read_only
+
 
 class MetricsHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -201,9 +231,11 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        cache: ExpositionCache,
+        cache: ExpositionBody,
         basic_auth: BasicAuthConfig | None,
         ssl_context: ssl.SSLContext | None,
+        health: HealthCheck,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         import socket
 
@@ -211,6 +243,8 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.cache = cache
+        self.health = health
+        self.routes = dict(routes or {})
         self.basic_auth = basic_auth
         self.auth_cache = AuthCache()
         if ssl_context is not None:
@@ -222,6 +256,13 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         log.debug("request from %s failed", client_address, exc_info=True)
 
 
+def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 class PrometheusExporter:
     """Serves ``/metrics`` and ``/healthz`` for the sampler on ``[prometheus] listen``."""
 
@@ -231,10 +272,14 @@ class PrometheusExporter:
         self.cache = ExpositionCache(sampler)
         context = None
         if config.tls_cert is not None and config.tls_key is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(config.tls_cert, config.tls_key)
-        self.server = MetricsHTTPServer(parse_listen(config.listen), self.cache, config.basic_auth, context)
+            context = server_ssl_context(config.tls_cert, config.tls_key)
+        self.server = MetricsHTTPServer(
+            parse_listen(config.listen),
+            self.cache,
+            config.basic_auth,
+            context,
+            health=lambda: (sampler.any_up(), "no source is up"),
+        )
         self._thread: threading.Thread | None = None
 
     @property
