@@ -1,22 +1,83 @@
 #!/usr/bin/env bash
-# System tools run for real: promtool (Debian `prometheus`) for the tests; with --bench, node_exporter too.
+# System tools run for real: promtool (Debian `prometheus`) and a PostgreSQL server (Debian `postgresql`, for the
+# aggregator's store tests) for the tests; with --bench, node_exporter too.
+#
+# PostgreSQL: unless WATTMETER_TEST_POSTGRES_URL points elsewhere, a local Debian cluster is created if there is none,
+# started, and given the role and database `wattmeter_test` (password `wattmeter_test`) that the tests' default URL
+# postgresql://wattmeter_test:wattmeter_test@127.0.0.1:5432/wattmeter_test names. Every step is idempotent.
 set -euo pipefail
+TEST_ROLE=wattmeter_test
+TEST_PORT=5432
+
+postgres_server_installed() {
+  command -v pg_lsclusters >/dev/null && compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null
+}
+
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 if [ "${1:-}" = "--bench" ]; then
   command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
 fi
-[ ${#need[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" -ne 0 ]; then
-  echo "missing ${need[*]}: run 'sudo apt-get install ${need[*]}' (Debian/Ubuntu), then try again" >&2
-  exit 1
+manage_postgres=1
+[ -n "${WATTMETER_TEST_POSTGRES_URL:-}" ] && manage_postgres=0
+if [ "$manage_postgres" = 1 ] && ! postgres_server_installed; then
+  need+=(postgresql)
 fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# the packages start their own daemons where systemd runs; the tests start theirs on free ports
-for service in prometheus prometheus-node-exporter; do
-  if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
-    systemctl stop "$service" || true
+
+if [ "$(id -u)" -ne 0 ]; then
+  missing=()
+  for package in "${need[@]}"; do
+    # without PostgreSQL its tests skip (and say why), unless WATTMETER_REQUIRE_POSTGRES=1
+    if [ "$package" = postgresql ] && [ "${WATTMETER_REQUIRE_POSTGRES:-}" != 1 ]; then
+      echo "note: no PostgreSQL server: the PostgreSQL store tests will skip ('sudo apt-get install postgresql' to run them)" >&2
+      continue
+    fi
+    missing+=("$package")
+  done
+  if [ ${#missing[@]} -ne 0 ]; then
+    echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}' (Debian/Ubuntu), then try again" >&2
+    exit 1
   fi
+  exit 0
+fi
+
+if [ ${#need[@]} -ne 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # the packages start their own daemons where systemd runs; the tests start theirs on free ports
+  for service in prometheus prometheus-node-exporter; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+      systemctl stop "$service" || true
+    fi
+  done
+fi
+
+[ "$manage_postgres" = 1 ] || exit 0
+
+# The cluster on port 5432, else a new one on the newest installed version (a fresh install usually made one).
+cluster=$(pg_lsclusters -h | awk -v port="$TEST_PORT" '$3 == port { print $1 " " $2; exit }')
+if [ -z "$cluster" ]; then
+  version=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -n | tail -n 1)
+  pg_createcluster --port "$TEST_PORT" "$version" main >/dev/null
+  cluster="$version main"
+fi
+read -r version name <<<"$cluster"
+if ! pg_lsclusters -h "$version" "$name" | awk '{ exit ($4 == "online") ? 0 : 1 }'; then
+  pg_ctlcluster "$version" "$name" start
+fi
+for _ in $(seq 1 30); do
+  pg_isready -q -h 127.0.0.1 -p "$TEST_PORT" && break
+  sleep 1
 done
+pg_isready -q -h 127.0.0.1 -p "$TEST_PORT" || {
+  echo "PostgreSQL $version/$name did not start: see /var/log/postgresql/postgresql-$version-$name.log" >&2
+  exit 1
+}
+runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -p "$TEST_PORT" -d postgres <<SQL
+SELECT 'CREATE ROLE $TEST_ROLE LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$TEST_ROLE')
+\gexec
+ALTER ROLE $TEST_ROLE LOGIN PASSWORD '$TEST_ROLE';
+SELECT 'CREATE DATABASE $TEST_ROLE OWNER $TEST_ROLE' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$TEST_ROLE')
+\gexec
+SQL

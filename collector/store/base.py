@@ -6,7 +6,8 @@ is the batch acknowledged. SQLite (one process, the default) and PostgreSQL (sev
 implement the same ``Store``.
 
 Energy values in raw chunks are the agent instance's cumulative counters: they never go backwards within an
-instance, but start anywhere (a device counter may start at the hardware's own value, a workload's at 0). Readers that want one continuous counter per (host, device) across agent restarts use ``continuous_energy``.
+instance, but start anywhere (a device counter may start at the hardware's own value, a workload's at 0). Readers
+that want one continuous counter per (host, device) across agent restarts use ``continuous_energy``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from collector.errors import WattmeterError
+
 Int64Array = npt.NDArray[np.int64]
 Float64Array = npt.NDArray[np.float64]
+
+
+class StoreError(WattmeterError):
+    """The store cannot be opened or used (bad URL, unreadable file, server unreachable); the message says how to
+    fix it. A write that raised it is not known to be stored: do not acknowledge the batch (its replay is deduplicated).
+    """
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,118 @@
+"""Versioned schema steps, shared by both backends (types written as ``{bigint}``... and filled per dialect).
+
+Steps are only ever appended: a database at version N gets steps N+1.. applied in order, in one transaction, and a
+row in ``schema_version`` per step. Raw samples are packed: one row per (batch, device) and per (batch, workload,
+device), with the batch's times and values as little-endian int64/float64 arrays, so a 10 Hz fleet writes a few
+rows per host per second instead of one per reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from collector.store.dialect import Dialect
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+    def sql(self, dialect: Dialect) -> list[str]:
+        return [dialect.format(statement) for statement in self.statements]
+
+
+SCHEMA_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version {bigint} PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied_ns {bigint} NOT NULL
+)"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="hosts, devices, agent instances and their watermarks, packed raw samples, 1-minute rollups",
+        statements=(
+            """CREATE TABLE hosts (
+                id {id_column},
+                hostname TEXT NOT NULL UNIQUE,
+                machine_id TEXT NOT NULL,
+                boot_id TEXT NOT NULL,
+                first_seen_ns {bigint} NOT NULL,
+                last_seen_ns {bigint} NOT NULL
+            )""",
+            """CREATE TABLE devices (
+                host_id {bigint} NOT NULL,
+                device_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                source TEXT NOT NULL,
+                in_host_total {boolean} NOT NULL,
+                first_seen_ns {bigint} NOT NULL,
+                last_seen_ns {bigint} NOT NULL,
+                PRIMARY KEY (host_id, device_id)
+            ){without_rowid}""",
+            # watermark: the highest contiguous sequence stored; host_id is NULL until a batch with data arrives
+            """CREATE TABLE instances (
+                id {id_column},
+                instance_id TEXT NOT NULL UNIQUE,
+                host_id {bigint},
+                watermark {bigint} NOT NULL,
+                first_seen_ns {bigint} NOT NULL,
+                last_seen_ns {bigint} NOT NULL
+            )""",
+            # sequences stored above their instance's watermark (out of order); those at or below it are deleted
+            """CREATE TABLE stored_sequences (
+                instance_ref {bigint} NOT NULL,
+                sequence {bigint} NOT NULL,
+                PRIMARY KEY (instance_ref, sequence)
+            ){without_rowid}""",
+            # ('', '', '') is the device's own energy in rollups
+            """CREATE TABLE workloads (
+                id {id_column},
+                workload TEXT NOT NULL,
+                phase TEXT NOT NULL,
+                job TEXT NOT NULL,
+                UNIQUE (workload, phase, job)
+            )""",
+            """CREATE TABLE device_chunks (
+                host_id {bigint} NOT NULL,
+                device_id TEXT NOT NULL,
+                t_start {bigint} NOT NULL,
+                t_end {bigint} NOT NULL,
+                instance_ref {bigint} NOT NULL,
+                sequence {bigint} NOT NULL,
+                time_ns {blob} NOT NULL,
+                energy_j {blob} NOT NULL,
+                power_w {blob}
+            )""",
+            "CREATE INDEX device_chunks_series ON device_chunks (host_id, device_id, t_start)",
+            "CREATE INDEX device_chunks_t_end ON device_chunks (t_end)",
+            """CREATE TABLE workload_chunks (
+                host_id {bigint} NOT NULL,
+                device_id TEXT NOT NULL,
+                workload_ref {bigint} NOT NULL,
+                t_start {bigint} NOT NULL,
+                t_end {bigint} NOT NULL,
+                instance_ref {bigint} NOT NULL,
+                sequence {bigint} NOT NULL,
+                time_ns {blob} NOT NULL,
+                energy_j {blob} NOT NULL
+            )""",
+            "CREATE INDEX workload_chunks_series ON workload_chunks (host_id, device_id, workload_ref, t_start)",
+            "CREATE INDEX workload_chunks_t_end ON workload_chunks (t_end)",
+            # keyed by minute first: window queries and pruning read one range, upserts touch the newest pages
+            """CREATE TABLE rollups (
+                minute_ns {bigint} NOT NULL,
+                host_id {bigint} NOT NULL,
+                device_id TEXT NOT NULL,
+                workload_ref {bigint} NOT NULL,
+                energy_j {real} NOT NULL,
+                PRIMARY KEY (minute_ns, host_id, device_id, workload_ref)
+            ){without_rowid}""",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
