@@ -1,4 +1,5 @@
-"""The ``wattmeter`` command line: ``agent``, ``config check``, ``config show``, ``hash-password``, ``version``."""
+"""The ``wattmeter`` command line: ``agent``, ``aggregator``, ``config check``, ``config show``, ``hash-password``,
+``version``."""
 
 from __future__ import annotations
 
@@ -57,9 +58,52 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return agent.run()
 
 
+def _aggregator_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.grpc_listen is not None:
+        overrides.setdefault("grpc", {})["listen"] = args.grpc_listen
+    if args.http_listen is not None:
+        overrides.setdefault("http", {})["listen"] = args.http_listen
+    if args.storage_url is not None:
+        overrides.setdefault("storage", {})["url"] = args.storage_url
+    if args.log_level is not None:
+        overrides["log_level"] = args.log_level
+    return overrides
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from collector.aggregator.config import load_aggregator_config
+
+    config = load_aggregator_config(args.config or env_config_path(), _aggregator_overrides(args))
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s wattmeter %(levelname)s %(name)s: %(message)s"
+    )
+    from collector.aggregator.service import Aggregator  # imported late: grpc and the store load only here
+    from collector.store.base import StoreError
+
+    try:
+        aggregator = Aggregator(config)
+        return aggregator.run()
+    except StoreError as exc:
+        print(f"wattmeter: storage: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(
+            f"wattmeter: cannot serve: {exc.strerror or exc}. Set [grpc] listen and [http] listen (or --grpc-listen, "
+            "--http-listen) to free addresses, and check the TLS cert/key paths.",
+            file=sys.stderr,
+        )
+        return 1
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    errors = check_file(path)
+    if args.aggregator:
+        from collector.aggregator.config import AGGREGATOR_EXAMPLE, AggregatorConfig
+
+        errors = check_file(path, AggregatorConfig, AGGREGATOR_EXAMPLE)
+    else:
+        errors = check_file(path)
     if errors:
         print("\n".join(errors), file=sys.stderr)
         return EXIT_USAGE
@@ -119,17 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     agent.set_defaults(func=cmd_agent)
 
+    aggregator = sub.add_parser("aggregator", help="receive agents' streams, store fleet energy, serve the API")
+    aggregator.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config (default: $WATTMETER_CONFIG, else /etc/wattmeter/aggregator.toml if present)",
+    )
+    aggregator.add_argument("--grpc-listen", help="host:port for agents' streams (overrides [grpc] listen)")
+    aggregator.add_argument("--http-listen", help="host:port for the API and /metrics (overrides [http] listen)")
+    aggregator.add_argument("--storage-url", help="sqlite:////path.db or postgresql://... (overrides [storage] url)")
+    aggregator.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    aggregator.set_defaults(func=cmd_aggregator)
+
     config = sub.add_parser("config", help="check or show configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_sub.add_parser("check", help="validate a config file; exit 2 on errors")
     check.add_argument("path")
+    check.add_argument("--aggregator", action="store_true", help="the file is an aggregator config")
     check.set_defaults(func=cmd_config_check)
     show = config_sub.add_parser("show", help="print the effective config (file, env and defaults merged)")
     config_arg(show)
     show.add_argument("--format", choices=["toml", "json"], default="toml")
     show.set_defaults(func=cmd_config_show)
 
-    hash_password = sub.add_parser("hash-password", help="hash a password (from stdin) for [prometheus.basic_auth]")
+    hash_password = sub.add_parser(
+        "hash-password",
+        help="hash a password (from stdin) for [prometheus.basic_auth]; --scheme sha256 also hashes agent tokens "
+        "for the aggregator's [grpc.agent_tokens]",
+    )
     hash_password.add_argument("--scheme", choices=["bcrypt", "sha256"], default="bcrypt")
     hash_password.set_defaults(func=cmd_hash_password)
 

@@ -1,0 +1,263 @@
+"""The aggregator's gRPC server (grpc.aio): ``wattmeter.v1.Telemetry`` and the standard ``grpc.health.v1``.
+
+Transport and identity: TLS with the server cert; with ``client_ca`` set, mTLS, and a client cert's CN and SAN DNS
+names are the hosts it may send for; with ``agent_tokens`` set, every call carries ``authorization: Bearer <token>``
+and the token's host is the host it may send for. A batch for any other host ends the stream PERMISSION_DENIED.
+
+``Stream`` takes raw bytes (an identity deserializer) and parses them itself, so bytes that are not a Batch end
+that one stream with INVALID_ARGUMENT and a clear message instead of an internal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from collector.aggregator.config import GrpcConfig
+from collector.aggregator.ingest import (
+    GarbageBatch,
+    HostNotAllowed,
+    Ingest,
+    NewerProtocol,
+    Outcome,
+    StreamRefused,
+)
+from collector.aggregator.metrics import AggregatorMetrics
+from collector.aggregator.spans import MAX_TEXT, ReceivedSpan, SpanBuffer, span_error
+from collector.config import parse_listen
+from collector.errors import ConfigError
+from collector.proto import wattmeter_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE = "wattmeter.v1.Telemetry"
+MAX_SPAN_ERRORS = 5  # lines of errors in a SpanReportResult
+STATUS_OF: dict[type[StreamRefused], grpc.StatusCode] = {
+    GarbageBatch: grpc.StatusCode.INVALID_ARGUMENT,
+    NewerProtocol: grpc.StatusCode.FAILED_PRECONDITION,
+    HostNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """Which hosts a call may speak for, from its client cert (mTLS) and bearer token; None: any host."""
+
+    mtls: bool
+    token_hashes: Mapping[str, str]  # hostname -> "sha256:<hex>"
+
+    def allowed_hosts(self, auth_context: Mapping[str, Any], metadata: Any) -> frozenset[str] | None:
+        hosts: frozenset[str] | None = None
+        if self.mtls:
+            names = {
+                value.decode(errors="replace")
+                for key in ("x509_common_name", "x509_subject_alternative_name")
+                for value in auth_context.get(key, ())
+            }
+            if not names:
+                raise Unauthenticated("no client certificate with a CN or SAN DNS name (mTLS is required)")
+            hosts = frozenset(names)
+        if self.token_hashes:
+            token = ""
+            for key, value in metadata or ():
+                if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                    token = value[len("Bearer ") :].strip()
+            if not token:
+                raise Unauthenticated("no bearer token: send metadata 'authorization: Bearer <token>'")
+            digest = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+            token_hosts = frozenset(
+                host for host, known in self.token_hashes.items() if hmac.compare_digest(digest, known.lower())
+            )
+            if not token_hosts:
+                raise Unauthenticated("wrong bearer token (not in [grpc.agent_tokens])")
+            hosts = token_hosts if hosts is None else hosts & token_hosts
+        return hosts
+
+
+class TelemetryServicer:
+    def __init__(
+        self,
+        ingest: Ingest,
+        metrics: AggregatorMetrics,
+        spans: SpanBuffer,
+        auth: AuthPolicy,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.ingest = ingest
+        self.metrics = metrics
+        self.spans = spans
+        self.auth = auth
+        self.executor = executor
+
+    async def _allowed(self, context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str] | None:
+        try:
+            return self.auth.allowed_hosts(context.auth_context(), context.invocation_metadata())
+        except Unauthenticated as exc:
+            log.warning("refused a call from %s: %s", context.peer(), exc)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise  # abort raised already; for the type checker
+
+    def _handle(self, data: bytes, allowed: frozenset[str] | None, seen: set[str]) -> Outcome:
+        return self.ingest.handle(data, allowed, seen)
+
+    async def stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, pb.Ack]
+    ) -> AsyncIterator[pb.Ack]:
+        allowed = await self._allowed(context)
+        loop = asyncio.get_running_loop()
+        seen: set[str] = set()  # instances met on this stream: their first batch re-reads their state
+        self.metrics.stream_opened()
+        try:
+            async for data in requests:
+                try:
+                    outcome = await loop.run_in_executor(self.executor, self._handle, data, allowed, seen)
+                except StreamRefused as exc:
+                    log.warning("ended a stream from %s: %s", context.peer(), exc)
+                    await context.abort(STATUS_OF[type(exc)], str(exc))
+                except Exception as exc:
+                    # storage failed: nothing was acknowledged, the agent keeps the batch and sends it again
+                    log.exception("storing a batch from %s failed", context.peer())
+                    self.metrics.count_batch("error")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator could not store the batch: {exc}")
+                yield outcome.ack
+        finally:
+            self.metrics.stream_closed()
+
+    async def report_spans(self, data: bytes, context: grpc.aio.ServicerContext[bytes, pb.SpanReportResult]) -> bytes:
+        allowed = await self._allowed(context)
+        report = pb.SpanReport()
+        try:
+            report.ParseFromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{len(data)} bytes that are not a wattmeter.v1.SpanReport ({exc})"
+            )
+        if allowed is not None:
+            outside = sorted({s.hostname[:MAX_TEXT] for s in report.spans if s.hostname not in allowed})
+            if outside:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"spans for host(s) {', '.join(outside)}; the credentials are for {', '.join(sorted(allowed))}",
+                )
+        latest_ns = self.ingest.clock_ns() + int(self.ingest.config.max_future_s * 1e9)
+        accepted: list[ReceivedSpan] = []
+        errors: list[str] = []
+        for span in report.spans:
+            error = span_error(span, span.hostname, latest_ns)
+            if error is None:
+                accepted.append(ReceivedSpan(span.hostname, span))
+            else:
+                errors.append(error)
+        self.spans.extend(accepted)
+        self.metrics.count_spans(len(accepted), len(errors))
+        result = pb.SpanReportResult(accepted=len(accepted), rejected=len(errors), errors=errors[:MAX_SPAN_ERRORS])
+        return result.SerializeToString()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                # no request deserializer: the handlers get the raw bytes (see the module docstring)
+                "Stream": grpc.stream_stream_rpc_method_handler(
+                    self.stream, response_serializer=pb.Ack.SerializeToString
+                ),
+                "ReportSpans": grpc.unary_unary_rpc_method_handler(self.report_spans),
+            },
+        )
+
+
+def _read(what: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"[grpc] {what} {path}: {exc.strerror or exc} (check the path and its permissions)") from None
+
+
+def server_credentials(config: GrpcConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    pair = (_read("tls_key", config.tls_key), _read("tls_cert", config.tls_cert))
+    if config.client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=_read("client_ca", config.client_ca), require_client_auth=True
+    )
+
+
+def grpc_address(listen: str) -> str:
+    host, port = parse_listen(listen)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class GrpcServer:
+    """The Telemetry and health services on ``[grpc] listen``."""
+
+    def __init__(
+        self,
+        config: GrpcConfig,
+        ingest: Ingest,
+        metrics: AggregatorMetrics,
+        spans: SpanBuffer,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.config = config
+        self.credentials = server_credentials(config)
+        self.servicer = TelemetryServicer(
+            ingest, metrics, spans, AuthPolicy(config.client_ca is not None, dict(config.agent_tokens)), executor
+        )
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and serve; returns the port. Raises OSError when the address cannot be bound."""
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            # agents ping every [stream] keepalive_s (30 s by default) on idle streams; the default floor of 5
+            # minutes would answer their pings with GOAWAY ("too_many_pings")
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers([self.servicer.handler()])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = grpc_address(self.config.listen)
+        try:
+            if self.credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, self.credentials)
+        except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
+            raise OSError(f"cannot listen on {self.config.listen}: {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        for service in ("", SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.server = server
+        self.port = port
+        return port
+
+    async def stop(self, grace_s: float) -> None:
+        if self.server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.server = None

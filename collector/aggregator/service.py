@@ -1,0 +1,160 @@
+"""``wattmeter aggregator``: opens the store, serves gRPC (ingest) and HTTP (API, /metrics), prunes, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from collector.aggregator.config import AggregatorConfig
+from collector.aggregator.grpc_server import GrpcServer
+from collector.aggregator.http_api import HttpApi
+from collector.aggregator.ingest import Ingest
+from collector.aggregator.metrics import AggregatorMetrics, ScrapeRenderer
+from collector.aggregator.spans import SpanBuffer
+from collector.config import parse_listen
+from collector.exporters.prometheus import MetricsHTTPServer, server_ssl_context
+from collector.store import open_store
+from collector.store.base import Store
+from collector.store.urls import redact
+
+log = logging.getLogger(__name__)
+
+GRPC_GRACE_S = 1.0  # in-flight batches get this long to be stored and acknowledged; SIGTERM to exit stays under 2 s
+HTTP_POLL_S = 0.25  # bounds how long the HTTP server's shutdown waits
+
+
+class Aggregator:
+    """Everything of one aggregator process. ``start``/``stop`` run on an asyncio loop; ``run`` owns one."""
+
+    def __init__(self, config: AggregatorConfig, store: Store | None = None) -> None:
+        self.config = config
+        # bind HTTP first: a taken port is the commonest start-up error, found before the store is touched
+        context = None
+        if config.http.tls_cert is not None and config.http.tls_key is not None:
+            context = server_ssl_context(config.http.tls_cert, config.http.tls_key)
+        self.metrics = AggregatorMetrics()
+        self.spans = SpanBuffer()
+        self.http = MetricsHTTPServer(
+            parse_listen(config.http.listen),
+            ScrapeRenderer(self.metrics),
+            config.http.basic_auth,
+            context,
+            self.healthy,
+        )
+        self._owns_store = store is None
+        try:
+            self.store = store if store is not None else open_store(config.storage.url)
+        except BaseException:
+            self.http.server_close()
+            raise
+        try:
+            self.store.migrate()
+            # the fleet counters go on from the stored rollups (the device rows, workload "", are not workloads)
+            far = time.time_ns() + 86400 * 10**9
+            self.metrics.seed_fleet_energy(row for row in self.store.workload_energy(0, far) if row.workload)
+        except BaseException:
+            self.http.server_close()
+            if self._owns_store:
+                self.store.close()
+            raise
+        self.http_api = HttpApi(self.store)
+        self.http.routes = self.http_api.routes()
+        self.executor = ThreadPoolExecutor(config.ingest.workers, thread_name_prefix="ingest")
+        self.ingest = Ingest(self.store, config.ingest, self.metrics, self.spans)
+        self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, self.spans, self.executor)
+        self._http_thread: threading.Thread | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+        self._serving = False
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http.server_address[1])
+
+    def healthy(self) -> tuple[bool, str]:
+        if not self._serving:
+            return False, "the gRPC server is not serving"
+        return True, ""
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        self._http_thread = threading.Thread(
+            target=self.http.serve_forever, args=(HTTP_POLL_S,), name="http", daemon=True
+        )
+        self._http_thread.start()
+        self._prune_task = asyncio.create_task(self._prune_loop())
+        self._serving = True
+        log.info(
+            "aggregator up: gRPC on %s (port %d), HTTP on %s (port %d), storage %s",
+            self.config.grpc.listen,
+            self.grpc_port,
+            self.config.http.listen,
+            self.http_port,
+            redact(self.config.storage.url),
+        )
+
+    async def _prune_loop(self) -> None:
+        storage = self.config.storage
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                deleted = await loop.run_in_executor(
+                    self.executor,
+                    self.store.prune,
+                    time.time_ns(),
+                    storage.raw_retention_s,
+                    storage.rollup_retention_s,
+                )
+                log.debug("pruned %d rows", deleted)
+            except Exception:  # pruning failing never stops ingest; it is tried again next interval
+                log.exception("pruning the store failed")
+            await asyncio.sleep(storage.prune_interval_s)
+
+    async def stop(self) -> None:
+        started = time.monotonic()
+        self._serving = False
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prune_task
+        await self.grpc.stop(GRPC_GRACE_S)
+        if self._http_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.http.shutdown)
+            self._http_thread = None
+        self.http.server_close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._owns_store:
+            self.store.close()
+        log.info("aggregator stopped in %.2f s", time.monotonic() - started)
+
+    def close(self) -> None:
+        """Release what ``__init__`` opened, for an aggregator that was never started."""
+        self.http.server_close()
+        self.executor.shutdown(wait=False)
+        if self._owns_store:
+            self.store.close()
+
+    def run(self) -> int:
+        return asyncio.run(self._run())
+
+    async def _run(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start()
+        except BaseException:
+            self.close()
+            raise
+        await stop.wait()
+        await self.stop()
+        return 0
