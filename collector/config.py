@@ -7,6 +7,7 @@ built-in defaults. Unknown keys in the file are errors, so a typo never silently
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import re
 import sys
@@ -46,6 +47,26 @@ def parse_listen(value: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host or "0.0.0.0", port
+
+
+def parse_target(value: str) -> tuple[str, int]:
+    """Split a gRPC target ``host:port`` (``[::1]:9751`` for IPv6) into host and port; the host is required."""
+    host, port = parse_listen(value)
+    if not value.rpartition(":")[0]:
+        raise ValueError(f"{value!r} has no host (for example aggregator.example.com:9751)")
+    if port == 0:
+        raise ValueError(f"{value!r}: port 0 is not a port to connect to (the aggregator listens on 9751)")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine: ``localhost``, 127.0.0.0/8 or ::1 (plain text cannot leave the host)."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BasicAuthConfig(_Section):
@@ -160,6 +181,64 @@ class SamplerConfig(_Section):
     read_timeout_s: float = Field(2.0, gt=0, le=60, description="a read longer than this marks its source down")
 
 
+class StreamConfig(_Section):
+    """``[stream]``: batches of readings sent over gRPC to ``wattmeter aggregator``, spooled on disk until acked."""
+
+    target: str = Field("", description='aggregator host:port; "" turns streaming off')
+    batch_interval_s: float = Field(1.0, gt=0, le=60)
+    max_batch_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024, description="cut a batch early")
+    spool_dir: Path = Path("/var/lib/wattmeter/spool")
+    spool_max_bytes: int = Field(1024**3, ge=16 * 1024 * 1024, description="past it the oldest batches are dropped")
+    fsync: Literal["always", "interval", "never"] = "always"
+    compression: Literal["none", "gzip"] = "none"
+    keepalive_s: float = Field(30.0, ge=1, le=3600)
+    ack_timeout_s: float = Field(30.0, gt=0, le=3600, description="no ack this long with batches out: reconnect")
+    reconnect_min_s: float = Field(0.5, gt=0, le=3600)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+    insecure: bool = Field(False, description="plain text to a target that is not loopback")
+    ca_file: Path | None = Field(None, description="CA bundle for the aggregator's cert; default: system roots")
+    cert_file: Path | None = Field(None, description="client certificate (mTLS)")
+    key_file: Path | None = None
+    server_name: str | None = Field(None, description="name to verify the aggregator's cert against")
+    token_file: Path | None = Field(None, description="bearer token sent as `authorization: Bearer <token>`")
+    hostname: str = Field("", description="host name in batches; default: socket.gethostname()")
+
+    @field_validator("target")
+    @classmethod
+    def _valid_target(cls, value: str) -> str:
+        if value:
+            parse_target(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StreamConfig:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s:g}) is above reconnect_max_s ({self.reconnect_max_s:g})"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together (the client certificate and its key)")
+        if self.insecure and (self.ca_file or self.cert_file or self.server_name):
+            raise ValueError(
+                "insecure = true sends plain text: remove ca_file, cert_file/key_file and server_name, "
+                "or set insecure = false"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.target)
+
+    @property
+    def uses_tls(self) -> bool:
+        """TLS unless ``insecure``; to a loopback target only when a CA, client cert or server name is given."""
+        if self.insecure:
+            return False
+        if self.target and not is_loopback(parse_target(self.target)[0]):
+            return True
+        return bool(self.ca_file or self.cert_file or self.server_name)
+
+
 class AgentConfig(_Section):
     """The whole agent configuration. Validating it reads nothing from the environment: see ``load_config``."""
 
@@ -169,6 +248,7 @@ class AgentConfig(_Section):
     sampler: SamplerConfig = SamplerConfig()
     workloads: WorkloadsConfig = WorkloadsConfig()
     api: ApiConfig = ApiConfig()
+    stream: StreamConfig = StreamConfig()
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

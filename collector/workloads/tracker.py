@@ -287,6 +287,19 @@ class WorkloadTracker:
             phases = dict(self.phase_energy_j)
         return series, phases
 
+    def process_bindings(self) -> dict[int, WorkloadKey]:
+        """pid -> (workload, phase, job) of the live processes the scans identified (resolved from /proc, or named
+        by their source), so a request span that names only a pid finds its workload. Safe from any thread."""
+        # a copy in one C-level step (no Python code runs during it), while the scan thread may add and prune
+        cached = list(self.resolver._cache.items())
+        bindings = {pid: identity.key() for (pid, _, _), (_, identity) in cached}
+        for state in self.sampler.states:
+            for status in list(state.statuses.values()):
+                for process in status.processes:
+                    if process.workload:
+                        bindings[process.pid] = (process.workload, process.phase or "unknown", process.job)
+        return bindings
+
 
 def label_values(key: WorkloadKey | SpecialKey) -> tuple[str, str, str]:
     """(workload, phase, job) label values of a series key. ``system`` and ``other`` carry ``phase=""``, which no
