@@ -32,6 +32,8 @@ _STAT_READ = 1024
 # A process whose stat did not change for QUIET_AFTER scans is read once every QUIET_READ_EVERY scans.
 QUIET_AFTER = 5
 QUIET_READ_EVERY = 10
+#: Scans between listings of the proc root when no process was created (a backstop for a stalled last pid).
+LIST_EVERY = 10
 #: File descriptors left free for everything else the agent opens (sockets, sysfs, NVML) when stat files are kept.
 FD_HEADROOM = 256
 #: Kept-open stat files at most, whatever the limit: each costs the kernel about 1 KiB.
@@ -228,13 +230,14 @@ def raise_fd_limit() -> int:
 class _Open:
     """A process's ``stat`` kept open between scans, with what it held at the last read."""
 
-    __slots__ = ("data", "fd", "quiet", "sample")
+    __slots__ = ("bucket", "data", "fd", "quiet", "sample")
 
     def __init__(self, fd: int, data: bytes, sample: ProcessSample) -> None:
         self.fd = fd
         self.data = data
         self.sample = sample
         self.quiet = 0  # reads in a row that found the same bytes
+        self.bucket = -1  # the quiet bucket it sits in; -1: read every scan
 
 
 class ProcessTable:
@@ -247,16 +250,35 @@ class ProcessTable:
     (default: the soft ``RLIMIT_NOFILE``, raised to the hard limit, less ``FD_HEADROOM``, and at most
     ``MAX_CACHED_FDS``); past that, and for regular files (a fake tree), each scan opens, reads and closes.
     ``close()`` releases them.
+
+    A scan is incremental, so a host of thousands of sleeping processes costs little:
+
+    - the proc root is listed only when a process was created since the last listing (the last pid in
+      ``loadavg`` moved), and at least every ``LIST_EVERY`` scans; between listings, processes that exit are
+      noticed when their kept-open ``stat`` fails to read;
+    - a process whose ``stat`` stayed the same ``QUIET_AFTER`` reads in a row is read once every
+      ``QUIET_READ_EVERY`` scans (in turn with the others); the CPU time it did use shows at its next read.
+
+    After each scan, ``changed_pids`` holds the pids whose ``ProcessSample`` is not the one the previous scan
+    returned (new processes included), so a caller can look at those alone.
     """
 
     def __init__(self, proc_root: Path = Path("/proc"), max_open: int | None = None) -> None:
         self.proc_root = Path(proc_root)
         self.errors = 0
+        self.scans = 0
+        self.listings = 0
+        self.changed_pids: list[int] = []
         self._root = str(self.proc_root)
         self._statics: dict[tuple[int, int], ProcessStatic | None] = {}
         self._max_open = max_open
         self._open: dict[str, _Open] = {}  # by the pid's directory name
-        self._scans = 0
+        self._active: dict[str, _Open] = {}  # the kept-open entries read every scan
+        self._quiet: list[dict[str, _Open]] = [{} for _ in range(QUIET_READ_EVERY)]
+        self._unkept: dict[str, ProcessSample] = {}  # listed processes whose stat is opened afresh each scan
+        self._samples: dict[int, ProcessSample] = {}
+        self._last_pid: bytes | None = None
+        self._scans_since_listing = 0
 
     @property
     def max_open(self) -> int:
@@ -270,64 +292,98 @@ class ProcessTable:
         return len(self._open)
 
     def close(self) -> None:
-        """Close the ``stat`` files kept open; the next scan opens them again."""
+        """Close the ``stat`` files kept open; the next scan lists and opens them again."""
         kept, self._open = self._open, {}
+        self._active = {}
+        self._quiet = [{} for _ in range(QUIET_READ_EVERY)]
+        self._unkept = {}
+        self._samples = {}
+        self._last_pid = None
         for entry in kept.values():
             os.close(entry.fd)
 
     def scan(self) -> dict[int, ProcessSample]:
-        """Every process now, by pid. Static facts of processes gone (or pids reused) are dropped from the cache.
+        """Every process now, by pid (a new dict each scan). Static facts of processes gone (or pids reused) are
+        dropped from the cache.
 
-        A process whose ``stat`` reads the same bytes as at the last scan gives the same ``ProcessSample`` object.
+        A process whose ``stat`` reads the same bytes as at the last scan, or that was not due for a read, gives
+        the same ``ProcessSample`` object as the last scan.
         """
-        root = self._root
-        try:
-            listing = os.listdir(root)
-        except OSError as exc:
-            raise SourceUnavailable(f"{root}: cannot list processes ({exc.strerror}); is proc mounted?") from None
-        samples: dict[int, ProcessSample] = {}
-        was_open, now_open = self._open, {}
-        room = self.max_open - len(was_open)
+        self.scans += 1
+        self.changed_pids = changed = []
+        # the last pid first, then the listing: a process created in between moves it, so the next scan lists
+        last_pid = self._read_last_pid()
+        listing: list[str] | None = None
+        if last_pid is None or last_pid != self._last_pid or self._scans_since_listing + 1 >= LIST_EVERY:
+            try:
+                listing = os.listdir(self._root)
+            except OSError as exc:
+                raise SourceUnavailable(
+                    f"{self._root}: cannot list processes ({exc.strerror}); is proc mounted?"
+                ) from None
+            self._last_pid = last_pid
+            self._scans_since_listing = 0
+            self.listings += 1
+        else:
+            self._scans_since_listing += 1
+        samples = self._samples
+        gone: list[str] = []
+        if listing is not None:
+            listed = set(listing)
+            for name in self._open.keys() - listed:  # exited: no longer listed
+                self._forget(name)
+                gone.append(name)
+            for name in self._unkept.keys() - listed:
+                del self._unkept[name]
+                gone.append(name)
+            new_names = [name for name in listed - self._open.keys() - self._unkept.keys() if name.isdigit()]
+        else:
+            new_names = []
+        newly_listed = len(new_names)
+        # kept-open stat files due this scan: the busy ones, and one bucket of the quiet ones
+        due = list(self._active.items())
+        due += self._quiet[self.scans % QUIET_READ_EVERY].items()
         pread = os.pread
-        self._scans += 1
-        sweep = self._scans % QUIET_READ_EVERY
-        for name in listing:
-            entry = was_open.pop(name, None)
-            if entry is not None:
-                if entry.quiet >= QUIET_AFTER and (entry.fd + sweep) % QUIET_READ_EVERY:
-                    # a sleeping process: read it once every QUIET_READ_EVERY scans (in turn with the others), so
-                    # a host of thousands costs little; the CPU time it did use shows at its next read
-                    samples[entry.sample.pid] = entry.sample
-                    now_open[name] = entry
-                    continue
-                try:
-                    data = pread(entry.fd, _STAT_READ, 0)
-                except OSError:  # ESRCH: reaped (the pid may be someone else's now)
-                    data = b""
-                if data == entry.data:
-                    entry.quiet += 1
-                    sample = entry.sample
-                    samples[sample.pid] = sample
-                    now_open[name] = entry
-                    continue
-                entry.quiet = 0
-                if data:
-                    changed = parse_stat(data, entry.sample.pid)
-                    if changed is not None and changed.starttime == entry.sample.starttime:
-                        entry.data = data
-                        entry.sample = changed
-                        samples[changed.pid] = changed
-                        now_open[name] = entry
-                        continue
-                os.close(entry.fd)  # gone, garbage or another process: read it afresh below
-                room += 1
-            elif not name.isdigit():
+        for name, entry in due:
+            try:
+                data = pread(entry.fd, _STAT_READ, 0)
+            except OSError:  # ESRCH: reaped (the pid may be someone else's now)
+                data = b""
+            if data == entry.data:
+                entry.quiet += 1
+                if entry.quiet == QUIET_AFTER and entry.bucket < 0:
+                    del self._active[name]
+                    entry.bucket = entry.fd % QUIET_READ_EVERY
+                    self._quiet[entry.bucket][name] = entry
                 continue
+            if data:
+                parsed = parse_stat(data, entry.sample.pid)
+                if parsed is not None and parsed.starttime == entry.sample.starttime:
+                    entry.data = data
+                    entry.sample = parsed
+                    samples[parsed.pid] = parsed
+                    changed.append(parsed.pid)
+                    if entry.bucket >= 0:
+                        del self._quiet[entry.bucket][name]
+                        entry.bucket = -1
+                        self._active[name] = entry
+                    entry.quiet = 0
+                    continue
+            # gone, garbage or another process: read the pid afresh below; if it does not open, it is gone
+            self._forget(name)
+            new_names.append(name)
+        for name in list(self._unkept):  # not kept open (a fake tree, or past max_open): opened every scan
+            del self._unkept[name]
+            new_names.append(name)
+        room = self.max_open - len(self._open)
+        for index, name in enumerate(new_names):
             pid = int(name)
             try:
-                fd = os.open(f"{root}/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(f"{self._root}/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:  # exited since the listing: ENOENT, or ESRCH while it is being reaped
-                self.errors += 1
+                if index < newly_listed:
+                    self.errors += 1  # listed just now, gone before its stat was read
+                gone.append(name)
                 continue
             keep = False
             try:
@@ -344,24 +400,52 @@ class ProcessTable:
                 self.errors += 1
                 if keep:
                     os.close(fd)
+                gone.append(name)
                 continue
-            samples[pid] = parsed
+            previous = samples.get(pid)
+            if previous is not None and previous == parsed:
+                parsed = previous  # same bytes as before: the same sample object
+            else:
+                samples[pid] = parsed
+                changed.append(pid)
             if keep:
-                now_open[name] = _Open(fd, data, parsed)
+                entry = _Open(fd, data, parsed)
+                self._open[name] = self._active[name] = entry
                 room -= 1
-        for entry in was_open.values():  # no longer listed: exited
-            os.close(entry.fd)
-        self._open = now_open
-        stale = [
-            key
-            for key, static in self._statics.items()
-            if (seen := samples.get(key[0])) is None
-            or seen.starttime != key[1]  # gone, or the pid reused
-            or (static is not None and static.comm != seen.comm)  # exec'd since it was read
-        ]
-        for key in stale:
-            del self._statics[key]
-        return samples
+            else:
+                self._unkept[name] = parsed
+        for name in gone:
+            pid = int(name)
+            if name not in self._open and name not in self._unkept:
+                samples.pop(pid, None)
+        if gone or changed:
+            stale = [
+                key
+                for key, static in self._statics.items()
+                if (seen := samples.get(key[0])) is None
+                or seen.starttime != key[1]  # gone, or the pid reused
+                or (static is not None and static.comm != seen.comm)  # exec'd since it was read
+            ]
+            for key in stale:
+                del self._statics[key]
+        return dict(samples)
+
+    def _forget(self, name: str) -> None:
+        entry = self._open.pop(name)
+        if entry.bucket >= 0:
+            del self._quiet[entry.bucket][name]
+        else:
+            del self._active[name]
+        os.close(entry.fd)
+
+    def _read_last_pid(self) -> bytes | None:
+        """The last pid the kernel handed out (``loadavg``'s fifth field), or None when it cannot be read."""
+        try:
+            with open(f"{self._root}/loadavg", "rb") as handle:
+                fields = handle.read(128).split()
+        except OSError:
+            return None
+        return fields[4] if len(fields) == 5 else None
 
     def static(self, pid: int, starttime: int) -> ProcessStatic | None:
         """The static facts of process (pid, starttime), read on first use and cached until it is gone.

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from collector.attribution import DeviceSplitter, ProcessShare, SpecialKey, WorkloadEnergy
@@ -70,6 +70,7 @@ class WorkloadTracker:
         self._pending: list[tuple[int, WorkloadIdentity | None]] = []  # registrations, applied at the next scan
         self._previous: dict[int, ProcessSample] = {}  # the last scan: ticks since then are this scan's window
         self._previous_uptime_ticks: int | None = None
+        self._previous_table_scan = -1  # the table's scan count when ``_previous`` was taken
         self._device_source: dict[str, str] = {}
         self._phase_counted: dict[str, bool] = {}
         self._total_ticks: int | None = None
@@ -226,7 +227,14 @@ class WorkloadTracker:
         started_after = self._previous_uptime_ticks
         self._previous_uptime_ticks = uptime_ticks(self.config.proc_root)
         by_key: dict[WorkloadKey, float] = {}
-        for pid, sample in snapshot.items():
+        if self.table.scans == self._previous_table_scan + 1:
+            # the table names the samples that changed since the scan ``previous`` came from: only those ran
+            candidates: Iterable[int] = self.table.changed_pids
+        else:
+            candidates = snapshot
+        self._previous_table_scan = self.table.scans
+        for pid in candidates:
+            sample = snapshot[pid]
             if pid == KTHREADD_PID or sample.ppid == KTHREADD_PID:
                 continue  # kernel threads: their time is the kernel's, left to `system`
             before = previous.get(pid)

@@ -156,3 +156,7 @@ class FakeProc:
     def set_total_cpu(self, user: int, idle: int = 0) -> None:
         """Write ``<root>/stat``'s aggregate cpu line: all CPUs' time in clock ticks."""
         (self.root / "stat").write_text(f"cpu  {user} 0 0 {idle} 0 0 0 0 0 0\ncpu0 {user} 0 0 {idle} 0 0 0 0 0 0\n")
+
+    def set_last_pid(self, pid: int) -> None:
+        """Write ``<root>/loadavg`` with ``pid`` as the last pid the kernel handed out (its fifth field)."""
+        (self.root / "loadavg").write_text(f"0.10 0.20 0.30 1/{len(self.processes)} {pid}\n")

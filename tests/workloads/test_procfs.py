@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector.errors import SourceUnavailable
 from collector.workloads.procfs import CgroupInfo, ProcessTable, executable_name, parse_cgroup, parse_stat
@@ -570,3 +572,82 @@ def test_a_sleeping_process_is_read_once_every_few_scans(monkeypatch: pytest.Mon
     finally:
         sleeper.kill()
         sleeper.wait(5)
+
+
+# --- incremental scans -----------------------------------------------------------------------------------------
+
+
+def test_the_root_is_listed_only_when_a_pid_was_handed_out(proc: FakeProc) -> None:
+    from collector.workloads.procfs import LIST_EVERY
+
+    proc.add(10, 1, "python", "python serve.py")
+    proc.set_last_pid(10)
+    table = ProcessTable(proc.root)
+    assert set(table.scan()) == {10}
+    proc.add(11, 1, "python", "python other.py")  # created, but the fake kernel's last pid did not move
+    assert set(table.scan()) == {10}
+    proc.set_last_pid(11)
+    assert set(table.scan()) == {10, 11}
+    assert table.listings == 2
+    proc.add(12, 1, "python", "python third.py")  # a stalled last pid: the backstop listing still finds it
+    seen_at = next(n for n in range(1, LIST_EVERY + 1) if 12 in table.scan())
+    assert seen_at <= LIST_EVERY
+
+
+def test_an_exit_is_noticed_between_listings(proc: FakeProc) -> None:
+    proc.add(10, 1, "python", "python serve.py")
+    proc.add(11, 1, "python", "python other.py")
+    proc.set_last_pid(11)
+    table = ProcessTable(proc.root)
+    table.scan()
+    proc.remove(11)
+    assert set(table.scan()) == {10}
+    assert table.listings == 1
+
+
+def test_without_loadavg_every_scan_lists(proc: FakeProc) -> None:
+    proc.add(10, 1, "python", "python serve.py")
+    table = ProcessTable(proc.root)
+    table.scan()
+    proc.add(11, 1, "python", "python other.py")
+    assert set(table.scan()) == {10, 11}
+    assert table.listings == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["cpu", "add", "remove", "bump", "scan"]), st.integers(10, 15), st.integers(0, 50)),
+        max_size=40,
+    )
+)
+def test_changed_pids_are_exactly_the_samples_that_changed(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """The contract the tracker relies on: after each scan, ``changed_pids`` are the pids whose sample is not the
+    object the previous scan returned (new ones included)."""
+    with tempfile.TemporaryDirectory() as directory:
+        proc = FakeProc(Path(directory))
+        proc.add(10, 1, "python", "python serve.py")
+        proc.set_last_pid(10)
+        table = ProcessTable(proc.root)
+        previous = table.scan()
+        assert sorted(table.changed_pids) == [10]
+        last_pid = 10
+        for action, pid, ticks in steps:
+            if action == "cpu" and pid in proc.processes:
+                proc.set_cpu(pid, ticks, 0)
+            elif action == "add":
+                proc.add(pid, 1, "worker", f"worker {pid}", utime=ticks)
+                last_pid += 1
+                proc.set_last_pid(last_pid)
+            elif action == "remove" and pid in proc.processes and pid != 10:
+                proc.remove(pid)
+            elif action == "bump":
+                last_pid += 1
+                proc.set_last_pid(last_pid)
+            current = table.scan()
+            expected = {p for p, sample in current.items() if previous.get(p) is not sample}
+            assert sorted(table.changed_pids) == sorted(expected)
+            assert set(current) <= set(proc.processes) | set(previous)
+            previous = current
