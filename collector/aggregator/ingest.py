@@ -248,14 +248,16 @@ class Ingest:
                 f"{', '.join(sorted(allowed_hosts)) or 'no host'}"
             )
         instance_id = batch.agent_instance_id
-        identity_error = self._identity_error(batch)
-        if identity_error is not None:
-            # nothing to record: without an instance, sequence and host the store cannot place this batch
+        unplaceable = _name_error("agent_instance_id", instance_id) or (
+            "sequence is 0 (sequences start at 1)" if batch.sequence == 0 else None
+        )
+        if unplaceable is not None:
+            # nothing to record: without an instance and a sequence the store cannot place this batch
             self.metrics.count_batch("rejected")
-            log.warning("rejected a batch from %r: %s", hostname[:64], identity_error)
+            log.warning("rejected a batch from %r: %s", hostname[:64], unplaceable)
             return Outcome(
                 "rejected",
-                pb.Ack(agent_instance_id=instance_id, rejected_sequence=batch.sequence, error=identity_error),
+                pb.Ack(agent_instance_id=instance_id, rejected_sequence=batch.sequence, error=unplaceable),
                 instance_id,
             )
         if seen_instances is not None and instance_id not in seen_instances:
@@ -266,16 +268,13 @@ class Ingest:
             return self._handle_locked(batch, state, len(data))
 
     @staticmethod
-    def _identity_error(batch: pb.Batch) -> str | None:
+    def _header_error(batch: pb.Batch) -> str | None:
         if batch.protocol_major == 0:
             return "protocol_major is 0 (not set): this aggregator speaks 1"
-        if batch.sequence == 0:
-            return "sequence is 0 (sequences start at 1)"
         if batch.oldest_pending_sequence > batch.sequence:
             return f"oldest_pending_sequence {batch.oldest_pending_sequence} is above sequence {batch.sequence}"
         return (
-            _name_error("agent_instance_id", batch.agent_instance_id)
-            or _name_error("host.hostname", batch.host.hostname)
+            _name_error("host.hostname", batch.host.hostname)
             or _name_error("host.machine_id", batch.host.machine_id, required=False)
             or _name_error("host.boot_id", batch.host.boot_id, required=False)
         )
@@ -288,6 +287,9 @@ class Ingest:
         host = HostInfo(batch.host.hostname, batch.host.machine_id, batch.host.boot_id)
         received_ns = self.clock_ns()
         try:
+            header_error = self._header_error(batch)
+            if header_error is not None:
+                raise InvalidBatch(header_error)
             prepared = self._prepare(batch, state, host, received_ns, size)
         except InvalidBatch as exc:
             return self._reject(batch, state, host, received_ns, str(exc))
@@ -316,7 +318,7 @@ class Ingest:
         empty = StoredBatch(
             instance_id=instance_id,
             sequence=batch.sequence,
-            oldest_pending_sequence=batch.oldest_pending_sequence,
+            oldest_pending_sequence=min(batch.oldest_pending_sequence, batch.sequence),
             host=host,
             received_ns=received_ns,
         )

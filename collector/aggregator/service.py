@@ -25,7 +25,7 @@ from collector.store.urls import redact
 log = logging.getLogger(__name__)
 
 GRPC_GRACE_S = 1.0  # in-flight batches get this long to be stored and acknowledged; SIGTERM to exit stays under 2 s
-HTTP_POLL_S = 0.25  # bounds how long the HTTP server's shutdown waits
+HTTP_POLL_S = 0.1  # bounds how long the HTTP server's shutdown waits
 
 
 class Aggregator:
