@@ -441,7 +441,12 @@ class Spool:
                 raise _write_error(exc, self._segments[-1].path, "sync") from exc
             finally:
                 os.close(fd)
-        if self._segments and not self._segments[-1].numbers:  # no record in it: nothing to keep
+        if self._segments and not self._segments[-1].numbers:  # no record in it (only a failed write): nothing to keep
+            empty = self._segments[-1]
+            try:
+                empty.path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise _write_error(exc, empty.path, "delete spool segment") from exc
             self._remove(len(self._segments) - 1)
         path = self.directory / segment_name(self._next)
         try:

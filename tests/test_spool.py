@@ -269,26 +269,31 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 @pytest.mark.parametrize("where", ["payload", "header"])
+@pytest.mark.parametrize("damaged", [5, 10], ids=["middle", "last"])
 @pytest.mark.parametrize("segment_kind", ["active", "sealed"])
-def test_flipped_byte_in_the_middle_loses_one_record_and_counts_it(
-    open_spool: Callable[..., Spool], spool_dir: Path, where: str, segment_kind: str
+def test_flipped_byte_loses_one_record_and_counts_it(
+    open_spool: Callable[..., Spool], spool_dir: Path, where: str, damaged: int, segment_kind: str
 ) -> None:
+    """Records 1..10 fill the first segment (the active one, or sealed when 11..15 follow). Damage to the last record
+    of the active segment is indistinguishable from a torn write: cut off, not counted."""
     size = 40
     record_bytes = size + HEADER_BYTES
+    total = 10 if segment_kind == "active" else 15
     spool = open_spool(segment_bytes=10 * record_bytes)
-    fill(spool, 10 if segment_kind == "active" else 15, size=size)  # sealed: 1..10 in the first segment, 11..15 next
+    fill(spool, total, size=size)
     spool.close()
     offset_in_record = HEADER_BYTES + 7 if where == "payload" else 9  # 9: inside the record number
-    flip_byte(segment_files(spool_dir)[0], 4 * record_bytes + offset_in_record)  # record 5
+    flip_byte(segment_files(spool_dir)[0], (damaged - 1) * record_bytes + offset_in_record)
 
     spool = open_spool(segment_bytes=10 * record_bytes)
-    total = 10 if segment_kind == "active" else 15
-    expected = [n for n in range(1, total + 1) if n != 5]
+    expected = [n for n in range(1, total + 1) if n != damaged]
+    torn = segment_kind == "active" and damaged == total
     assert numbers(spool) == expected
-    assert spool.corrupt_records == 1
+    assert spool.corrupt_records == (0 if torn else 1)
+    assert spool.truncated_bytes == (record_bytes if torn else 0)
     assert numbers(spool) == expected
-    assert spool.corrupt_records == 1  # counted once, not at every read
-    assert spool.append(b"more") == total + 1
+    assert spool.corrupt_records == (0 if torn else 1)  # counted once, not at every read
+    assert spool.append(b"more") == (damaged if torn else total + 1)
 
 
 def test_damage_while_running_is_found_at_read(open_spool: Callable[..., Spool], spool_dir: Path) -> None:
@@ -299,6 +304,60 @@ def test_damage_while_running_is_found_at_read(open_spool: Callable[..., Spool],
     assert spool.corrupt_records == 1
     assert numbers(spool) == [1, 2, 4, 5, 6]
     assert spool.corrupt_records == 1
+
+
+def test_numbers_handed_out_before_a_release_are_never_given_again(
+    open_spool: Callable[..., Spool], spool_dir: Path
+) -> None:
+    spool = open_spool()
+    fill(spool, 9, size=50)
+    spool.release_through(3)
+    spool.close()
+    (segment,) = segment_files(spool_dir)
+    os.truncate(segment, 5 * RECORD_50)  # a power loss took 6..9 (fsync "never"), which may have been sent
+
+    spool = open_spool()
+    assert numbers(spool) == [4, 5]
+    assert spool.append(b"x") == 10
+
+
+def test_segments_deleted_behind_the_spools_back(open_spool: Callable[..., Spool], spool_dir: Path) -> None:
+    spool = open_spool(segment_bytes=3 * RECORD_50)
+    fill(spool, 8, size=50)  # segments 1-3, 4-6, 7-8 (active, with room for one more)
+    first, _, active = segment_files(spool_dir)
+    first.unlink()
+    assert numbers(spool) == [4, 5, 6, 7, 8]
+    assert spool.corrupt_records == 3
+    active.unlink()
+    assert numbers(spool) == [4, 5, 6]
+    assert spool.corrupt_records == 5
+    assert spool.append(payload_for(9, 50)) == 9  # into a new file, not the deleted one
+    assert spool.bytes == disk_bytes(spool_dir)
+    spool.close()
+
+    spool = open_spool(segment_bytes=3 * RECORD_50)
+    assert records(spool) == [(n, payload_for(n, 50)) for n in (4, 5, 6, 9)]
+
+
+def test_segment_that_could_not_be_deleted_at_release_goes_at_the_next_start(
+    open_spool: Callable[..., Spool], spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = open_spool(segment_bytes=3 * RECORD_50)
+    fill(spool, 9, size=50)
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    spool.release_through(7)
+    monkeypatch.undo()
+    assert len(segment_files(spool_dir)) == 3
+    spool.close()
+
+    spool = open_spool(segment_bytes=3 * RECORD_50)
+    assert len(segment_files(spool_dir)) == 1
+    assert spool.bytes == disk_bytes(spool_dir)
+    assert numbers(spool) == [8, 9]
 
 
 def test_damaged_state_file_replays_rather_than_loses(
@@ -447,11 +506,12 @@ def test_failed_fsync_is_an_error_and_the_record_is_not_kept(
     assert spool.append(b"sure") == 3
 
 
+@pytest.mark.parametrize("before", [0, 3])
 def test_write_failure_that_cannot_be_cut_back_starts_a_new_segment(
-    open_spool: Callable[..., Spool], spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+    open_spool: Callable[..., Spool], spool_dir: Path, monkeypatch: pytest.MonkeyPatch, before: int
 ) -> None:
     spool = open_spool()
-    fill(spool, 3)
+    fill(spool, before)
     real_write = os.write
     calls: list[int] = []
 
@@ -470,12 +530,13 @@ def test_write_failure_that_cannot_be_cut_back_starts_a_new_segment(
         spool.append(b"w" * 300)
     monkeypatch.undo()
     assert spool.bytes == disk_bytes(spool_dir)
-    assert spool.append(payload_for(4)) == 4
-    assert len(segment_files(spool_dir)) == 2
+    assert spool.append(payload_for(before + 1)) == before + 1
+    assert len(segment_files(spool_dir)) == (2 if before else 1)  # a segment with no good record is not kept
+    assert spool.bytes == disk_bytes(spool_dir)
     spool.close()
 
     spool = open_spool()
-    assert records(spool) == [(n, payload_for(n)) for n in (1, 2, 3, 4)]
+    assert records(spool) == [(n, payload_for(n)) for n in range(1, before + 2)]
     assert spool.corrupt_records == 0
 
 
@@ -552,7 +613,9 @@ def test_fsync_policies(open_spool: Callable[..., Spool], monkeypatch: pytest.Mo
     assert len(synced) == 1
     spool.sync()
     assert len(synced) == 2
+    fill(spool, 1)
     spool.close()
+    assert len(synced) == 3  # close makes the last ones durable
 
     synced.clear()
     spool = open_spool(fsync="always")
