@@ -103,13 +103,14 @@ def test_a_hung_source_is_marked_down_and_the_others_go_on() -> None:
     sampler = started(good, stuck, timeout_s=0.1)
     try:
         wait_for(lambda: len(stuck.read_times) == 1)
-        reads_before = len(good.read_times)
         time.sleep(0.2)
         assert sampler.check_timeouts() == ["stuck"]
         assert sampler.check_timeouts() == []  # counted once per hang
         stuck_state = sampler.states[1]
         assert not stuck_state.up and stuck_state.hung and stuck_state.errors_total == 1
-        assert len(good.read_times) > reads_before + 3
+        # the two shared a thread; the watchdog moved the good one to a thread of its own, where it goes on
+        reads_after_watchdog = len(good.read_times)
+        wait_for(lambda: len(good.read_times) > reads_after_watchdog + 3)
         assert sampler.states[0].up
         stuck.hang.clear()
         stuck.release.set()
@@ -237,4 +238,48 @@ def test_retire_stops_the_loop_and_drops_the_source() -> None:
         assert [state.name for state in sampler.states] == ["keep"]
         assert len(keep.read_times) > 5
     finally:
+        sampler.stop()
+
+
+def test_sources_with_one_interval_share_a_thread_and_others_get_their_own() -> None:
+    first, second, slower = CountingSource("first"), CountingSource("second"), CountingSource("slower", 0.05)
+    threads_before = threading.active_count()
+    sampler = started(first, second, slower)
+    try:
+        wait_for(lambda: all(len(s.read_times) >= 3 for s in (first, second, slower)))
+        # one read thread per interval; the start-up threads of the sources that joined a group have ended
+        wait_for(lambda: threading.active_count() - threads_before == 2)
+        groups = sorted(sampler._groups, key=lambda g: g.interval_s)
+        assert [sorted(s.name for s in g.states) for g in groups] == [["first", "second"], ["slower"]]
+    finally:
+        sampler.stop()
+
+
+def test_a_source_opened_later_joins_the_group_of_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    early, late = CountingSource("early"), CountingSource("late")
+    sampler = Sampler([early, late], read_timeout_s=1.0)
+    sampler.mark_opened(sampler.states[0])  # "late" is opened by its thread, with the sampler's retry
+    sampler.start()
+    try:
+        wait_for(lambda: len(early.read_times) >= 2 and len(late.read_times) >= 2)
+        assert [sorted(s.name for s in g.states) for g in sampler._groups] == [["early", "late"]]
+    finally:
+        sampler.stop()
+
+
+def test_a_released_hung_source_keeps_its_own_thread() -> None:
+    good, stuck = CountingSource("good"), CountingSource("stuck")
+    stuck.hang.set()
+    sampler = started(good, stuck, timeout_s=0.1)
+    try:
+        wait_for(lambda: len(stuck.read_times) == 1)
+        time.sleep(0.2)
+        assert sampler.check_timeouts() == ["stuck"]
+        stuck.hang.clear()
+        stuck.release.set()
+        wait_for(lambda: len(stuck.read_times) >= 3 and sampler.states[1].up)
+        groups = {tuple(s.name for s in g.states): g.isolated for g in sampler._groups}
+        assert groups == {("stuck",): True, ("good",): False}
+    finally:
+        stuck.release.set()
         sampler.stop()
