@@ -12,7 +12,8 @@ from types import FrameType
 from collector.config import AgentConfig
 from collector.errors import RegistrationSocketError, SourceError, SourceUnavailable
 from collector.exporters.families import sampler_families, workload_families
-from collector.exporters.prometheus import PrometheusExporter
+from collector.exporters.grpc_stream import StreamExporter, stream_families
+from collector.exporters.prometheus import FamiliesProvider, PrometheusExporter
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading
 from collector.registration import RegistrationEvent, RegistrationServer
 from collector.sampler import Sampler, SourceState
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0  # hung-read checks; read_timeout_s is seconds, so 1 Hz is plenty
 SHUTDOWN_BUDGET_S = 1.5  # systemd and the tests give 2 s; the interpreter's own exit needs a little
 CLOSE_TIMEOUT_S = 0.3
+STREAM_STOP_S = 0.5
 
 
 def open_sources(config: AgentConfig) -> tuple[list[Source], dict[Source, str]]:
@@ -103,10 +105,21 @@ class Agent:
             self.registration = RegistrationServer.from_config(
                 config.api, on_register=self._on_register, on_disconnect=tracker.unregister
             )
-            self.exporter.cache.providers = [
-                lambda: sampler_families(self.sampler, self._extra_sources()),
-                lambda: workload_families(tracker),
-            ]
+        self.stream: StreamExporter | None = None
+        if config.stream.enabled:
+            self.stream = StreamExporter(
+                config.stream, self.sampler, self.workloads, bindings_interval_s=config.workloads.interval_s
+            )
+        self.exporter.cache.providers = self._providers()
+
+    def _providers(self) -> list[FamiliesProvider]:
+        providers: list[FamiliesProvider] = [lambda: sampler_families(self.sampler, self._extra_sources())]
+        tracker, stream = self.workloads, self.stream
+        if tracker is not None:
+            providers.append(lambda: workload_families(tracker))
+        if stream is not None:
+            providers.append(lambda: stream_families(stream))
+        return providers
 
     def _extra_sources(self) -> list[tuple[str, bool, int]]:
         extra = []
@@ -148,6 +161,8 @@ class Agent:
                     self.config.api.socket,
                     exc,
                 )
+        if self.stream is not None:
+            self.stream.start()
         self.sampler.start()
         self.exporter.start()
         names = ", ".join(state.name for state in self.sampler.states) or "none"
@@ -166,6 +181,8 @@ class Agent:
         self.sampler.signal_stop()
         if self.workloads is not None:
             self.workloads.stop()
+        if self.stream is not None:  # unsent batches stay in the spool for the next start
+            self.stream.stop(timeout_s=STREAM_STOP_S)
         if self.registration is not None and self._registration_up:
             self.registration.stop(timeout_s=0.2)
         self.exporter.stop()

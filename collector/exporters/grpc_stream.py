@@ -97,14 +97,10 @@ class _Connection:
         self.inflight: deque[_Sent] = deque()
         self.waiting_since: float | None = None  # monotonic: the oldest unanswered send, or the last ack since
         self.done = threading.Event()
-        self.ready = False
         self.acks = 0
         self.timed_out = False
         self.code: grpc.StatusCode | None = None
         self.details = ""
-
-    def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        self.ready = state is grpc.ChannelConnectivity.READY
 
     def cancel(self) -> None:
         if self.call is not None:
@@ -344,7 +340,6 @@ class StreamExporter:
             return None
         channel = self.settings.channel()
         connection = _Connection(channel)
-        channel.subscribe(connection.on_connectivity, try_to_connect=True)
         stream = channel.stream_stream(
             STREAM_METHOD, request_serializer=_as_bytes, response_deserializer=pb.Ack.FromString
         )
@@ -372,7 +367,6 @@ class StreamExporter:
                 if self._connection is connection:
                     self._connection = None
                 self._changed.notify_all()
-            channel.unsubscribe(connection.on_connectivity)
             channel.close()
         return connection
 
@@ -523,7 +517,7 @@ class StreamExporter:
                     config.reconnect_max_s,
                 )
             return config.reconnect_max_s, attempt
-        elif code in POISONED and not connection.acks:
+        elif code in POISONED:
             self._strike(connection, code, details)
         elif code is not None and code is not grpc.StatusCode.OK and self._logs.due("down"):
             log.warning(
@@ -578,7 +572,8 @@ class StreamExporter:
         with self._lock:
             sent, acked, rejected, dropped = self._sent, self._acked, self._rejected, self._dropped
         return StreamStats(
-            connected=connection is not None and connection.ready and not connection.done.is_set(),
+            # the aggregator's first ack is what proves the stream works (TLS, token, protocol), not the TCP connect
+            connected=connection is not None and connection.acks > 0 and not connection.done.is_set(),
             spool_bytes=self.spool.bytes,
             sent_batches=sent,
             acked_batches=acked,
@@ -592,7 +587,12 @@ def stream_families(stream: StreamExporter) -> list[Family]:
     """The stream's health for ``/metrics``; read at each render, and every sampler read renders again."""
     stats = stream.stats()
     rows = (
-        ("wattmeter_stream_connected", "gauge", "1 while the stream to the aggregator is open.", stats.connected),
+        (
+            "wattmeter_stream_connected",
+            "gauge",
+            "1 while the stream to the aggregator is open and acknowledging batches.",
+            stats.connected,
+        ),
         (
             "wattmeter_stream_spool_bytes",
             "gauge",
