@@ -14,6 +14,7 @@ from collector.config import (
     AgentConfig,
     BasicAuthConfig,
     PrometheusConfig,
+    StreamConfig,
     load_config,
     parse_listen,
 )
@@ -547,3 +548,103 @@ def test_an_env_var_that_is_not_a_table_is_a_clear_error(tmp_path: Path, monkeyp
     monkeypatch.setenv("WATTMETER_PROMETHEUS", "foo")
     with pytest.raises(ConfigError, match="WATTMETER_PROMETHEUS__LISTEN"):
         load_config(None, default_path=tmp_path / "none.toml")
+
+
+# --- [stream] ---------------------------------------------------------------------------------------------------
+
+STREAM_FILE = """
+[stream]
+target = "aggregator.example.com:9751"
+batch_interval_s = 2.0
+max_batch_bytes = 1048576
+spool_dir = "/data/wattmeter/spool"
+spool_max_bytes = 268435456
+fsync = "interval"
+compression = "gzip"
+keepalive_s = 20.0
+ack_timeout_s = 15.0
+reconnect_min_s = 1.0
+reconnect_max_s = 60.0
+ca_file = "/etc/wattmeter/ca.crt"
+cert_file = "/etc/wattmeter/host.crt"
+key_file = "/etc/wattmeter/host.key"
+server_name = "aggregator.internal"
+token_file = "/etc/wattmeter/token"
+hostname = "gpu-node-17"
+"""
+
+
+def test_stream_is_off_by_default(missing_default: Path) -> None:
+    stream = load(None, missing_default).stream
+    assert stream.target == "" and not stream.enabled
+    assert (stream.batch_interval_s, stream.max_batch_bytes) == (1.0, 4 * 1024 * 1024)
+    assert (stream.spool_dir, stream.spool_max_bytes) == (Path("/var/lib/wattmeter/spool"), 1024**3)
+    assert (stream.fsync, stream.compression) == ("always", "none")
+    assert (stream.keepalive_s, stream.ack_timeout_s) == (30.0, 30.0)
+    assert (stream.reconnect_min_s, stream.reconnect_max_s) == (0.5, 30.0)
+    assert stream.insecure is False
+    assert (stream.ca_file, stream.cert_file, stream.key_file, stream.server_name, stream.token_file) == (None,) * 5
+    assert stream.hostname == ""
+
+
+def test_stream_loads_every_key_and_round_trips(tmp_path: Path, missing_default: Path) -> None:
+    config = load(write(tmp_path, STREAM_FILE), missing_default)
+    stream = config.stream
+    assert stream.enabled and stream.uses_tls
+    assert stream.target == "aggregator.example.com:9751"
+    assert (stream.batch_interval_s, stream.max_batch_bytes, stream.spool_max_bytes) == (2.0, 1048576, 268435456)
+    assert (stream.fsync, stream.compression, stream.keepalive_s, stream.ack_timeout_s) == ("interval", "gzip", 20, 15)
+    assert (stream.cert_file, stream.key_file) == (Path("/etc/wattmeter/host.crt"), Path("/etc/wattmeter/host.key"))
+    assert (stream.server_name, stream.hostname) == ("aggregator.internal", "gpu-node-17")
+    assert round_trip(config) == config
+
+
+def test_stream_env_override(missing_default: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATTMETER_STREAM__TARGET", "10.0.0.5:9751")
+    monkeypatch.setenv("WATTMETER_STREAM__INSECURE", "true")
+    stream = load(None, missing_default).stream
+    assert stream.target == "10.0.0.5:9751" and not stream.uses_tls
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "tls"),
+    [
+        ("aggregator:9751", {}, True),  # off the host: TLS with the system roots
+        ("10.1.2.3:9751", {"insecure": True}, False),
+        ("127.0.0.1:9751", {}, False),  # loopback: plain text is fine
+        ("127.8.9.10:9751", {}, False),
+        ("localhost:9751", {}, False),
+        ("[::1]:9751", {}, False),
+        ("localhost:9751", {"ca_file": "/ca.pem"}, True),  # asked for: TLS even on loopback
+        ("[2001:db8::1]:9751", {}, True),
+    ],
+)
+def test_stream_plain_text_only_to_loopback_or_when_insecure(target: str, extra: dict[str, object], tls: bool) -> None:
+    assert StreamConfig.model_validate({"target": target, **extra}).uses_tls is tls
+
+
+@pytest.mark.parametrize(
+    ("text", "dotted", "words"),
+    [
+        ("target = 'aggregator'", "stream.target", "host:port"),
+        ("target = ':9751'", "stream.target", "has no host"),
+        ("target = 'aggregator:0'", "stream.target", "port 0"),
+        ("target = 'aggregator:99999'", "stream.target", "outside 0-65535"),
+        ("batch_interval_s = 0", "stream.batch_interval_s", "greater than 0"),
+        ("max_batch_bytes = 1000", "stream.max_batch_bytes", "greater than or equal to 65536"),
+        ("spool_max_bytes = 1000", "stream.spool_max_bytes", "greater than or equal to"),
+        ("fsync = 'sometimes'", "stream.fsync", "'always', 'interval' or 'never'"),
+        ("compression = 'zstd'", "stream.compression", "'none' or 'gzip'"),
+        ("ack_timeout_s = -1", "stream.ack_timeout_s", "greater than 0"),
+        ("reconnect_min_s = 10\nreconnect_max_s = 5", "stream", "reconnect_min_s (10) is above reconnect_max_s (5)"),
+        ("cert_file = '/c.pem'", "stream", "cert_file and key_file must be set together"),
+        ("insecure = true\nca_file = '/ca.pem'", "stream", "insecure = true sends plain text: remove ca_file"),
+        ("tagret = 'a:1'", "stream.tagret", "unknown key"),
+    ],
+)
+def test_stream_config_errors_name_the_key_and_why(
+    tmp_path: Path, missing_default: Path, text: str, dotted: str, words: str
+) -> None:
+    path, message = config_error(tmp_path, missing_default, f"[stream]\n{text}\n")
+    assert f"{path}: {dotted}:" in message
+    assert words in message
