@@ -131,7 +131,13 @@ class Agent:
 
     def _on_register(self, event: RegistrationEvent) -> None:
         if self.workloads is not None:
-            identity = WorkloadIdentity(event.workload, event.phase, event.job, origin="registration")
+            identity = WorkloadIdentity(
+                event.workload,
+                event.phase,
+                event.job,
+                origin="registration",
+                labels=tuple(sorted(event.labels.items())),
+            )
             self.workloads.register(event.pid, identity)
 
     def _retire_estimate_once_rapl_reads(self, source_name: str, readings: Sequence[DeviceReading]) -> None:

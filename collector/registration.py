@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 PHASES = ("training", "inference", "unknown")
 MAX_JOB_CHARS = 256
+MAX_LABELS = 16
+MAX_LABEL_VALUE_CHARS = 256
+_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _WORKLOAD = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _RECV_BYTES = 65536  # one recv per readable connection per loop turn, so one busy client cannot starve the rest
@@ -510,6 +513,13 @@ def _job(value: object) -> str:
 
 
 def _labels(value: object) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+    """At most ``MAX_LABELS`` labels, named like Prometheus labels, values up to ``MAX_LABEL_VALUE_CHARS``: they
+    are exported (``wattmeter_workload_label_info``), so what one client sends must stay small."""
+    if not isinstance(value, dict) or len(value) > MAX_LABELS:
         raise _Refused("field")
+    for key, text in value.items():
+        if not isinstance(key, str) or not _LABEL_NAME.fullmatch(key):
+            raise _Refused("field")
+        if not isinstance(text, str) or len(text) > MAX_LABEL_VALUE_CHARS:
+            raise _Refused("field")
     return dict(value)

@@ -207,6 +207,9 @@ REFUSED = [
     pytest.param(register_line(labels={"k": 1}), "field", False, id="label-not-string"),
     pytest.param(register_line(labels=["k"]), "field", False, id="labels-not-object"),
     pytest.param(register_line(job="j" * 257), "field", False, id="job-long"),
+    pytest.param(register_line(labels={f"k{n}": "v" for n in range(17)}), "field", False, id="labels-too-many"),
+    pytest.param(register_line(labels={"team name": "a"}), "field", False, id="label-name-not-a-label"),
+    pytest.param(register_line(labels={"team": "v" * 257}), "field", False, id="label-value-long"),
 ]
 
 

@@ -158,6 +158,12 @@ def workload_families(tracker: WorkloadTracker) -> list[Family]:
         "Who a workload is: Kubernetes, systemd and Slurm facts.",
         WORKLOAD_INFO_LABELS,
     )
+    label_info = Family(
+        "wattmeter_workload_label_info",
+        "gauge",
+        "Labels a workload's processes registered with (collector.client.register(labels=...)), one series each.",
+        ("workload", "phase", "job", "label", "value"),
+    )
     series, phases = tracker.snapshot()
     workloads = set()
     for key, device_id, joules, power_w in series:
@@ -177,4 +183,6 @@ def workload_families(tracker: WorkloadTracker) -> list[Family]:
             info.add(
                 (*key, identity.namespace, identity.pod, identity.container, identity.unit, identity.slurm_job), 1.0
             )
-    return [energy, power, idle, phase_energy, info]
+            for name, value in identity.labels:
+                label_info.add((*key, name, value), 1.0)
+    return [energy, power, idle, phase_energy, info, label_info]

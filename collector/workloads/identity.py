@@ -29,6 +29,7 @@ class WorkloadIdentity:
     unit: str = ""
     slurm_job: str = ""
     origin: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # a registered process's own labels, sorted by name
 
     def key(self) -> tuple[str, str, str]:
         """The energy series identity: (workload, phase, job)."""

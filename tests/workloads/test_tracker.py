@@ -130,6 +130,27 @@ def test_exported_families(world: tuple) -> None:  # type: ignore[type-arg]
     assert families["wattmeter_idle_energy_joules"].samples[0][2] == ("gpu0",)
 
 
+def test_registered_labels_are_exported_as_label_info(world: tuple) -> None:  # type: ignore[type-arg]
+    proc, source, sampler, tracker = world
+    identity = WorkloadIdentity(
+        "llama-ft", "training", "r1", origin="registration", labels=(("model", "llama-70b"), ("team", "nlp"))
+    )
+    tracker.register(101, identity)
+    tracker.scan()
+    proc.set_cpu(101, utime=200, stime=0)
+    proc.set_total_cpu(1500)
+    source.gpu_processes = (GpuProcess(101),)
+    sampler._status_once(sampler.states[0])
+    tracker.scan()
+    step(source, sampler, gpu_j=100.0, cpu_j=10.0)
+    families = {family.name: family for family in workload_families(tracker)}
+    labels = sorted(labels for _, _, labels, _ in families["wattmeter_workload_label_info"].samples)
+    assert labels == [
+        ("llama-ft", "training", "r1", "model", "llama-70b"),
+        ("llama-ft", "training", "r1", "team", "nlp"),
+    ]
+
+
 def test_gpu_process_outside_this_pid_namespace_and_simulated_processes(world: tuple) -> None:  # type: ignore[type-arg]
     _, source, sampler, tracker = world
     source.gpu_processes = (
