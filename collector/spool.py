@@ -283,8 +283,10 @@ class Spool:
             self._add_segment(_Segment(first, path, path.stat().st_size, indexed=False))
         if found:
             self._recover_active(*found[-1])
-        if self._segments and not self._segments[-1].indexed:  # the last segment held no record: the one before
-            last = self._segments[-1]  # is last now, and the last segment is always indexed (never appended to)
+        if self._segments and not self._segments[-1].indexed:
+            # the last segment held no record and is gone; the one before is last now, and reading and first_pending
+            # rely on the last segment being indexed (its end is not the next segment's first)
+            last = self._segments[-1]
             self._publish_scan(last, scan_segment(last.path.read_bytes(), last.first, self._next))
 
     def _load_state(self) -> tuple[int, int]:
