@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from collector.config import PrometheusConfig, load_model, parse_listen
+from collector.config import PrometheusConfig, is_loopback, load_model, parse_listen
+from collector.store import urls
+from collector.store.base import StoreError
 
 DEFAULT_AGGREGATOR_CONFIG_PATH = Path("/etc/wattmeter/aggregator.toml")
 AGGREGATOR_EXAMPLE = "deploy/aggregator.example.toml"
@@ -26,15 +27,6 @@ def parse_duration(value: str) -> float:
     if match is None:
         raise ValueError(f"{value!r} is not a duration: a number and a unit, s m h or d (for example 90s, 1h, 400d)")
     return float(match.group(1)) * _UNIT_S[match.group(2)]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Section(BaseModel):
@@ -110,8 +102,11 @@ class StorageConfig(_Section):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise ValueError("must start with sqlite:/// (sqlite:////abs/path.db) or postgresql://")
+        try:
+            if urls.scheme(value) == "sqlite":
+                urls.sqlite_path(value)
+        except StoreError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @property
