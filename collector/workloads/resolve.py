@@ -303,7 +303,9 @@ class Resolver:
                     changes[field] = value
         elif not identity.slurm_job and slurm_env:
             changes["slurm_job"] = slurm_env
-        return dataclasses.replace(identity, **changes) if changes else identity
+        if not changes:
+            return identity
+        return WorkloadIdentity(**(dataclasses.asdict(identity) | changes))
 
     def _from_registration(self, chain: list[ProcessSample]) -> _Named | None:
         for process in chain:
