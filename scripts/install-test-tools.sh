@@ -7,7 +7,8 @@
 # postgresql://wattmeter_test:wattmeter_test@127.0.0.1:5432/wattmeter_test names. Every step is idempotent.
 set -euo pipefail
 TEST_ROLE=wattmeter_test
-TEST_PORT=5432
+TEST_PORT=${WATTMETER_TEST_POSTGRES_PORT:-5432}  # another port: set WATTMETER_TEST_POSTGRES_URL to match
+URL_VARIABLE=WATTMETER_TEST_POSTGRES_URL
 
 postgres_server_installed() {
   command -v pg_lsclusters >/dev/null && compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null
@@ -19,7 +20,7 @@ if [ "${1:-}" = "--bench" ]; then
   command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
 fi
 manage_postgres=1
-[ -n "${WATTMETER_TEST_POSTGRES_URL:-}" ] && manage_postgres=0
+[ -n "${!URL_VARIABLE:-}" ] && manage_postgres=0
 if [ "$manage_postgres" = 1 ] && ! postgres_server_installed; then
   need+=(postgresql)
 fi
@@ -29,7 +30,8 @@ if [ "$(id -u)" -ne 0 ]; then
   for package in "${need[@]}"; do
     # without PostgreSQL its tests skip (and say why), unless WATTMETER_REQUIRE_POSTGRES=1
     if [ "$package" = postgresql ] && [ "${WATTMETER_REQUIRE_POSTGRES:-}" != 1 ]; then
-      echo "note: no PostgreSQL server: the PostgreSQL store tests will skip ('sudo apt-get install postgresql' to run them)" >&2
+      echo "note: no PostgreSQL server: the PostgreSQL store tests will skip" \
+        "('sudo apt-get install postgresql' to run them)" >&2
       continue
     fi
     missing+=("$package")
@@ -37,6 +39,10 @@ if [ "$(id -u)" -ne 0 ]; then
   if [ ${#missing[@]} -ne 0 ]; then
     echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}' (Debian/Ubuntu), then try again" >&2
     exit 1
+  fi
+  if [ "$manage_postgres" = 1 ] && postgres_server_installed && ! pg_isready -q -h 127.0.0.1 -p "$TEST_PORT"; then
+    echo "note: PostgreSQL is not running on port $TEST_PORT: the PostgreSQL store tests will skip" \
+      "('sudo bash scripts/install-test-tools.sh' starts it)" >&2
   fi
   exit 0
 fi
@@ -55,12 +61,20 @@ fi
 
 [ "$manage_postgres" = 1 ] || exit 0
 
-# The cluster on port 5432, else a new one on the newest installed version (a fresh install usually made one).
+# The Debian cluster on the test port, else a new one on the newest installed version (a fresh install usually
+# made one, not started where there is no systemd).
 cluster=$(pg_lsclusters -h | awk -v port="$TEST_PORT" '$3 == port { print $1 " " $2; exit }')
 if [ -z "$cluster" ]; then
+  if pg_isready -q -h 127.0.0.1 -p "$TEST_PORT"; then
+    echo "note: a PostgreSQL that pg_ctlcluster does not manage listens on port $TEST_PORT: give it the role and" \
+      "database $TEST_ROLE (password $TEST_ROLE), or set $URL_VARIABLE" >&2
+    exit 0
+  fi
   version=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -n | tail -n 1)
-  pg_createcluster --port "$TEST_PORT" "$version" main >/dev/null
-  cluster="$version main"
+  name=main
+  [ -d "/etc/postgresql/$version/$name" ] && name=wattmeter_test
+  pg_createcluster --port "$TEST_PORT" "$version" "$name" >/dev/null
+  cluster="$version $name"
 fi
 read -r version name <<<"$cluster"
 if ! pg_lsclusters -h "$version" "$name" | awk '{ exit ($4 == "online") ? 0 : 1 }'; then
