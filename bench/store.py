@@ -4,7 +4,7 @@ A simulated fleet (default 100 hosts x 8 GPUs, 10 samples per device per batch, 
 rollup increments ingest would add) is written from a thread pool, as the aggregator's gRPC handlers write, into a
 fresh SQLite file (WAL, synchronous=FULL: each batch is on disk before its write returns).
 
-    python -m bench.store [--hosts 100] [--seconds 20] [--threads 8] [--dir DIR]
+    python -m bench.store [--hosts 100] [--seconds 20] [--threads 8] [--dir DIR] [--url postgresql://...]
 
 Target (issue 4): at least 200,000 samples/s.
 """
@@ -16,12 +16,14 @@ import json
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from collector.store import Store, open_store
 from collector.store.base import DeviceChunk, HostInfo, RollupIncrement, StoredBatch, WorkloadChunk
 from collector.store.sqlite import SqliteStore
 
@@ -34,8 +36,9 @@ T0_NS = 1_800_000_000 * 1_000_000_000
 TARGET_SAMPLES_PER_S = 200_000
 
 
-def fleet_batches(hosts: int, seconds: int) -> list[StoredBatch]:
-    """Every host's batch for second 1, then every host's for second 2...: the order a fleet delivers them."""
+def fleet_batches(hosts: int, seconds: int, run_id: str = "") -> list[StoredBatch]:
+    """Every host's batch for second 1, then every host's for second 2...: the order a fleet delivers them.
+    ``run_id`` starts the agent instance ids, so a second run into one database is not taken for a replay."""
     offsets = np.arange(SAMPLES, dtype=np.int64) * SAMPLE_NS
     ramp = np.arange(1, SAMPLES + 1, dtype=np.float64)
     batches = []
@@ -60,7 +63,7 @@ def fleet_batches(hosts: int, seconds: int) -> list[StoredBatch]:
             ]
             batches.append(
                 StoredBatch(
-                    instance_id=f"agent-{host}",
+                    instance_id=f"{run_id}agent-{host}",
                     sequence=second + 1,
                     oldest_pending_sequence=second + 1,
                     host=HostInfo(f"host-{host:03d}", f"machine-{host}", "boot"),
@@ -77,11 +80,18 @@ def samples_in(batch: StoredBatch) -> int:
     return sum(len(c.time_ns) for c in batch.devices) + sum(len(c.time_ns) for c in batch.workloads)
 
 
-def run(hosts: int = 100, seconds: int = 20, threads: int = 8, directory: Path | None = None) -> dict[str, float]:
-    """Write ``seconds`` of a ``hosts``-host fleet into a fresh SQLite store; samples/s and per-batch latency."""
-    batches = fleet_batches(hosts, seconds)
-    workdir = Path(tempfile.mkdtemp(prefix="wattmeter-bench-store-", dir=directory))
-    store = SqliteStore(workdir / "aggregator.db")
+def run(
+    hosts: int = 100, seconds: int = 20, threads: int = 8, directory: Path | None = None, url: str | None = None
+) -> dict[str, float]:
+    """Write ``seconds`` of a ``hosts``-host fleet into a fresh SQLite store (or the store ``url`` names, for a
+    PostgreSQL figure); samples/s, per-batch latency and, on SQLite, bytes on disk per sample."""
+    batches = fleet_batches(hosts, seconds, run_id=uuid.uuid4().hex[:8] + "-")
+    workdir: Path | None = None
+    if url is None:
+        workdir = Path(tempfile.mkdtemp(prefix="wattmeter-bench-store-", dir=directory))
+        store: Store = SqliteStore(workdir / "aggregator.db")
+    else:
+        store = open_store(url)
     try:
         store.migrate()
 
@@ -96,18 +106,20 @@ def run(hosts: int = 100, seconds: int = 20, threads: int = 8, directory: Path |
             latencies = np.array(list(pool.map(write, batches)))
         elapsed = time.perf_counter() - began
         samples = sum(samples_in(b) for b in batches)
-        stored_bytes = sum(f.stat().st_size for f in workdir.iterdir())
+        result = {
+            "samples_per_s": samples / elapsed,
+            "batches_per_s": len(batches) / elapsed,
+            "samples": float(samples),
+            "write_p50_ms": float(np.percentile(latencies, 50) * 1e3),
+            "write_p99_ms": float(np.percentile(latencies, 99) * 1e3),
+        }
+        if workdir is not None:
+            result["bytes_per_sample"] = sum(f.stat().st_size for f in workdir.iterdir()) / samples
+        return result
     finally:
         store.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    return {
-        "samples_per_s": samples / elapsed,
-        "batches_per_s": len(batches) / elapsed,
-        "samples": float(samples),
-        "write_p50_ms": float(np.percentile(latencies, 50) * 1e3),
-        "write_p99_ms": float(np.percentile(latencies, 99) * 1e3),
-        "bytes_per_sample": stored_bytes / samples,
-    }
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=20, help="seconds of fleet telemetry to write")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--dir", type=Path, default=None, help="where the database goes (default: the temp dir)")
+    parser.add_argument("--url", default=None, help="write into this store instead (postgresql://...)")
     args = parser.parse_args(argv)
-    result = run(args.hosts, args.seconds, args.threads, args.dir)
+    result = run(args.hosts, args.seconds, args.threads, args.dir, args.url)
     print(json.dumps(result, indent=2))
     passed = result["samples_per_s"] >= TARGET_SAMPLES_PER_S
     print(f"target >= {TARGET_SAMPLES_PER_S:,} samples/s: {'pass' if passed else 'MISS'}")
