@@ -74,7 +74,7 @@ class SqliteStore(SqlStore):
                 f"{self.path} is not an SQLite database (SQLite says: {text}): "
                 "move it away or set [storage] url to another file"
             )
-        if "unable to open database file" in text:
+        if "unable to open database file" in text or "readonly database" in text:
             return StoreError(
                 f"cannot open SQLite database {self.path} (SQLite says: {text}): check that this user may read "
                 "and write it and its directory, or set [storage] url to another file"

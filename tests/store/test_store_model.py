@@ -49,7 +49,7 @@ def writes(draw: st.DrawFn) -> list[tuple[int, int, int, bool]]:
     return result
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=writes())
 def test_random_orders_and_duplicates_follow_the_model(
     store: Store, operations: list[tuple[int, int, int, bool]]
