@@ -11,6 +11,7 @@ raise ``StreamRefused`` subclasses, which the gRPC server maps to status codes.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from collector.aggregator import columns
+from collector.aggregator.columns import InvalidBatch
 from collector.aggregator.config import IngestConfig
 from collector.aggregator.metrics import AggregatorMetrics, phase_label
 from collector.aggregator.spans import ReceivedSpan, SpanBuffer, span_error
@@ -29,7 +32,6 @@ from collector.store.base import (
     DeviceChunk,
     Float64Array,
     HostInfo,
-    Int64Array,
     LastSample,
     RollupIncrement,
     Store,
@@ -43,10 +45,10 @@ PROTOCOL_MAJOR = 1
 DEVICE_KINDS = frozenset({"gpu", "cpu", "dram"})
 PHASES = frozenset({"training", "inference", "unknown"})
 SPECIAL_WORKLOADS = frozenset({"idle", "system", "other"})  # sent with phase ""
-MINUTE_NS = 60_000_000_000
 MAX_NAME = 256  # characters in a hostname, id or workload name
 MAX_INSTANCES = 4096  # instances whose state stays cached; the others are read back from the store when they return
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SeriesKey = tuple[str, tuple[str, str, str] | None]  # (device_id, workload identity or None for the device)
 
 
@@ -64,10 +66,6 @@ class NewerProtocol(StreamRefused):
 
 class HostNotAllowed(StreamRefused):
     """The batch names a host the stream's credentials (client cert, token) do not cover."""
-
-
-class InvalidBatch(WattmeterError):
-    """The batch breaks a rule; the message says which field and how."""
 
 
 @dataclass(frozen=True)
@@ -114,71 +112,27 @@ def _name_error(what: str, value: str, required: bool = True) -> str | None:
         return f"{what} is empty"
     if len(value) > MAX_NAME:
         return f"{what} is longer than {MAX_NAME} characters"
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         return f"{what} {value[:64]!r} has control characters"
     return None
 
 
-def _times(where: str, raw: object, latest_ns: int) -> Int64Array:
-    times = np.array(raw, dtype=np.uint64)
-    if len(times) == 0:
-        return times.astype(np.int64)
-    if int(times.min()) == 0:
-        raise InvalidBatch(f"{where}: time_ns 0 (times are Unix epoch nanoseconds)")
-    if int(times.max()) > latest_ns:
-        raise InvalidBatch(
-            f"{where}: time_ns {int(times.max())} is more than max_future_s ahead of the aggregator's clock "
-            "(is the agent's clock right?)"
-        )
-    signed = times.astype(np.int64)
-    if len(signed) > 1 and not bool(np.all(signed[1:] > signed[:-1])):
-        raise InvalidBatch(f"{where}: time_ns not strictly ascending")
-    return signed
-
-
-def _energies(where: str, raw: object, count: int) -> Float64Array:
-    energy = np.array(raw, dtype=np.float64)
-    if len(energy) != count:
-        raise InvalidBatch(f"{where}: {len(energy)} energy_j values for {count} time_ns values")
-    if count == 0:
-        return energy
-    if not bool(np.all(np.isfinite(energy))):
-        raise InvalidBatch(f"{where}: energy_j not finite (NaN or infinity)")
-    if float(energy.min()) < 0:
-        raise InvalidBatch(f"{where}: energy_j negative ({float(energy.min())!r})")
-    if count > 1 and not bool(np.all(energy[1:] >= energy[:-1])):
-        raise InvalidBatch(f"{where}: energy_j goes backwards (a cumulative counter never does within an instance)")
-    return energy
-
-
-def _follow(where: str, time_ns: Int64Array, energy_j: Float64Array, last: LastSample | None) -> None:
-    if last is None or len(time_ns) == 0:
-        return
-    if int(time_ns[0]) <= last.time_ns:
-        raise InvalidBatch(
-            f"{where}: time_ns {int(time_ns[0])} is not after the last stored sample's ({last.time_ns}) "
-            "of this agent instance"
-        )
-    if float(energy_j[0]) < last.energy_j:
-        raise InvalidBatch(
-            f"{where}: energy_j {float(energy_j[0])!r} is below the last stored sample's ({last.energy_j!r}) "
+def _follow_error(first_time_ns: int, first_energy_j: float, last: LastSample) -> str | None:
+    """Why a series' first sample cannot follow the last stored one; None when it can."""
+    if first_time_ns <= last.time_ns:
+        return f"time_ns {first_time_ns} is not after the last stored sample's ({last.time_ns}) of this agent instance"
+    if first_energy_j < last.energy_j:
+        return (
+            f"energy_j {first_energy_j!r} is below the last stored sample's ({last.energy_j!r}) "
             "of this agent instance: the counter went backwards"
         )
+    return None
 
 
-def _deltas(energy_j: Float64Array, last: LastSample | None) -> Float64Array:
-    """Joules each sample adds: vs the previous sample of the series; the first of a new series adds 0."""
-    previous = float(energy_j[0]) if last is None else last.energy_j
-    return np.diff(energy_j, prepend=previous)
-
-
-def _by_minute(time_ns: Int64Array, deltas: Float64Array) -> list[tuple[int, float]]:
-    minutes = time_ns // MINUTE_NS
-    if minutes[0] == minutes[-1]:
-        return [(int(minutes[0]) * MINUTE_NS, float(deltas.sum()))]
-    unique, inverse = np.unique(minutes, return_inverse=True)
-    sums = np.bincount(inverse, weights=deltas)
-    return [(int(minute) * MINUTE_NS, float(joules)) for minute, joules in zip(unique, sums, strict=True)]
+def _workload_where(batch: pb.Batch, index: int) -> str:
+    series = batch.workloads[index]
+    identity = series.workload
+    return f"workloads[{index}] ({identity.workload}/{identity.phase}/{identity.job} on {series.device_id})"
 
 
 class Ingest:
@@ -370,15 +324,9 @@ class Ingest:
                 "send smaller batches or raise [ingest] max_batch_samples"
             )
         latest_ns = received_ns + int(self.config.max_future_s * 1e9)
-        devices: list[DeviceChunk] = []
-        in_batch: dict[str, bool] = {}
-        last: dict[SeriesKey, LastSample] = {}
-        rollups: list[RollupIncrement] = []
-        power: dict[str, float] = {}
-        dropped: list[str] = []
+        in_batch: dict[str, bool] = {}  # device_id -> in_host_total
         for index, series in enumerate(batch.devices):
-            where = f"devices[{index}]"
-            error = _name_error(f"{where}.device_id", series.device_id)
+            error = _name_error(f"devices[{index}].device_id", series.device_id)
             if error:
                 raise InvalidBatch(error)
             where = f"devices[{index}] ({series.device_id})"
@@ -390,70 +338,88 @@ class Ingest:
             if error:
                 raise InvalidBatch(error)
             in_batch[series.device_id] = series.in_host_total
-            time_ns = _times(where, series.time_ns, latest_ns)
-            energy_j = _energies(where, series.energy_j, len(time_ns))
-            power_w = self._power(where, series, len(time_ns), dropped)
-            if len(time_ns) == 0:
-                continue
-            key: SeriesKey = (series.device_id, None)
-            previous = self._last(state, instance_id, key)
-            _follow(where, time_ns, energy_j, previous)
-            last[key] = LastSample(int(time_ns[-1]), float(energy_j[-1]))
-            devices.append(
-                DeviceChunk(
-                    series.device_id, series.kind, series.source, series.in_host_total, time_ns, energy_j, power_w
-                )
-            )
-            for minute, joules in _by_minute(time_ns, _deltas(energy_j, previous)):
-                rollups.append(RollupIncrement(minute, series.device_id, "", "", "", joules))
-            if series.in_host_total and power_w is not None:
-                finite = power_w[~np.isnan(power_w)]
-                if len(finite):
-                    power[series.device_id] = float(finite[-1])
-
-        workloads: list[WorkloadChunk] = []
-        energy: dict[tuple[str, str], float] = {}
+        identities: list[tuple[str, str, str]] = []
+        workload_in_total: list[bool] = []
         seen: set[tuple[str, tuple[str, str, str]]] = set()
         for index, wseries in enumerate(batch.workloads):
             identity = (wseries.workload.workload, wseries.workload.phase, wseries.workload.job)
-            where = f"workloads[{index}] ({'/'.join(identity)} on {wseries.device_id})"
             error = (
-                _name_error(f"{where}: workload", identity[0])
-                or _name_error(f"{where}: job", identity[2], required=False)
-                or _name_error(f"{where}: device_id", wseries.device_id)
+                _name_error("workload", identity[0])
+                or _name_error("job", identity[2], required=False)
+                or _name_error("device_id", wseries.device_id)
             )
+            where = _workload_where(batch, index) if error or identity[1] not in PHASES else ""
             if error:
-                raise InvalidBatch(error)
+                raise InvalidBatch(f"{where}: {error}")
             if identity[1] == "":
                 if identity[0] not in SPECIAL_WORKLOADS:
                     raise InvalidBatch(f"{where}: phase is empty, which only idle, system and other may have")
             elif identity[1] not in PHASES:
                 raise InvalidBatch(f"{where}: unknown phase {identity[1][:64]!r} (training, inference or unknown)")
             if (wseries.device_id, identity) in seen:
-                raise InvalidBatch(f"{where}: the series appears twice in the batch")
+                raise InvalidBatch(f"{_workload_where(batch, index)}: the series appears twice in the batch")
             seen.add((wseries.device_id, identity))
             in_host_total = in_batch.get(wseries.device_id)
             if in_host_total is None:
                 in_host_total = self._known_device(state, instance_id, host.hostname, wseries.device_id)
             if in_host_total is None:
                 raise InvalidBatch(
-                    f"{where}: unknown device {wseries.device_id!r} (not in this batch, never sent by this agent)"
+                    f"{_workload_where(batch, index)}: unknown device {wseries.device_id!r} "
+                    "(not in this batch, never sent by this agent)"
                 )
-            time_ns = _times(where, wseries.time_ns, latest_ns)
-            energy_j = _energies(where, wseries.energy_j, len(time_ns))
-            if len(time_ns) == 0:
+            identities.append(identity)
+            workload_in_total.append(in_host_total)
+
+        device_columns = columns.gather(
+            batch.devices, lambda i: f"devices[{i}] ({batch.devices[i].device_id})", latest_ns
+        )
+        workload_columns = columns.gather(batch.workloads, lambda i: _workload_where(batch, i), latest_ns)
+        device_keys: list[SeriesKey] = [(series.device_id, None) for series in batch.devices]
+        workload_keys: list[SeriesKey] = [
+            (series.device_id, identity) for series, identity in zip(batch.workloads, identities, strict=True)
+        ]
+        last: dict[SeriesKey, LastSample] = {}
+        device_previous = self._follow_all(state, instance_id, device_columns, device_keys, last, "devices", batch)
+        workload_previous = self._follow_all(
+            state, instance_id, workload_columns, workload_keys, last, "workloads", batch
+        )
+
+        devices: list[DeviceChunk] = []
+        power: dict[str, float] = {}
+        dropped: list[str] = []
+        for index, series in enumerate(batch.devices):
+            count = device_columns.size(index)
+            power_w = self._power(f"devices[{index}] ({series.device_id})", series, count, dropped)
+            if count == 0:
                 continue
-            wkey: SeriesKey = (wseries.device_id, identity)
-            previous = self._last(state, instance_id, wkey)
-            _follow(where, time_ns, energy_j, previous)
-            last[wkey] = LastSample(int(time_ns[-1]), float(energy_j[-1]))
-            workloads.append(WorkloadChunk(*identity, wseries.device_id, time_ns, energy_j))
-            deltas = _deltas(energy_j, previous)
-            for minute, joules in _by_minute(time_ns, deltas):
-                rollups.append(RollupIncrement(minute, wseries.device_id, *identity, joules))
-            if in_host_total:
+            time_ns, energy_j = device_columns.slice(index)
+            devices.append(
+                DeviceChunk(
+                    series.device_id, series.kind, series.source, series.in_host_total, time_ns, energy_j, power_w
+                )
+            )
+            if series.in_host_total and power_w is not None:
+                measured = power_w[~np.isnan(power_w)]
+                if len(measured):
+                    power[series.device_id] = float(measured[-1])
+        workloads = [
+            WorkloadChunk(*identity, series.device_id, *workload_columns.slice(index))
+            for index, (series, identity) in enumerate(zip(batch.workloads, identities, strict=True))
+            if workload_columns.size(index)
+        ]
+
+        rollups: list[RollupIncrement] = []
+        device_joules = columns.deltas(device_columns, device_previous)
+        for index, minute, joules in columns.minute_sums(device_columns, device_joules):
+            rollups.append(RollupIncrement(minute, batch.devices[index].device_id, "", "", "", joules))
+        workload_joules = columns.deltas(workload_columns, workload_previous)
+        energy: dict[tuple[str, str], float] = {}
+        for index, minute, joules in columns.minute_sums(workload_columns, workload_joules):
+            identity = identities[index]
+            rollups.append(RollupIncrement(minute, batch.workloads[index].device_id, *identity, joules))
+            if workload_in_total[index]:
                 label = (host.hostname, phase_label(identity[0], identity[1]))
-                energy[label] = energy.get(label, 0.0) + float(deltas.sum())
+                energy[label] = energy.get(label, 0.0) + joules
 
         spans: list[ReceivedSpan] = []
         rejected_spans = 0
@@ -481,6 +447,37 @@ class Ingest:
             raw_bytes=size,
         )
         return _Prepared(stored, total, last, in_batch, energy, power, spans, rejected_spans, dropped)
+
+    def _follow_all(
+        self,
+        state: _InstanceState,
+        instance_id: str,
+        joined: columns.Columns,
+        keys: list[SeriesKey],
+        last: dict[SeriesKey, LastSample],
+        field_name: str,
+        batch: pb.Batch,
+    ) -> list[float | None]:
+        """Check each series goes on from its last stored sample; note its new last sample in ``last``. Returns
+        each series' previous energy (None: a new series, or an empty one)."""
+        previous_energy: list[float | None] = []
+        offsets = joined.offsets
+        times = joined.time_ns.tolist() if len(joined) else []
+        energy = joined.energy_j.tolist() if len(joined) else []
+        for index, key in enumerate(keys):
+            first, end = offsets[index], offsets[index + 1]
+            if first == end:
+                previous_energy.append(None)
+                continue
+            previous = self._last(state, instance_id, key)
+            if previous is not None:
+                error = _follow_error(times[first], energy[first], previous)
+                if error is not None:
+                    where = f"devices[{index}] ({key[0]})" if field_name == "devices" else _workload_where(batch, index)
+                    raise InvalidBatch(f"{where}: {error}")
+            last[key] = LastSample(times[end - 1], energy[end - 1])
+            previous_energy.append(None if previous is None else previous.energy_j)
+        return previous_energy
 
     @staticmethod
     def _power(where: str, series: pb.DeviceSeries, count: int, dropped: list[str]) -> Float64Array | None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from collector.aggregator.ingest import MINUTE_NS
+from collector.aggregator.columns import MINUTE_NS
 from collector.proto import wattmeter_pb2 as pb
 from tests.aggregator.conftest import (
     AggregatorFactory,
