@@ -42,7 +42,9 @@ PROTOCOL_MAJOR = 1
 SEGMENT_BYTES = 8 * 1024 * 1024
 MAX_INFLIGHT_BATCHES = 64  # sent, not yet acked: bounds what one reconnect sends again
 READ_BATCH_RECORDS = 16
-POLL_S = 0.2  # how often waiting threads look at the stop flag and the ack deadline
+# Waits are woken by appends, acks and stop; the timeouts are a safety net, long so an idle agent rarely wakes.
+WAKE_S = 1.0
+JOIN_S = 0.2
 LOG_EVERY_S = 60.0
 STOP_TIMEOUT_S = 0.5
 FINAL_FLUSH_S = 0.15  # of the stop budget: one append (and its fsync) and the spool's close
@@ -353,14 +355,15 @@ class StreamExporter:
             connection.call = call
             reader = threading.Thread(target=self._read_acks, args=(connection, call), name="stream-acks", daemon=True)
             reader.start()
-            while not connection.done.wait(POLL_S):
+            watch_s = min(WAKE_S, self.config.ack_timeout_s / 4)
+            while not connection.done.wait(watch_s):
                 if self._stopped.is_set():
                     break
                 if self._ack_overdue(connection):
                     connection.timed_out = True
                     break
             call.cancel()
-            reader.join(POLL_S)
+            reader.join(JOIN_S)
         finally:
             connection.done.set()  # ends the request iterator
             with self._changed:
@@ -382,13 +385,13 @@ class StreamExporter:
             with self._changed:
                 appended = self._appended
                 if len(connection.inflight) >= MAX_INFLIGHT_BATCHES:
-                    self._changed.wait(POLL_S)
+                    self._changed.wait(WAKE_S)
                     continue
             records = self._read_records(cursor)
             if not records:
                 with self._changed:
                     if self._appended == appended and not connection.done.is_set():
-                        self._changed.wait(POLL_S)
+                        self._changed.wait(WAKE_S)
                 continue
             for record_no, payload in records:
                 cursor = record_no + 1
