@@ -37,6 +37,7 @@ from collector.store.base import (
     Store,
     StoredBatch,
     WorkloadChunk,
+    WriteResult,
 )
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,12 @@ class Ingest:
         self.max_instances = max_instances
         self._instances: OrderedDict[str, _InstanceState] = OrderedDict()
         self._lock = threading.Lock()
+        self.store_error: str | None = None  # why the last write failed; None once one succeeds
+
+    def _write(self, batch: StoredBatch) -> WriteResult:
+        result = self.store.write_batch(batch)
+        self.store_error = None
+        return result
 
     def forget(self, instance_id: str) -> None:
         """Drop what is cached of ``instance_id``: its next batch reads the store (another aggregator sharing the
@@ -217,9 +224,13 @@ class Ingest:
         if seen_instances is not None and instance_id not in seen_instances:
             seen_instances.add(instance_id)
             self.forget(instance_id)
-        state = self._state(instance_id)
-        with state.lock:
-            return self._handle_locked(batch, state, len(data))
+        try:
+            state = self._state(instance_id)
+            with state.lock:
+                return self._handle_locked(batch, state, len(data))
+        except Exception as exc:  # the store failed (an invalid batch is an Ack, never an exception)
+            self.store_error = f"{type(exc).__name__}: {exc}"
+            raise
 
     @staticmethod
     def _header_error(batch: pb.Batch) -> str | None:
@@ -247,7 +258,7 @@ class Ingest:
             prepared = self._prepare(batch, state, host, received_ns, size)
         except InvalidBatch as exc:
             return self._reject(batch, state, host, received_ns, str(exc))
-        result = self.store.write_batch(prepared.stored)
+        result = self._write(prepared.stored)
         state.acked = result.acked_sequence
         ack = pb.Ack(agent_instance_id=instance_id, acked_sequence=result.acked_sequence)
         if not result.stored:
@@ -276,7 +287,7 @@ class Ingest:
             host=host,
             received_ns=received_ns,
         )
-        result = self.store.write_batch(empty)
+        result = self._write(empty)
         state.acked = result.acked_sequence
         self.metrics.count_batch("rejected")
         ack = pb.Ack(

@@ -82,6 +82,8 @@ class Aggregator:
     def healthy(self) -> tuple[bool, str]:
         if not self._serving:
             return False, "the gRPC server is not serving"
+        if self.ingest.store_error is not None:
+            return False, f"storage failing: {self.ingest.store_error}"
         return True, ""
 
     async def start(self) -> None:

@@ -17,6 +17,7 @@ from tests.aggregator.conftest import (
     RunningAggregator,
     batch,
     device,
+    http_get,
     now_ns,
     send,
     simple_batch,
@@ -336,3 +337,19 @@ def test_report_spans(aggregator: RunningAggregator, channel: grpc.Channel) -> N
     with pytest.raises(grpc.RpcError) as raised:
         garbage(b"\xff\xff\xff", timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_storage_failure_acknowledges_nothing_and_ends_the_stream(
+    aggregator: RunningAggregator, channel: grpc.Channel
+) -> None:
+    start = now_ns() - 5 * SECOND
+    assert send(channel, [simple_batch(1, start)]).code is None
+    aggregator.aggregator.store.close()  # the real store, gone: every write now fails
+    result = send(channel, [simple_batch(2, start + SECOND, energy0=1090.0)])
+    assert result.code == grpc.StatusCode.UNAVAILABLE
+    assert "could not store the batch" in result.details
+    assert result.acks == []
+    assert batches_counted(aggregator) == {"stored": 1, "error": 1}
+    status, body = http_get(aggregator.http_url + "/healthz")
+    assert status == 503
+    assert b"storage failing" in body
