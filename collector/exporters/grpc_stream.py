@@ -86,8 +86,9 @@ class _Every:
 @dataclass(frozen=True)
 class _Sent:
     record_no: int
-    instance_id: str | None  # None: a record that could not be read as a batch, done once those before it are
+    instance_id: str  # "": a record that could not be read as a batch, done once those before it are
     sequence: int
+    ordinal: int  # 1, 2, 3... in the order sent on its stream: the aggregator answers each batch with one ack
 
 
 class _Connection:
@@ -97,6 +98,7 @@ class _Connection:
         self.channel = channel
         self.call: grpc.RpcContext | None = None
         self.inflight: deque[_Sent] = deque()
+        self.sent = 0
         self.waiting_since: float | None = None  # monotonic: the oldest unanswered send, or the last ack since
         self.done = threading.Event()
         self.acks = 0
@@ -395,16 +397,17 @@ class StreamExporter:
                 continue
             for record_no, payload in records:
                 cursor = record_no + 1
-                sent = self._describe(record_no, payload)
+                instance_id, sequence = self._describe(record_no, payload)
                 with self._lock:
                     if connection.waiting_since is None:
                         connection.waiting_since = time.monotonic()
-                    connection.inflight.append(sent)
-                if sent.instance_id is None:
+                    if instance_id:
+                        connection.sent += 1
+                        self._sent += 1
+                    connection.inflight.append(_Sent(record_no, instance_id, sequence, connection.sent))
+                if not instance_id:
                     self._settle(connection)
                     continue
-                with self._lock:
-                    self._sent += 1
                 yield payload
 
     def _read_records(self, cursor: int) -> list[tuple[int, bytes]]:
@@ -418,7 +421,8 @@ class StreamExporter:
                     log.error("stream: %s", exc)
                 return []
 
-    def _describe(self, record_no: int, payload: bytes) -> _Sent:
+    def _describe(self, record_no: int, payload: bytes) -> tuple[str, int]:
+        """(instance, sequence) of a spooled record; ("", 0) for one that is not a batch (counted once)."""
         with self._lock:
             meta = self._meta.get(record_no)
         if meta is None:  # spooled by an earlier agent process: its own instance and sequence are in the bytes
@@ -426,15 +430,15 @@ class StreamExporter:
                 batch = pb.Batch.FromString(payload)
             except DecodeError:
                 batch = pb.Batch()
+            meta = (batch.agent_instance_id, batch.sequence, batch.created_ns)
             if not batch.agent_instance_id or not batch.sequence:
                 log.error("stream: spooled record %d is not a batch (%d bytes); dropped", record_no, len(payload))
-                with self._lock:
-                    self._dropped += 1
-                return _Sent(record_no, None, 0)
-            meta = (batch.agent_instance_id, batch.sequence, batch.created_ns)
+                meta = ("", 0, time.time_ns())
             with self._lock:
+                if not meta[0]:
+                    self._dropped += 1
                 self._meta[record_no] = meta
-        return _Sent(record_no, meta[0], meta[1])
+        return meta[0], meta[1]
 
     def _read_acks(self, connection: _Connection, call: Iterator[pb.Ack]) -> None:
         try:
@@ -452,21 +456,32 @@ class StreamExporter:
             connection.done.set()
 
     def _settle(self, connection: _Connection, ack: pb.Ack | None = None) -> None:
-        """Pop what ``ack`` covers (and unreadable records in between) off the front and release the spool."""
+        """Pop what ``ack`` answers off the front (and unreadable records in between), and release the spool.
+
+        An ack answers the batch it follows (the aggregator answers each batch once, in order) and covers every
+        batch of its instance up to ``acked_sequence``. Both count: a batch replayed from before a gap that the
+        spool's cap made is stored, yet stays above the watermark (its ``oldest_pending_sequence`` predates the
+        gap), and only its own answer says so.
+        """
         if ack is not None and ack.rejected_sequence:
             self._log_rejected(ack)
         with self._read_lock:
             with self._lock:
                 released = None
                 inflight = connection.inflight
+                answer = 0
+                if ack is not None:
+                    connection.acks += 1
+                    answer = connection.acks
                 while inflight:
                     head = inflight[0]
-                    if head.instance_id is not None:
+                    if head.instance_id:
                         if ack is None or head.instance_id != ack.agent_instance_id:
                             break
-                        if head.sequence == ack.rejected_sequence:
+                        answered = head.ordinal == answer
+                        if answered and head.sequence == ack.rejected_sequence:
                             self._rejected += 1
-                        elif head.sequence <= ack.acked_sequence:
+                        elif answered or head.sequence <= ack.acked_sequence:
                             self._acked += 1
                         else:
                             break
@@ -474,7 +489,6 @@ class StreamExporter:
                     self._meta.pop(head.record_no, None)
                     released = head.record_no
                 if ack is not None:
-                    connection.acks += 1
                     connection.waiting_since = time.monotonic() if inflight else None
                 elif not inflight:
                     connection.waiting_since = None

@@ -467,6 +467,35 @@ def test_a_restarted_exporter_replays_the_spool_with_the_original_instance_and_s
     assert list(servicer.stored[3].devices[0].energy_j) == [3.0]
 
 
+def test_replayed_batches_stuck_behind_a_gap_are_released_by_their_own_answers(
+    tmp_path: Path, server: LoopbackServer, servicer: RecordingTelemetry, make_exporter: Callable[..., StreamExporter]
+) -> None:
+    # an earlier agent's batches 3..70 whose batch 1 and 2 the spool's cap dropped: their oldest_pending_sequence
+    # (1, from when they were made) holds the aggregator's watermark at 0 for good, more than a window of them
+    config = stream_config(tmp_path, server.target)
+    with Spool(config.spool_dir) as spool:
+        for sequence in range(3, 71):
+            old = pb.Batch(
+                protocol_major=1,
+                host=pb.HostIdentity(hostname="host-a"),
+                agent_instance_id="old-instance",
+                sequence=sequence,
+                created_ns=time.time_ns(),
+                oldest_pending_sequence=1,
+                devices=[pb.DeviceSeries(device_id="gpu0", kind="gpu", time_ns=[sequence], energy_j=[1.0 * sequence])],
+            )
+            spool.append(old.SerializeToString())
+    exporter = make_exporter(config)
+    feed(exporter, 100, 100.0)
+    exporter.flush()
+    exporter.start()
+    wait_until(lambda: spool_empty(exporter), "the spool to drain")
+    assert servicer.sequences("old-instance") == list(range(3, 71))
+    assert servicer.sequences(exporter.instance_id) == [1]
+    assert servicer._contiguous["old-instance"] == 0  # the watermark never covered them
+    assert exporter.stats().acked_batches == 69
+
+
 def test_a_rejected_batch_is_dropped_and_counted_and_the_stream_goes_on(
     tmp_path: Path,
     server: LoopbackServer,
