@@ -459,28 +459,41 @@ def test_agent_killed_mid_stream_replays_its_spool_once(tmp_path: Path, cleanup:
     old_instance = agent.instance_id()
     poll(partial(acked_at_least, agent, 3), "the agent streaming", agent.process, server)
 
-    # Freeze the aggregator: batches keep going out on the open stream, none is answered. Then kill -9 the agent
-    # and let the aggregator go on: it may still store what reached it from the dead stream, unacknowledged.
+    # Freeze the aggregator: batches keep going out on the open stream and none is answered. Then freeze the agent
+    # and let the aggregator go on: it stores those batches and acknowledges them into the frozen agent's socket.
+    # kill -9 the agent there: its spool still holds batches the store has (a replay must not store them again)
+    # and the ones made since.
     server.pause()
     try:
 
-        def unanswered() -> bool:
+        def unanswered() -> float | None:
             metrics = agent.metrics()
             sent = metrics["wattmeter_stream_sent_batches_total"]
-            return sent - metrics["wattmeter_stream_acked_batches_total"] >= 5
+            return sent if sent - metrics["wattmeter_stream_acked_batches_total"] >= 5 else None
 
-        poll(unanswered, "batches sent and not acknowledged", agent.process)
-        agent.process.proc.send_signal(signal.SIGKILL)
-        agent.process.proc.wait(STOP_WAIT_S)
+        sent = int(poll(unanswered, "batches sent and not acknowledged", agent.process))
+        agent.process.pause()
     finally:
         server.resume()
+    try:
+        poll(
+            lambda: aggregator.acked_sequence(old_instance) >= sent,
+            f"the {sent} batches sent stored",
+            agent.process,
+            server,
+        )
+    finally:
+        agent.process.kill()  # SIGKILL ends a stopped process too
+    stored_before = aggregator.acked_sequence(old_instance)
 
     pending, _ = read_spool(agent.spool_dir)
     pairs = [(s.batch.agent_instance_id, s.batch.sequence) for s in pending]
-    assert len(pairs) >= 5, pairs
     assert {instance for instance, _ in pairs} == {old_instance}
     sequences = [sequence for _, sequence in pairs]
     assert sequences == list(range(sequences[0], sequences[-1] + 1)), sequences
+    already = [sequence for sequence in sequences if sequence <= stored_before]
+    assert len(already) >= 5, (pairs, stored_before)  # stored, and still in the spool: a replay sends them again
+    duplicates_before = aggregator.batches()["duplicate"]
 
     restarted = agent.start()  # the same spool_dir
     cleanup.append(restarted)
@@ -512,6 +525,7 @@ def test_agent_killed_mid_stream_replays_its_spool_once(tmp_path: Path, cleanup:
         assert any(t > agent.started_ns for t in times), f"{what}: nothing from the restarted agent"
     batches = aggregator.batches()
     assert batches["rejected"] == batches["error"] == 0, batches
+    assert batches["duplicate"] - duplicates_before >= len(already), batches  # the replay came, and was refused
     server.terminate()
 
 
