@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import latency, overhead, render, rss, versus, workloads
+from bench import adapters, ingest, latency, overhead, render, rss, versus, workloads
 from bench.common import BenchError, Context, Result, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -33,6 +33,13 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], list[Result]], str]] = {
         workloads.run,
         "agent CPU with workload attribution: 16 GPU processes, 2,000 host processes scanned at 1 Hz; scan cost",
     ),
+    "ingest": (
+        ingest.run,
+        "aggregator ingest: samples/s stored on SQLite from 100 simulated agents over loopback gRPC; its CPU",
+    ),
+    "stream": (adapters.stream_run, "agent spool bytes per hour per GPU and the extra agent CPU of [stream]"),
+    "spool": (adapters.spool_run, "(informational) spool append per fsync policy, replay, bytes per record"),
+    "store": (adapters.store_run, "(informational) the SQLite store alone: samples/s from 8 threads, write latency"),
 }
 
 
