@@ -19,7 +19,16 @@ def test_committed_gencode_is_current(tmp_path: Path) -> None:
     (tmp_path / "collector" / "proto").mkdir(parents=True)
     shutil.copy(ROOT / PROTO, tmp_path / PROTO)
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=.", PROTO],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            "--python_out=.",
+            "--pyi_out=.",
+            "--grpc_python_out=.",
+            PROTO,
+        ],
         cwd=tmp_path,
         check=True,
     )
