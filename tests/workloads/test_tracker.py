@@ -10,6 +10,7 @@ import pytest
 
 from collector.attribution import IDLE, SYSTEM
 from collector.config import WorkloadsConfig
+from collector.exporters.exposition import Family
 from collector.exporters.families import workload_families
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading, DeviceStatus, GpuProcess
 from collector.sampler import Sampler, SourceState
@@ -112,7 +113,8 @@ def test_energy_splits_by_cpu_time_and_gpu_processes_and_adds_up(world: tuple) -
     assert tracker.phase_energy_j["training"] == pytest.approx(450.0 + 45.0)
 
 
-def test_exported_families(world: tuple) -> None:  # type: ignore[type-arg]
+def families_after_one_window(world: tuple) -> dict[str, Family]:  # type: ignore[type-arg]
+    """Two scans (pid 101 busy on the CPU and alone on gpu0), one reading of 100 J (GPU) and 10 J (CPU)."""
     proc, source, sampler, tracker = world
     tracker.scan()
     proc.set_cpu(101, utime=200, stime=0)
@@ -121,7 +123,11 @@ def test_exported_families(world: tuple) -> None:  # type: ignore[type-arg]
     sampler._status_once(sampler.states[0])
     tracker.scan()
     step(source, sampler, gpu_j=100.0, cpu_j=10.0)
-    families = {family.name: family for family in workload_families(tracker)}
+    return {family.name: family for family in workload_families(tracker)}
+
+
+def test_exported_families(world: tuple) -> None:  # type: ignore[type-arg]
+    families = families_after_one_window(world)
     energy = {labels: value for _, _, labels, value in families["wattmeter_workload_energy_joules"].samples}
     assert energy[("torchrun", "training", "j7", "gpu0")] == pytest.approx(100.0)
     assert energy[("system", "", "", "cpu0")] == pytest.approx(10.0 * 0.8)
@@ -131,19 +137,12 @@ def test_exported_families(world: tuple) -> None:  # type: ignore[type-arg]
 
 
 def test_registered_labels_are_exported_as_label_info(world: tuple) -> None:  # type: ignore[type-arg]
-    proc, source, sampler, tracker = world
+    tracker = world[3]
     identity = WorkloadIdentity(
         "llama-ft", "training", "r1", origin="registration", labels=(("model", "llama-70b"), ("team", "nlp"))
     )
     tracker.register(101, identity)
-    tracker.scan()
-    proc.set_cpu(101, utime=200, stime=0)
-    proc.set_total_cpu(1500)
-    source.gpu_processes = (GpuProcess(101),)
-    sampler._status_once(sampler.states[0])
-    tracker.scan()
-    step(source, sampler, gpu_j=100.0, cpu_j=10.0)
-    families = {family.name: family for family in workload_families(tracker)}
+    families = families_after_one_window(world)
     labels = sorted(labels for _, _, labels, _ in families["wattmeter_workload_label_info"].samples)
     assert labels == [
         ("llama-ft", "training", "r1", "model", "llama-70b"),
