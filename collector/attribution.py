@@ -33,22 +33,44 @@ import math
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from collector.readings import DeviceKind, DeviceReading, GpuProcess
 
 K = TypeVar("K", bound=Hashable)
 
 
-@dataclass(frozen=True, slots=True)
 class SpecialKey:
     """A key that is not a workload: ``IDLE``, ``SYSTEM``, ``OTHER``.
 
     A distinct type, not the strings ``"idle"``/``"system"``/``"other"``, so that a workload a user names ``idle``
     can never be mixed up with the GPU's idle energy. ``str()`` gives the label value to export (``name``).
+
+    Interned: ``SpecialKey(name)`` is always the same object for a name, so equality and hashing are by identity,
+    which the interpreter does without calling Python code (these keys are hashed several times per reading).
     """
 
+    __slots__ = ("name",)
     name: str
+    _interned: ClassVar[dict[str, SpecialKey]] = {}
+
+    def __new__(cls, name: str) -> SpecialKey:
+        existing = cls._interned.get(name)
+        if existing is not None:
+            return existing
+        key = super().__new__(cls)
+        object.__setattr__(key, "name", name)
+        cls._interned[name] = key
+        return key
+
+    def __setattr__(self, attribute: str, value: object) -> None:
+        raise AttributeError(f"SpecialKey is immutable: cannot set {attribute}")
+
+    def __reduce__(self) -> tuple[type[SpecialKey], tuple[str]]:
+        return (SpecialKey, (self.name,))
+
+    def __repr__(self) -> str:
+        return f"SpecialKey({self.name!r})"
 
     def __str__(self) -> str:
         return self.name

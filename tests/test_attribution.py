@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Hashable, Sequence
 from typing import cast
 
@@ -205,6 +206,9 @@ def test_special_keys_are_not_workload_names() -> None:
     assert str(SYSTEM) == "system"
     assert str(OTHER) == "other"
     assert SpecialKey("idle") == IDLE
+    assert SpecialKey("idle") is IDLE and pickle.loads(pickle.dumps(OTHER)) is OTHER  # interned, also unpickled
+    with pytest.raises(AttributeError):
+        IDLE.name = "busy"  # type: ignore[misc]
 
 
 # --- WorkloadEnergy ------------------------------------------------------------------------------------------------
