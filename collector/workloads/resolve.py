@@ -247,6 +247,12 @@ class Resolver:
         """How many (pid, starttime) answers are cached."""
         return len(self._cache)
 
+    def identities_by_pid(self) -> dict[int, WorkloadIdentity]:
+        """pid -> identity of the processes resolved and alive at the last ``prune``. Safe from another thread
+        than the scan's: the cache is copied in one C-level step, during which no Python code runs."""
+        cached = list(self._cache.items())
+        return {pid: identity for (pid, _, _), (_, identity) in cached}
+
     def live_identities(self) -> set[WorkloadIdentity]:
         """The identities of the processes resolved and still alive at the last ``prune``."""
         return {identity for _, identity in self._cache.values()}

@@ -298,9 +298,7 @@ class WorkloadTracker:
     def process_bindings(self) -> dict[int, WorkloadKey]:
         """pid -> (workload, phase, job) of the live processes the scans identified (resolved from /proc, or named
         by their source), so a request span that names only a pid finds its workload. Safe from any thread."""
-        # a copy in one C-level step (no Python code runs during it), while the scan thread may add and prune
-        cached = list(self.resolver._cache.items())
-        bindings = {pid: identity.key() for (pid, _, _), (_, identity) in cached}
+        bindings = {pid: identity.key() for pid, identity in self.resolver.identities_by_pid().items()}
         for state in self.sampler.states:
             for status in list(state.statuses.values()):
                 for process in status.processes:
