@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from collector.errors import WattmeterError
+from collector.store.rows import PackedBatch
 
 Int64Array = npt.NDArray[np.int64]
 Float64Array = npt.NDArray[np.float64]
@@ -87,6 +88,13 @@ class StoredBatch:
     workloads: Sequence[WorkloadChunk] = ()
     rollups: Sequence[RollupIncrement] = ()
     raw_bytes: int = 0  # size on the wire, for accounting
+    # the same content already packed as rows (ingest packs in its worker processes); devices, workloads and rollups
+    # are then empty
+    packed: PackedBatch | None = None
+
+    def __post_init__(self) -> None:
+        if self.packed is not None and (self.devices or self.workloads or self.rollups):
+            raise ValueError("a StoredBatch has either chunks and rollups or packed rows, not both")
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,13 @@ class Store(abc.ABC):
     def write_batch(self, batch: StoredBatch) -> WriteResult:
         """Store ``batch`` durably (committed, and synced where the backend allows) in one transaction, unless
         (instance, sequence) is already stored. Updates the instance's contiguous watermark."""
+
+    def write_batches(self, batches: Sequence[StoredBatch]) -> list[WriteResult]:
+        """``write_batch`` of each of ``batches``, in order; one result each. Backends write them in one
+        transaction (group commit: one sync for all); this default writes them one by one. When it raises, which of
+        them were stored is not known: write them again (each alone, to find the one that fails), which dedup makes
+        safe. Two batches of one instance, even the same (instance, sequence) twice, may be in one call."""
+        return [self.write_batch(batch) for batch in batches]
 
     @abc.abstractmethod
     def acked_sequence(self, instance_id: str) -> int:

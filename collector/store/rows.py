@@ -1,15 +1,19 @@
 """A batch as table rows, packed before any transaction starts (so the writer's lock is held for SQL alone).
 
-Raw samples are little-endian int64 times and float64 values, one blob per array per chunk (``tobytes``).
+Raw samples are little-endian int64 times and float64 values, one blob per array per chunk (``tobytes``). Ingest
+may hand the store a batch already packed (``StoredBatch.packed``: its worker processes pack it from the wire bytes,
+which are these blobs already), so the writer only binds the ids the database gives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from collector.store.base import Float64Array, Int64Array, StoredBatch
+if TYPE_CHECKING:  # base.py imports this module (StoredBatch.packed)
+    from collector.store.base import Float64Array, Int64Array, StoredBatch
 
 WorkloadKey = tuple[str, str, str]  # workload, phase, job; ("", "", "") is the device's own energy in rollups
 DeviceRow = tuple[str, str, str, bool]  # device_id, kind, source, in_host_total
@@ -54,6 +58,8 @@ class PackedBatch:
 
 
 def pack(batch: StoredBatch) -> PackedBatch:
+    if batch.packed is not None:
+        return batch.packed
     sequence = batch.sequence
     device_chunks: list[DeviceChunkRow] = [
         (

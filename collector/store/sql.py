@@ -1,19 +1,15 @@
-"""The store's logic, in SQL that SQLite and PostgreSQL both run: dedup and the contiguous watermark, packed raw
-chunks, rollup upserts, and the reads. Backends supply connections and transactions (``_run``).
-
-Dedup is correct with several writers on one database because every write starts by upserting its agent instance's
-row, which locks it (PostgreSQL: a row lock held to commit; SQLite: ``BEGIN IMMEDIATE`` locks the database), so two
-writes of one instance never interleave and the second sees what the first committed.
+"""The store's logic, in SQL that SQLite and PostgreSQL both run: the schema, writes (``writes.GroupWrite``: dedup,
+the contiguous watermark, packed raw chunks, rollup upserts; one transaction per group of batches) and the reads.
+Backends supply connections and transactions (``_run``).
 """
 
 from __future__ import annotations
 
 import abc
 import math
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,26 +26,13 @@ from collector.store.base import (
 )
 from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
-from collector.store.rows import PackedBatch, WorkloadKey, pack, unpack_times, unpack_values
+from collector.store.rows import WorkloadKey, pack, unpack_times, unpack_values
+from collector.store.writes import Cursor, GroupWrite, WorkloadRefs
+
+__all__ = ["Cursor", "SqlStore", "T"]
 
 T = TypeVar("T")
 MINUTE_NS = 60_000_000_000
-WATERMARK_PAGE = 256  # stored sequences read per query while advancing the watermark
-
-
-class Cursor(Protocol):
-    """What the logic needs of a DB-API cursor; SQL is written with ``?`` placeholders."""
-
-    def execute(self, sql: str, params: Sequence[Any] = (), /) -> object: ...
-
-    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> object: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-    @property
-    def rowcount(self) -> int: ...
 
 
 class SqlStore(Store):
@@ -57,37 +40,8 @@ class SqlStore(Store):
 
     def __init__(self, dialect: Dialect) -> None:
         self._dialect = dialect
-        self._workload_refs: dict[WorkloadKey, int] = {}  # only ids whose row is committed
-        self._refs_lock = threading.Lock()
-        self._upsert_instance = dialect.format(
-            """INSERT INTO instances (instance_id, host_id, watermark, first_seen_ns, last_seen_ns)
-            VALUES (?, NULL, 0, ?, ?)
-            ON CONFLICT (instance_id) DO UPDATE
-                SET last_seen_ns = {greatest}(instances.last_seen_ns, excluded.last_seen_ns)
-            RETURNING id, watermark"""
-        )
-        # machine and boot id follow the newest batch, so a late replay does not bring back an old boot id
-        self._upsert_host = dialect.format(
-            """INSERT INTO hosts (hostname, machine_id, boot_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?, ?, ?)
-            ON CONFLICT (hostname) DO UPDATE SET
-                machine_id = CASE WHEN excluded.last_seen_ns >= hosts.last_seen_ns
-                    THEN excluded.machine_id ELSE hosts.machine_id END,
-                boot_id = CASE WHEN excluded.last_seen_ns >= hosts.last_seen_ns
-                    THEN excluded.boot_id ELSE hosts.boot_id END,
-                first_seen_ns = {least}(hosts.first_seen_ns, excluded.first_seen_ns),
-                last_seen_ns = {greatest}(hosts.last_seen_ns, excluded.last_seen_ns)
-            RETURNING id"""
-        )
-        self._upsert_device = dialect.format(
-            """INSERT INTO devices (host_id, device_id, kind, source, in_host_total, first_seen_ns, last_seen_ns)
-            VALUES (?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT (host_id, device_id) DO UPDATE SET
-                kind = excluded.kind,
-                source = excluded.source,
-                in_host_total = excluded.in_host_total,
-                first_seen_ns = {least}(devices.first_seen_ns, excluded.first_seen_ns),
-                last_seen_ns = {greatest}(devices.last_seen_ns, excluded.last_seen_ns)"""
-        )
+        self._workloads = WorkloadRefs()
+        self._group_write = GroupWrite(dialect)
 
     # -- what backends provide
 
@@ -128,124 +82,20 @@ class SqlStore(Store):
     # -- writes
 
     def write_batch(self, batch: StoredBatch) -> WriteResult:
-        packed = pack(batch)
+        return self.write_batches([batch])[0]
 
-        def work(cursor: Cursor) -> tuple[WriteResult, dict[WorkloadKey, int]]:
-            cursor.execute(self._upsert_instance, (batch.instance_id, batch.received_ns, batch.received_ns))
-            instance_ref, watermark = (int(value) for value in cursor.fetchone())
-            if batch.sequence <= watermark or self._stored_above_watermark(cursor, instance_ref, batch.sequence):
-                return WriteResult(stored=False, acked_sequence=watermark), {}
-            host_id: int | None = None
-            new_refs: dict[WorkloadKey, int] = {}
-            if packed.has_data:
-                host_id = self._write_host(cursor, batch, packed)
-                refs, new_refs = self._resolve_workloads(cursor, packed.workloads)
-                self._write_rows(cursor, packed, host_id, instance_ref, refs)
-            # the agent holds nothing below oldest_pending: the watermark may jump to just under it
-            contiguous = max(watermark, batch.oldest_pending_sequence - 1)
-            if batch.sequence == contiguous + 1:
-                contiguous = batch.sequence
-            elif batch.sequence > contiguous:  # out of order: remembered until the watermark reaches it
-                cursor.execute(
-                    "INSERT INTO stored_sequences (instance_ref, sequence) VALUES (?, ?)",
-                    (instance_ref, batch.sequence),
-                )
-            acked = self._advance(cursor, instance_ref, contiguous)
-            cursor.execute(
-                "DELETE FROM stored_sequences WHERE instance_ref = ? AND sequence <= ?", (instance_ref, acked)
-            )
-            cursor.execute(
-                "UPDATE instances SET watermark = ?, host_id = COALESCE(?, host_id) WHERE id = ?",
-                (acked, host_id, instance_ref),
-            )
-            return WriteResult(stored=True, acked_sequence=acked), new_refs
+    def write_batches(self, batches: Sequence[StoredBatch]) -> list[WriteResult]:
+        """All of ``batches`` in one transaction: one commit (one sync) for the group; see ``writes``."""
+        if not batches:
+            return []
+        packed = [pack(batch) for batch in batches]  # before the transaction: its lock is held for SQL alone
 
-        result, new_refs = self._run(work, write=True)
-        if new_refs:
-            with self._refs_lock:
-                self._workload_refs.update(new_refs)
-        return result
+        def work(cursor: Cursor) -> tuple[list[WriteResult], dict[WorkloadKey, int]]:
+            return self._group_write.run(cursor, batches, packed, self._workloads)
 
-    @staticmethod
-    def _stored_above_watermark(cursor: Cursor, instance_ref: int, sequence: int) -> bool:
-        cursor.execute(
-            "SELECT 1 FROM stored_sequences WHERE instance_ref = ? AND sequence = ?", (instance_ref, sequence)
-        )
-        return cursor.fetchone() is not None
-
-    @staticmethod
-    def _advance(cursor: Cursor, instance_ref: int, watermark: int) -> int:
-        """``watermark`` moved up through the stored sequences that follow it without a gap."""
-        while True:
-            cursor.execute(
-                "SELECT sequence FROM stored_sequences WHERE instance_ref = ? AND sequence > ? "
-                "ORDER BY sequence LIMIT ?",
-                (instance_ref, watermark, WATERMARK_PAGE),
-            )
-            sequences = [int(row[0]) for row in cursor.fetchall()]
-            for sequence in sequences:
-                if sequence != watermark + 1:
-                    return watermark
-                watermark = sequence
-            if len(sequences) < WATERMARK_PAGE:
-                return watermark
-
-    def _write_host(self, cursor: Cursor, batch: StoredBatch, packed: PackedBatch) -> int:
-        host = batch.host
-        seen = batch.received_ns
-        cursor.execute(self._upsert_host, (host.hostname, host.machine_id, host.boot_id, seen, seen))
-        host_id = int(cursor.fetchone()[0])
-        if packed.devices:
-            cursor.executemany(self._upsert_device, [(host_id, *device, seen, seen) for device in packed.devices])
-        return host_id
-
-    def _resolve_workloads(
-        self, cursor: Cursor, keys: list[WorkloadKey]
-    ) -> tuple[dict[WorkloadKey, int], dict[WorkloadKey, int]]:
-        """Ids of the workloads ``keys`` names (all of them, the ones new to this store), inserting missing ones."""
-        refs: dict[WorkloadKey, int] = {}
-        with self._refs_lock:
-            for key in keys:
-                ref = self._workload_refs.get(key)
-                if ref is not None:
-                    refs[key] = ref
-        new_refs: dict[WorkloadKey, int] = {}
-        for key in keys:
-            if key in refs:
-                continue
-            cursor.execute(
-                "INSERT INTO workloads (workload, phase, job) VALUES (?, ?, ?) "
-                "ON CONFLICT (workload, phase, job) DO NOTHING",
-                key,
-            )
-            cursor.execute("SELECT id FROM workloads WHERE workload = ? AND phase = ? AND job = ?", key)
-            new_refs[key] = int(cursor.fetchone()[0])
-        refs.update(new_refs)
-        return refs, new_refs
-
-    @staticmethod
-    def _write_rows(
-        cursor: Cursor, packed: PackedBatch, host_id: int, instance_ref: int, refs: dict[WorkloadKey, int]
-    ) -> None:
-        if packed.device_chunks:
-            cursor.executemany(
-                "INSERT INTO device_chunks (host_id, instance_ref, device_id, t_start, t_end, sequence, "
-                "time_ns, energy_j, power_w) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(host_id, instance_ref, *row) for row in packed.device_chunks],
-            )
-        if packed.workload_chunks:
-            cursor.executemany(
-                "INSERT INTO workload_chunks (host_id, instance_ref, workload_ref, device_id, t_start, t_end, "
-                "sequence, time_ns, energy_j) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(host_id, instance_ref, refs[key], *row) for key, row in packed.workload_chunks],
-            )
-        if packed.rollups:
-            cursor.executemany(
-                "INSERT INTO rollups (minute_ns, host_id, device_id, workload_ref, energy_j) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (minute_ns, host_id, device_id, workload_ref) "
-                "DO UPDATE SET energy_j = rollups.energy_j + excluded.energy_j",
-                [(minute, host_id, device, refs[key], joules) for minute, device, key, joules in packed.rollups],
-            )
+        results, new_refs = self._run(work, write=True)
+        self._workloads.remember(new_refs)
+        return results
 
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:
         raw_cutoff = now_ns - round(raw_retention_s * 1e9)
