@@ -19,6 +19,8 @@ from collector.errors import WattmeterError
 from collector.store.base import Float64Array, Int64Array
 
 MINUTE_NS = 60_000_000_000
+UInt64Array = npt.NDArray[np.uint64]
+Where = Callable[[int], str]  # names series i in a message
 
 
 class InvalidBatch(WattmeterError):
@@ -47,6 +49,9 @@ class Columns:
     def size(self, index: int) -> int:
         return self.offsets[index + 1] - self.offsets[index]
 
+    def sizes(self) -> Int64Array:
+        return np.diff(np.asarray(self.offsets, dtype=np.int64)).astype(np.int64, copy=False)
+
     def slice(self, index: int) -> tuple[Int64Array, Float64Array]:
         start, end = self.offsets[index], self.offsets[index + 1]
         return self.time_ns[start:end], self.energy_j[start:end]
@@ -57,8 +62,7 @@ def _series_of(offsets: list[int], position: int) -> int:
 
 
 def gather(series: Sequence[Series], where: Callable[[int], str], latest_ns: int) -> Columns:
-    """Join and check: time_ns in (0, latest_ns] and strictly ascending, energy_j finite, >= 0 and never going
-    back, as many of each. ``where(i)`` names series ``i`` in the message of the ``InvalidBatch`` raised."""
+    """Join the series of parsed messages and ``check`` them (``where(i)`` names series ``i`` in messages)."""
     offsets = [0]
     for index, one in enumerate(series):
         count = len(one.time_ns)
@@ -68,6 +72,16 @@ def gather(series: Sequence[Series], where: Callable[[int], str], latest_ns: int
     total = offsets[-1]
     times = np.fromiter(itertools.chain.from_iterable(s.time_ns for s in series), dtype=np.uint64, count=total)
     energy = np.fromiter(itertools.chain.from_iterable(s.energy_j for s in series), dtype=np.float64, count=total)
+    return check(offsets, times, energy, where, latest_ns)
+
+
+def check(
+    offsets: list[int], times: UInt64Array, energy: Float64Array, where: Callable[[int], str], latest_ns: int
+) -> Columns:
+    """Check joined series (series ``i`` is ``[offsets[i]:offsets[i + 1]]``; times as sent, unsigned): time_ns in
+    (0, latest_ns] and strictly ascending, energy_j finite, >= 0 and never going back. ``where(i)`` names series
+    ``i`` in the message of the ``InvalidBatch`` raised."""
+    total = offsets[-1]
     if total == 0:
         return Columns(offsets, times.astype(np.int64), energy)
 
@@ -104,18 +118,15 @@ def gather(series: Sequence[Series], where: Callable[[int], str], latest_ns: int
     return Columns(offsets, signed, energy)
 
 
-def deltas(columns: Columns, previous: Sequence[float | None]) -> Float64Array:
-    """Joules each sample adds over the previous sample of its series; the first sample of a series adds its
-    step from ``previous[i]`` (the last stored sample), or nothing when there is none (a new series)."""
+def within_deltas(columns: Columns) -> Float64Array:
+    """Joules each sample adds over the previous sample of its series; a series' first sample adds nothing here
+    (its step from the series' last stored sample is the caller's, who knows that sample)."""
     energy = columns.energy_j
     out = np.empty_like(energy)
     if len(energy) == 0:
         return out
     out[1:] = energy[1:] - energy[:-1]
-    for index, last in enumerate(previous):
-        start = columns.offsets[index]
-        if columns.offsets[index + 1] > start:
-            out[start] = 0.0 if last is None else float(energy[start]) - last
+    out[np.asarray(columns.offsets[:-1])[columns.sizes() > 0]] = 0.0
     return out
 
 

@@ -10,12 +10,10 @@ that one stream with INVALID_ARGUMENT and a clear message instead of an internal
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from collector.aggregator.config import GrpcConfig
+from collector.aggregator.checker import CheckFailed
+from collector.aggregator.config import GrpcConfig, IngestConfig
 from collector.aggregator.ingest import (
     GarbageBatch,
     HostNotAllowed,
@@ -96,13 +95,13 @@ class TelemetryServicer:
         metrics: AggregatorMetrics,
         spans: SpanBuffer,
         auth: AuthPolicy,
-        executor: ThreadPoolExecutor,
+        limits: IngestConfig,
     ) -> None:
         self.ingest = ingest
         self.metrics = metrics
         self.spans = spans
         self.auth = auth
-        self.executor = executor
+        self.limits = limits
 
     async def _allowed(self, context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str] | None:
         try:
@@ -112,23 +111,24 @@ class TelemetryServicer:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise  # abort raised already; for the type checker
 
-    def _handle(self, data: bytes, allowed: frozenset[str] | None, seen: set[str]) -> Outcome:
-        return self.ingest.handle(data, allowed, seen)
-
     async def stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, pb.Ack]
     ) -> AsyncIterator[pb.Ack]:
         allowed = await self._allowed(context)
-        loop = asyncio.get_running_loop()
         seen: set[str] = set()  # instances met on this stream: their first batch re-reads their state
         self.metrics.stream_opened()
         try:
             async for data in requests:
                 try:
-                    outcome = await loop.run_in_executor(self.executor, self._handle, data, allowed, seen)
+                    outcome: Outcome = await self.ingest.handle(data, allowed, seen)
                 except StreamRefused as exc:
                     log.warning("ended a stream from %s: %s", context.peer(), exc)
                     await context.abort(STATUS_OF[type(exc)], str(exc))
+                except CheckFailed as exc:
+                    # nothing was acknowledged, the agent keeps the batch and sends it again
+                    log.error("checking a batch from %s failed: %s", context.peer(), exc)
+                    self.metrics.count_batch("error")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator could not check the batch: {exc}")
                 except Exception as exc:
                     # storage failed: nothing was acknowledged, the agent keeps the batch and sends it again
                     log.exception("storing a batch from %s failed", context.peer())
@@ -154,7 +154,7 @@ class TelemetryServicer:
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"spans for host(s) {', '.join(outside)}; the credentials are for {', '.join(sorted(allowed))}",
                 )
-        latest_ns = self.ingest.clock_ns() + int(self.ingest.config.max_future_s * 1e9)
+        latest_ns = self.ingest.clock_ns() + int(self.limits.max_future_s * 1e9)
         accepted: list[ReceivedSpan] = []
         errors: list[str] = []
         for span in report.spans:
@@ -213,12 +213,12 @@ class GrpcServer:
         ingest: Ingest,
         metrics: AggregatorMetrics,
         spans: SpanBuffer,
-        executor: ThreadPoolExecutor,
+        limits: IngestConfig,
     ) -> None:
         self.config = config
         self.credentials = server_credentials(config)
         self.servicer = TelemetryServicer(
-            ingest, metrics, spans, AuthPolicy(config.client_ca is not None, dict(config.agent_tokens)), executor
+            ingest, metrics, spans, AuthPolicy(config.client_ca is not None, dict(config.agent_tokens)), limits
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None

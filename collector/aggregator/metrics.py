@@ -32,6 +32,7 @@ class AggregatorMetrics:
         self.spans: Counter[str] = Counter()
         self.dropped_fields: Counter[str] = Counter()
         self.samples_stored = 0
+        self.store_commits = 0  # transactions that stored batches (a group commit holds many)
         self.agents_connected = 0
         self.fleet_energy: dict[tuple[str, str], float] = {}  # (host, phase label) -> J
         self._power: dict[str, dict[str, tuple[float, float]]] = {}  # host -> device -> (W, monotonic time)
@@ -46,6 +47,10 @@ class AggregatorMetrics:
     def count_batch(self, result: str) -> None:
         with self._lock:
             self.batches[result] += 1
+
+    def count_commit(self, batches: int) -> None:
+        with self._lock:
+            self.store_commits += 1
 
     def count_spans(self, accepted: int, rejected: int) -> None:
         with self._lock:
@@ -137,11 +142,18 @@ class AggregatorMetrics:
                 "wattmeter_aggregator_stored_samples", "counter", "Device and workload samples stored.", ()
             )
             samples.add((), float(self.samples_stored))
+            commits = Family(
+                "wattmeter_aggregator_store_commits",
+                "counter",
+                "Store transactions that committed batches: one holds all waiting when it began (group commit).",
+                (),
+            )
+            commits.add((), float(self.store_commits))
             connected = Family("wattmeter_aggregator_agents_connected", "gauge", "Agent streams open now.", ())
             connected.add((), float(self.agents_connected))
             info = Family("wattmeter_aggregator_build_info", "gauge", "Aggregator version.", ("version",))
             info.add((__version__,), 1.0)
-        return [energy, fleet_power, batches, spans, dropped, samples, connected, info]
+        return [energy, fleet_power, batches, spans, dropped, samples, commits, connected, info]
 
 
 class ScrapeRenderer:

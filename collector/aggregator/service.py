@@ -10,12 +10,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from collector.aggregator.checker import Checker, InlineChecker
+from collector.aggregator.checks import Limits
 from collector.aggregator.config import AggregatorConfig
 from collector.aggregator.grpc_server import GrpcServer
 from collector.aggregator.http_api import HttpApi
 from collector.aggregator.ingest import Ingest
 from collector.aggregator.metrics import AggregatorMetrics, ScrapeRenderer
 from collector.aggregator.spans import SpanBuffer
+from collector.aggregator.writer import GroupWriter
 from collector.config import parse_listen
 from collector.exporters.prometheus import MetricsHTTPServer, server_ssl_context
 from collector.store import open_store
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 GRPC_GRACE_S = 1.0  # in-flight batches get this long to be stored and acknowledged; SIGTERM to exit stays under 2 s
 HTTP_POLL_S = 0.1  # bounds how long the HTTP server's shutdown waits
+WRITER_CLOSE_S = 0.5  # what is queued when gRPC has stopped is written within this (else left to the store's close)
+READ_THREADS = 4  # store reads off the event loop: an instance's state after a restart, pruning
 
 
 class Aggregator:
@@ -64,12 +69,18 @@ class Aggregator:
             raise
         self.http_api = HttpApi(self.store)
         self.http.routes = self.http_api.routes()
-        self.executor = ThreadPoolExecutor(config.ingest.workers, thread_name_prefix="ingest")
-        self.ingest = Ingest(self.store, config.ingest, self.metrics, self.spans)
-        self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, self.spans, self.executor)
+        self.executor = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="store-read")
+        self.writer = GroupWriter(self.store, on_commit=self.metrics.count_commit)
+        self.checker = self._checker()
+        self.ingest = Ingest(self.store, self.checker, self.writer, self.metrics, self.spans, self.executor)
+        self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, self.spans, config.ingest)
         self._http_thread: threading.Thread | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._serving = False
+
+    def _checker(self) -> Checker:
+        ingest = self.config.ingest
+        return InlineChecker(Limits(ingest.max_future_s, ingest.max_batch_samples))
 
     @property
     def grpc_port(self) -> int:
@@ -132,6 +143,8 @@ class Aggregator:
             await asyncio.get_running_loop().run_in_executor(None, self.http.shutdown)
             self._http_thread = None
         self.http.server_close()
+        await self.checker.close()
+        self.writer.close(WRITER_CLOSE_S)
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self._owns_store:
             self.store.close()
@@ -140,6 +153,7 @@ class Aggregator:
     def close(self) -> None:
         """Release what ``__init__`` opened, for an aggregator that was never started."""
         self.http.server_close()
+        self.writer.close(WRITER_CLOSE_S)
         self.executor.shutdown(wait=False)
         if self._owns_store:
             self.store.close()

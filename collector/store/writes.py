@@ -10,20 +10,26 @@ Locks: a write starts by upserting its instances' rows, sorted, which locks them
 commit; SQLite: ``BEGIN IMMEDIATE`` has locked the database), so two writes of one instance never interleave and the
 second sees what the first committed. Hosts, devices, workloads and rollups follow, each sorted, so aggregators
 sharing a database take row locks in one order and do not deadlock.
+
+Rows go in multi-row statements (``ROWS_PER_STATEMENT`` rows each), not one statement per row: each statement
+releases and takes back the GIL (SQLite runs without it), and a thread that wants it back waits behind the event
+loop's thread for up to the switch interval, so statements, not rows, are what a group costs.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Protocol, TypeVar
 
 from collector.store.base import StoredBatch, WriteResult
 from collector.store.dialect import Dialect
 from collector.store.rows import PackedBatch, WorkloadKey
 
-ROWS_PER_STATEMENT = 200  # rows in one multi-row INSERT (SQLite allows 32766 parameters)
+ROWS_PER_STATEMENT = 500  # rows in one multi-row statement: at most 9 parameters a row (SQLite allows 32766)
 WATERMARK_PAGE = 256  # stored sequences read per query while advancing the watermark
 T = TypeVar("T")
 
@@ -50,6 +56,12 @@ def _chunks(items: Sequence[T], size: int = ROWS_PER_STATEMENT) -> Iterator[Sequ
 
 def _marks(rows: int, row: str) -> str:
     return ", ".join([row] * rows)
+
+
+def _insert(cursor: Cursor, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str = "") -> None:
+    """``head VALUES row, row... tail`` for ``rows``, ``ROWS_PER_STATEMENT`` at a time."""
+    for chunk in _chunks(rows):
+        cursor.execute(f"{head} VALUES {_marks(len(chunk), row)}{tail}", list(itertools.chain.from_iterable(chunk)))
 
 
 class WorkloadRefs:
@@ -111,7 +123,7 @@ class GroupWrite:
 
     def __init__(self, dialect: Dialect) -> None:
         self._upsert_instances = (
-            "INSERT INTO instances (instance_id, host_id, watermark, first_seen_ns, last_seen_ns) VALUES ",
+            "INSERT INTO instances (instance_id, host_id, watermark, first_seen_ns, last_seen_ns)",
             "(?, NULL, 0, ?, ?)",
             dialect.format(
                 " ON CONFLICT (instance_id) DO UPDATE"
@@ -121,7 +133,7 @@ class GroupWrite:
         )
         # machine and boot id follow the newest batch, so a late replay does not bring back an old boot id
         self._upsert_hosts = (
-            "INSERT INTO hosts (hostname, machine_id, boot_id, first_seen_ns, last_seen_ns) VALUES ",
+            "INSERT INTO hosts (hostname, machine_id, boot_id, first_seen_ns, last_seen_ns)",
             "(?, ?, ?, ?, ?)",
             dialect.format(
                 """ ON CONFLICT (hostname) DO UPDATE SET
@@ -134,15 +146,20 @@ class GroupWrite:
                 RETURNING hostname, id"""
             ),
         )
-        self._upsert_device = dialect.format(
-            """INSERT INTO devices (host_id, device_id, kind, source, in_host_total, first_seen_ns, last_seen_ns)
-            VALUES (?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT (host_id, device_id) DO UPDATE SET
+        self._upsert_devices = dialect.format(
+            """ ON CONFLICT (host_id, device_id) DO UPDATE SET
                 kind = excluded.kind,
                 source = excluded.source,
                 in_host_total = excluded.in_host_total,
                 first_seen_ns = {least}(devices.first_seen_ns, excluded.first_seen_ns),
                 last_seen_ns = {greatest}(devices.last_seen_ns, excluded.last_seen_ns)"""
+        )
+        # the watermark, and the host of the instance's last batch with data (NULL: keep it)
+        self._update_instances = (
+            dialect.format(
+                "UPDATE instances SET watermark = v.column2, host_id = COALESCE(v.column3, instances.host_id) FROM ("
+            ),
+            dialect.format("(CAST(? AS {bigint}), CAST(? AS {bigint}), CAST(? AS {bigint}))"),
         )
 
     def run(
@@ -170,11 +187,14 @@ class GroupWrite:
         host_ids = self._write_hosts(cursor, with_data)
         new_refs = self._write_rows(cursor, with_data, host_ids, workloads)
         changed = sorted((i for i in instances.values() if i.changed), key=lambda i: i.ref)
-        if changed:
-            cursor.executemany(
-                "UPDATE instances SET watermark = ?, host_id = COALESCE(?, host_id) WHERE id = ?",
-                [(i.watermark, None if i.hostname is None else host_ids[i.hostname], i.ref) for i in changed],
-            )
+        head, row = self._update_instances
+        for chunk in _chunks(changed):
+            params = [
+                value
+                for i in chunk
+                for value in (i.ref, i.watermark, None if i.hostname is None else host_ids[i.hostname])
+            ]
+            cursor.execute(f"{head}VALUES {_marks(len(chunk), row)}) AS v WHERE instances.id = v.column1", params)
         out_of_order = [(i.ref, sequence) for i in changed for sequence in sorted(i.pending)]
         if out_of_order:
             cursor.executemany("INSERT INTO stored_sequences (instance_ref, sequence) VALUES (?, ?)", out_of_order)
@@ -190,7 +210,7 @@ class GroupWrite:
         instances: dict[str, _Instance] = {}
         for ids in _chunks(sorted(first_seen)):
             params = [value for i in ids for value in (i, first_seen[i], last_seen[i])]
-            cursor.execute(head + _marks(len(ids), row) + tail, params)
+            cursor.execute(f"{head} VALUES {_marks(len(ids), row)}{tail}", params)
             for instance_id, ref, watermark in cursor.fetchall():
                 instances[instance_id] = _Instance(int(ref), int(watermark))
         by_ref = {instance.ref: instance for instance in instances.values()}
@@ -283,21 +303,31 @@ class GroupWrite:
                 for value in (name, hosts[name].machine_id, hosts[name].boot_id, hosts[name].first_seen_ns,
                               hosts[name].last_seen_ns)
             ]  # fmt: skip
-            cursor.execute(head + _marks(len(chunk), row) + tail, params)
+            cursor.execute(f"{head} VALUES {_marks(len(chunk), row)}{tail}", params)
             host_ids.update((str(name), int(host_id)) for name, host_id in cursor.fetchall())
-        # device_id -> kind, source, in_host_total of the last batch naming it; first and last seen over all
-        devices: dict[tuple[int, str], list[Any]] = {}
+        # (host, device) -> kind, source, in_host_total of the last batch naming it; first and last seen over all
+        devices: dict[tuple[int, str], tuple[str, str, bool, int, int]] = {}
         for batch, rows, _ in with_data:
             host_id, seen = host_ids[batch.host.hostname], batch.received_ns
             for device_id, kind, source, in_host_total in rows.devices:
                 known = devices.get((host_id, device_id))
-                first = seen if known is None else min(known[3], seen)
-                last = seen if known is None else max(known[4], seen)
-                devices[(host_id, device_id)] = [kind, source, in_host_total, first, last]
-        if devices:
-            cursor.executemany(
-                self._upsert_device, [(*key, *values) for key, values in sorted(devices.items(), key=lambda kv: kv[0])]
-            )
+                if known is None:
+                    devices[(host_id, device_id)] = (kind, source, in_host_total, seen, seen)
+                else:
+                    devices[(host_id, device_id)] = (
+                        kind,
+                        source,
+                        in_host_total,
+                        min(known[3], seen),
+                        max(known[4], seen),
+                    )
+        _insert(
+            cursor,
+            "INSERT INTO devices (host_id, device_id, kind, source, in_host_total, first_seen_ns, last_seen_ns)",
+            "(?, ?, ?, ?, ?, ?, ?)",
+            [key + values for key, values in sorted(devices.items())],
+            self._upsert_devices,
+        )
         return host_ids
 
     @staticmethod
@@ -313,29 +343,47 @@ class GroupWrite:
         workload_chunks: list[tuple[Any, ...]] = []
         rollups: list[tuple[int, int, str, int, float]] = []
         for batch, rows, instance in with_data:
-            host_id, ref = host_ids[batch.host.hostname], instance.ref
-            device_chunks.extend((host_id, ref, *row) for row in rows.device_chunks)
-            workload_chunks.extend((host_id, ref, refs[key], *row) for key, row in rows.workload_chunks)
-            rollups.extend((minute, host_id, device, refs[key], joules) for minute, device, key, joules in rows.rollups)
-        if device_chunks:
-            cursor.executemany(
-                "INSERT INTO device_chunks (host_id, instance_ref, device_id, t_start, t_end, sequence, "
-                "time_ns, energy_j, power_w) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                device_chunks,
-            )
-        if workload_chunks:
-            cursor.executemany(
-                "INSERT INTO workload_chunks (host_id, instance_ref, workload_ref, device_id, t_start, t_end, "
-                "sequence, time_ns, energy_j) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                workload_chunks,
-            )
-        if rollups:
-            # sorted by bucket (a stable sort: increments to one bucket are added in batch order, as one by one)
-            rollups.sort(key=lambda row: row[:4])
-            cursor.executemany(
-                "INSERT INTO rollups (minute_ns, host_id, device_id, workload_ref, energy_j) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (minute_ns, host_id, device_id, workload_ref) "
+            ids = (host_ids[batch.host.hostname], instance.ref)
+            host_id = ids[0]
+            device_chunks += [ids + row for row in rows.device_chunks]
+            workload_chunks += [(*ids, refs[key], *row) for key, row in rows.workload_chunks]
+            rollups += [(minute, host_id, device, refs[key], joules) for minute, device, key, joules in rows.rollups]
+        _insert(
+            cursor,
+            "INSERT INTO device_chunks (host_id, instance_ref, device_id, t_start, t_end, sequence, time_ns, energy_j, "
+            "power_w)",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            device_chunks,
+        )
+        _insert(
+            cursor,
+            "INSERT INTO workload_chunks (host_id, instance_ref, workload_ref, device_id, t_start, t_end, sequence, "
+            "time_ns, energy_j)",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            workload_chunks,
+        )
+        # An upsert statement may name a bucket once (PostgreSQL): increments to one bucket go in rounds, in batch
+        # order, so they add up as one by one would; each round sorted by bucket (row lock order).
+        rounds: list[list[tuple[int, int, str, int, float]]] = []
+        seen: dict[tuple[int, int, str, int], int] = {}
+        for rollup in rollups:
+            bucket = rollup[:4]
+            n = seen.get(bucket, 0)
+            seen[bucket] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(rollup)
+        for round_ in rounds:
+            round_.sort(key=_BUCKET)
+            _insert(
+                cursor,
+                "INSERT INTO rollups (minute_ns, host_id, device_id, workload_ref, energy_j)",
+                "(?, ?, ?, ?, ?)",
+                round_,
+                " ON CONFLICT (minute_ns, host_id, device_id, workload_ref) "
                 "DO UPDATE SET energy_j = rollups.energy_j + excluded.energy_j",
-                rollups,
             )
         return new_refs
+
+
+_BUCKET = itemgetter(0, 1, 2, 3)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from collector.aggregator.columns import MINUTE_NS, InvalidBatch, deltas, gather, minute_sums
+from collector.aggregator.columns import MINUTE_NS, InvalidBatch, gather, minute_sums, within_deltas
 
 LATEST = 10**18
 
@@ -27,8 +27,8 @@ def test_boundaries_are_not_steps_and_empty_series_keep_their_place() -> None:
     assert joined.offsets == [0, 2, 2, 5]
     assert joined.slice(1)[0].tolist() == []
     assert joined.slice(2)[1].tolist() == [0.0, 0.0, 1.0]
-    steps = deltas(joined, [8.0, None, None])
-    assert steps.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]  # series 2 is new: its first sample adds nothing
+    steps = within_deltas(joined)
+    assert steps.tolist() == [0.0, 1.0, 0.0, 0.0, 1.0]  # a series' first sample adds nothing (across: not a step)
 
 
 @pytest.mark.parametrize(
@@ -52,5 +52,5 @@ def test_problems_are_blamed_on_their_series(series: list[S], words: str) -> Non
 def test_minute_sums_per_series_and_minute() -> None:
     m = MINUTE_NS
     joined = gather([S([m - 1, m, m + 1], [0.0, 2.0, 5.0]), S([m + 2], [7.0])], where, LATEST)
-    sums = minute_sums(joined, deltas(joined, [None, 6.0]))
-    assert sums == [(0, 0, 0.0), (0, m, 5.0), (1, m, 1.0)]
+    sums = minute_sums(joined, within_deltas(joined))
+    assert sums == [(0, 0, 0.0), (0, m, 5.0), (1, m, 0.0)]
