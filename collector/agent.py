@@ -11,11 +11,12 @@ from types import FrameType
 
 from collector.config import AgentConfig
 from collector.errors import RegistrationSocketError, SourceError, SourceUnavailable
+from collector.exporters.exposition import Family
 from collector.exporters.families import sampler_families, workload_families
 from collector.exporters.grpc_stream import StreamExporter, stream_families
 from collector.exporters.prometheus import FamiliesProvider, PrometheusExporter
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading
-from collector.registration import RegistrationEvent, RegistrationServer
+from collector.registration import RegistrationEvent, RegistrationServer, SpanEvent
 from collector.sampler import Sampler, SourceState
 from collector.sources import BUILTIN_ORDER, registered_sources
 from collector.sources.base import Source
@@ -78,6 +79,20 @@ def gpus(source: Source) -> list[DeviceInfo]:
     return [info for info in source.devices() if info.kind is DeviceKind.GPU]
 
 
+def request_span_family(forwarded: int, dropped: int, refused: int) -> Family:
+    """``wattmeter_request_spans_total``: spans from the registration socket by what became of them."""
+    family = Family(
+        "wattmeter_request_spans",
+        "counter",
+        "Request spans processes reported on the registration socket: forwarded (spooled for the aggregator), "
+        "dropped (no [stream] target, pending spans at their cap, or their batch not spooled), refused (invalid).",
+        ("result",),
+    )
+    for result, count in (("forwarded", forwarded), ("dropped", dropped), ("refused", refused)):
+        family.add((result,), float(count))
+    return family
+
+
 class Agent:
     """Binds the metrics port, opens the sources, and runs the sampler and exporter until told to stop."""
 
@@ -103,8 +118,9 @@ class Agent:
             tracker = WorkloadTracker(config.workloads, self.sampler)
             self.workloads = tracker
             self.registration = RegistrationServer.from_config(
-                config.api, on_register=self._on_register, on_disconnect=tracker.unregister
+                config.api, on_register=self._on_register, on_disconnect=tracker.unregister, on_span=self._on_span
             )
+        self.spans_unsent = 0  # request spans accepted with no [stream] target to send them to
         self.stream: StreamExporter | None = None
         if config.stream.enabled:
             self.stream = StreamExporter(
@@ -119,7 +135,17 @@ class Agent:
             providers.append(lambda: workload_families(tracker))
         if stream is not None:
             providers.append(lambda: stream_families(stream))
+        if self.registration is not None:
+            providers.append(self._span_families)
         return providers
+
+    def _span_families(self) -> list[Family]:
+        forwarded = dropped = 0
+        if self.stream is not None:
+            stats = self.stream.stats()
+            forwarded, dropped = stats.spans_forwarded, stats.spans_dropped
+        refused = self.registration.spans_refused if self.registration is not None else 0
+        return [request_span_family(forwarded, dropped + self.spans_unsent, refused)]
 
     def _extra_sources(self) -> list[tuple[str, bool, int]]:
         extra = []
@@ -139,6 +165,13 @@ class Agent:
                 labels=tuple(sorted(event.labels.items())),
             )
             self.workloads.register(event.pid, identity)
+
+    def _on_span(self, event: SpanEvent) -> None:
+        """On the registration thread: hand the span to the stream, or count it when nothing would send it."""
+        if self.stream is None:
+            self.spans_unsent += 1
+            return
+        self.stream.add_span(event)  # a full queue counts the drop itself
 
     def _retire_estimate_once_rapl_reads(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
         if source_name == "rapl" and any(state.name == "model" for state in self.sampler.states):

@@ -13,6 +13,20 @@ or as a plain call, which stays in force until the process exits (or ``close()``
 
     collector.client.register("llama-70b-serve", phase="inference")
 
+Inference servers also report each request, so its energy can be told apart (energy per request)::
+
+    with collector.client.request(request_id, model="llama-70b", tenant="acme") as r:
+        r.started()        # optional: it left the queue (the time before it gets no energy)
+        ...
+        r.prefill_done()   # optional: the prefill/decode boundary
+        ...
+        r.tokens(input=512, output=128)
+
+or, for servers that are not shaped for a ``with``, ``report_span(request_id, start_ns, end_ns, ...)`` afterwards;
+``current_request()`` is the span of the innermost ``with request(...)`` (or ``EnergyMiddleware``) around the caller.
+``EnergyMiddleware`` wraps an ASGI app (FastAPI, Starlette) so that each HTTP request is one span. A process need not
+register to report spans: the agent knows its pid from the socket and finds its workload by it.
+
 This module runs inside other people's processes, so it imports only the standard library (nothing from
 ``collector``), never blocks the caller and never raises into it:
 
@@ -22,6 +36,8 @@ This module runs inside other people's processes, so it imports only the standar
 - Sends are non-blocking (``MSG_DONTWAIT`` on a non-blocking socket). When the socket buffer is full the message is
   dropped and counted in the module-level ``dropped``; the full state is re-sent once the socket drains, so the
   agent ends up with the latest phase even when some changes were dropped.
+- A span is sent once, when its request ends, on the same connection (opened on demand). With no agent, or the socket
+  buffer full, it is dropped and counted in ``spans_dropped`` (and ``dropped``); nothing is queued in the process.
 - A daemon thread (``wattmeter-client``, one per process, running only while something is registered) notices when
   the agent goes away, reconnects and registers again, so an agent restart loses nothing.
 - One lock guards the socket; it is held only around non-blocking system calls.
@@ -38,6 +54,9 @@ agent writes nothing back. Every message carries the protocol's major version ``
 
     {"v": 1, "type": "register", "workload": "llama-70b", "phase": "training", "job": "run-42", "labels": {"team": "a"}}
     {"v": 1, "type": "phase", "phase": "inference"}
+    {"v": 1, "type": "span", "request_id": "req-1", "start_ns": 1767225600000000000, "end_ns": 1767225601500000000,
+     "model": "llama-70b", "tenant": "acme", "input_tokens": 512, "output_tokens": 128,
+     "queue_end_ns": 1767225600020000000, "prefill_end_ns": 1767225600200000000}
 
 - ``register`` sets everything the agent knows about the connection's process; ``phase`` changes only the phase and
   is ignored before a ``register``. Sending ``register`` again is always allowed (the client re-sends it after a
@@ -45,6 +64,14 @@ agent writes nothing back. Every message carries the protocol's major version ``
 - ``workload``: 1-128 characters of ``[A-Za-z0-9._:/-]`` after trimming. ``phase``: ``training``, ``inference`` or
   ``unknown`` (default ``unknown``). ``job``: at most 256 characters (default empty). ``labels``: an object of
   string values (default empty).
+- ``span`` (one line per line above; it needs no ``register`` first and changes no registration) reports one served
+  request. ``request_id``: 1-256 characters, no control characters; several spans (hosts, pipeline stages) of one
+  request add up under it. ``start_ns`` <= ``end_ns``: Unix ns (``time.time_ns()``), at most a day apart, not in
+  the future, at most a week old. Optional: ``queue_end_ns`` (it left the queue: no energy before it) and
+  ``prefill_end_ns`` (prefill/decode boundary), each 0 (not reported) or within the span, the queue end first;
+  ``input_tokens``, ``output_tokens``: integers 0..2**40 (default 0); ``model``, ``tenant``: at most 256 characters;
+  ``workload``: empty (default: found by the pid) or a workload name as in ``register``; ``labels`` as in
+  ``register``. A span with any field out of bounds is refused whole.
 - The pid is not in the message: the agent takes pid, uid and gid from the socket (``SO_PEERCRED``), so a process
   can only speak for itself. Closing the connection (or exiting) ends the registration.
 - Within a major version, fields are only ever added; the agent ignores fields it does not know. A message with an
@@ -54,6 +81,7 @@ agent writes nothing back. Every message carries the protocol's major version ``
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -62,8 +90,9 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from types import TracebackType
+from typing import Any
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -72,10 +101,17 @@ __all__ = [
     "PHASES",
     "PROTOCOL_VERSION",
     "RETRY_INTERVAL_S",
+    "EnergyMiddleware",
     "Registration",
+    "RequestSpan",
     "close",
+    "current_request",
     "dropped",
     "register",
+    "report_span",
+    "request",
+    "spans_dropped",
+    "spans_sent",
 ]
 
 DEFAULT_SOCKET = "/run/wattmeter/agent.sock"
@@ -88,13 +124,26 @@ RETRY_INTERVAL_S = 5.0
 PHASES = ("training", "inference", "unknown")
 MAX_WORKLOAD_CHARS = 128
 MAX_JOB_CHARS = 256
+# The agent's bounds on a span (collector.registration): the client keeps to them, so a span is not refused whole.
+MAX_REQUEST_ID_CHARS = 256
+MAX_MODEL_CHARS = 256
+MAX_TENANT_CHARS = 256
+MAX_TOKENS = 2**40
+MAX_LABELS = 16
+MAX_LABEL_VALUE_CHARS = 256
 
 dropped = 0
 """Messages not handed to the socket (no agent, socket buffer full, connection broken), since the process started."""
+spans_sent = 0
+"""Request spans handed to the socket, since the process started."""
+spans_dropped = 0
+"""Request spans not handed to the socket (no agent, socket buffer full, unusable times); also in ``dropped``."""
 
 log = logging.getLogger("wattmeter.client")
 
 _NOT_WORKLOAD_CHAR = re.compile(r"[^A-Za-z0-9._:/-]")
+_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE in their process
 _POLL_S = 1.0  # how often the watcher thread looks at the connection when nothing happens
 
@@ -102,6 +151,15 @@ _POLL_S = 1.0  # how often the watcher thread looks at the connection when nothi
 def _count_drop() -> None:
     global dropped
     dropped += 1
+
+
+def _count_span(sent: bool) -> None:
+    global spans_sent, spans_dropped
+    if sent:
+        spans_sent += 1
+    else:
+        spans_dropped += 1
+        _count_drop()
 
 
 class Registration:
@@ -222,6 +280,34 @@ class _Client:
             if changed and self._stack and self._stack[-1] is registration:
                 warning = self._send_locked(full=False)
         self._log_unreachable(warning)
+
+    def send_span(self, data: bytes) -> bool:
+        """Hand one span line to the socket now, connecting if need be, or drop it; counted either way."""
+        warning = None
+        with self._lock:
+            sent = False
+            for _ in range(2):  # a connection found broken (agent restarted) gets one immediate reconnect
+                if self._sock is None:
+                    warning = self._connect_locked() or warning
+                    if self._sock is None:
+                        break
+                sent = self._send_span_locked(data)
+                if sent or self._sock is not None:
+                    break
+            if self._pending:  # part of a line is left: the watcher finishes it once the socket drains
+                self._ensure_watcher_locked()
+            _count_span(sent)
+        self._log_unreachable(warning)
+        return sent
+
+    def _send_span_locked(self, data: bytes) -> bool:
+        if self._stack and self._resync and not self._pending:
+            # a new connection: the agent hears who this process is before anything else
+            if self._write_locked(self._register_message(self._stack[-1])):
+                self._resync = False
+            elif self._sock is None:
+                return False
+        return self._write_locked(data)
 
     def close(self) -> None:
         with self._lock:
@@ -394,9 +480,9 @@ class _Client:
         warning = None
         wait_s = 0.0
         with self._lock:
-            if not self._stack:
-                # Give up the watcher role under the lock, so a register() from now on starts a new watcher
-                # rather than relying on this exiting one.
+            if not self._stack and not (self._sock is not None and self._pending):
+                # Nothing registered and no span half sent. Give up the watcher role under the lock, so a
+                # register() from now on starts a new watcher rather than relying on this exiting one.
                 if self._watcher is threading.current_thread():
                     self._watcher = None
                 return False
@@ -514,6 +600,414 @@ def close() -> None:
         _client.close()
     except Exception:
         log.debug("wattmeter client: close failed", exc_info=True)
+
+
+# --- request spans ------------------------------------------------------------------------------------------------
+
+# Bounds the agent puts on span times (collector.registration), checked here so a wrong unit is said once, here.
+_MIN_TIME_NS = 10**18  # 2001-09-09: anything earlier is seconds or milliseconds, not ns
+_MAX_SPAN_NS = 24 * 3600 * 10**9
+_MAX_SPAN_AGE_NS = 7 * 24 * 3600 * 10**9
+_MAX_SPAN_FUTURE_NS = 300 * 10**9
+
+_current: contextvars.ContextVar[RequestSpan | None] = contextvars.ContextVar("wattmeter_request", default=None)
+
+
+def _log_error_once(where: str) -> None:
+    """Log the exception being handled, once per ``where`` for the life of the process; never raises."""
+    try:
+        key = f"error:{where}"
+        if key in _client._warned_once:
+            return
+        _client._warned_once.add(key)
+        log.warning("wattmeter client: %s failed; ignored (not logged again)", where, exc_info=True)
+    except Exception:
+        pass
+
+
+def _new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+class RequestSpan:
+    """One request being served, from ``request()``: reported to the agent once, when it ends (leaving the ``with``
+    block, or ``end()``). Times are Unix ns. Attributes (``model``, ``tenant``, ``workload``, ``labels``) may be set
+    until then. Every method returns at once and never raises; use one span from one thread at a time."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str = "",
+        tenant: str = "",
+        workload: str = "",
+        labels: Mapping[str, str] | None = None,
+        start_ns: int | None = None,
+    ) -> None:
+        self._wall0 = time.time_ns()
+        self._mono0 = time.monotonic_ns()
+        self.request_id = request_id
+        self.model = model
+        self.tenant = tenant
+        self.workload = workload
+        self.labels: Mapping[str, str] = labels if labels is not None else {}
+        self.start_ns: int = self._wall0 if start_ns is None else start_ns
+        """When the request arrived (Unix ns): when ``request()`` was called, unless given."""
+        self.end_ns: int | None = None
+        self.queue_end_ns = 0
+        self.prefill_end_ns = 0
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.sent: bool | None = None
+        """None until the span ends; then whether it was handed to the agent's socket."""
+        self._response_end_ns: int | None = None
+        self._context_tokens: list[contextvars.Token[RequestSpan | None]] = []
+
+    def _now_ns(self) -> int:
+        """Unix ns on this span's clock: the wall clock at its start plus monotonic time since, so a clock step
+        during the request can never make it end before it began."""
+        return self._wall0 + (time.monotonic_ns() - self._mono0)
+
+    def tokens(self, input: int | None = None, output: int | None = None) -> None:
+        """Set the request's token counts (prompt tokens, generated tokens); a count left out keeps its value."""
+        if input is not None:
+            self.input_tokens = input
+        if output is not None:
+            self.output_tokens = output
+
+    def started(self, time_ns: int | None = None) -> None:
+        """The request left the queue and began to run (now, or at ``time_ns``): the time before gets no energy."""
+        try:
+            self.queue_end_ns = self._now_ns() if time_ns is None else time_ns
+        except Exception:
+            _log_error_once("RequestSpan.started")
+
+    def prefill_done(self, time_ns: int | None = None) -> None:
+        """The prefill (prompt) phase ended and decoding began (now, or at ``time_ns``)."""
+        try:
+            self.prefill_end_ns = self._now_ns() if time_ns is None else time_ns
+        except Exception:
+            _log_error_once("RequestSpan.prefill_done")
+
+    def end(self, time_ns: int | None = None) -> None:
+        """End the request (now, or at ``time_ns``) and report it; later calls do nothing."""
+        if self.sent is not None:
+            return
+        try:
+            if time_ns is not None:
+                self.end_ns = time_ns
+            elif self._response_end_ns is not None:
+                self.end_ns = self._response_end_ns
+            else:
+                self.end_ns = self._now_ns()
+            self.sent = _report(self, self.end_ns)
+        except Exception:
+            self.sent = False
+            _log_error_once("RequestSpan.end")
+
+    def __enter__(self) -> RequestSpan:
+        try:
+            self._context_tokens.append(_current.set(self))
+        except Exception:
+            _log_error_once("RequestSpan.__enter__")
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # A failed request used energy too: it is reported, and its exception goes on unchanged.
+        self.end()
+        try:
+            if self._context_tokens:
+                _current.reset(self._context_tokens.pop())
+        except Exception:  # ValueError: exited in another context than entered (an async generator, say)
+            _log_error_once("RequestSpan.__exit__")
+
+    def __repr__(self) -> str:
+        return f"RequestSpan(request_id={self.request_id!r}, model={self.model!r}, sent={self.sent!r})"
+
+
+def request(
+    request_id: str | None = None,
+    *,
+    model: str = "",
+    tenant: str = "",
+    workload: str = "",
+    labels: Mapping[str, str] | None = None,
+    start_ns: int | None = None,
+) -> RequestSpan:
+    """Start a span for one request (``request_id``: generated when None or empty); report it by leaving the
+    ``with`` block or calling ``end()``. ``workload`` is needed only when the process serves several workloads or
+    did not register: otherwise the agent finds it by the pid. Never raises."""
+    try:
+        rid = _new_request_id() if request_id is None or request_id == "" else request_id
+        return RequestSpan(rid, model, tenant, workload, labels, start_ns)
+    except Exception:
+        _log_error_once("request")
+        return RequestSpan(_new_request_id())
+
+
+def current_request() -> RequestSpan | None:
+    """The span of the innermost ``with request(...)`` (or ``EnergyMiddleware`` request) around the caller."""
+    try:
+        return _current.get()
+    except Exception:
+        return None
+
+
+def report_span(
+    request_id: str,
+    start_ns: int,
+    end_ns: int,
+    *,
+    model: str = "",
+    tenant: str = "",
+    workload: str = "",
+    labels: Mapping[str, str] | None = None,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    queue_end_ns: int = 0,
+    prefill_end_ns: int = 0,
+) -> bool:
+    """Report a request that ran from ``start_ns`` to ``end_ns`` (Unix ns, ``time.time_ns()``), for servers that are
+    not shaped for ``with request(...)``. Returns whether the span was handed to the agent's socket; never raises."""
+    try:
+        span = RequestSpan(request_id, model, tenant, workload, labels, start_ns)
+        span.tokens(input_tokens, output_tokens)
+        span.queue_end_ns = queue_end_ns
+        span.prefill_end_ns = prefill_end_ns
+        span.end(end_ns)
+        return bool(span.sent)
+    except Exception:
+        _log_error_once("report_span")
+        return False
+
+
+def _report(span: RequestSpan, end_ns: int) -> bool:
+    data = _span_message(span, end_ns)
+    if data is None:
+        with _client._lock:
+            _count_span(False)
+        return False
+    return _client.send_span(data)
+
+
+def _span_message(span: RequestSpan, end_ns: int) -> bytes | None:
+    """The span's wire line with every field within the agent's bounds; None when its times cannot be sent."""
+    start_ns = int(span.start_ns)
+    end_ns = int(end_ns)
+    if not _sane_times(start_ns, end_ns):
+        return None
+    message: dict[str, object] = {
+        "v": PROTOCOL_VERSION,
+        "type": "span",
+        "request_id": _clean_request_id(span.request_id),
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+    }
+    for name, value, limit in (("model", span.model, MAX_MODEL_CHARS), ("tenant", span.tenant, MAX_TENANT_CHARS)):
+        text = _clean_text(name, value, limit)
+        if text:
+            message[name] = text
+    workload = str(span.workload).strip()
+    if workload:
+        message["workload"] = _clean_workload(workload)
+    for name, count in (("input_tokens", span.input_tokens), ("output_tokens", span.output_tokens)):
+        if count is not None:
+            message[name] = _clean_tokens(name, count)
+    queue_end_ns = _clean_boundary("queue_end_ns", span.queue_end_ns, start_ns, end_ns)
+    prefill_end_ns = _clean_boundary("prefill_end_ns", span.prefill_end_ns, start_ns, end_ns)
+    if queue_end_ns and prefill_end_ns and prefill_end_ns < queue_end_ns:
+        _client.warn_once("span-order", "wattmeter: a span's prefill ended before it left the queue; sent without")
+        queue_end_ns = prefill_end_ns = 0
+    if queue_end_ns:
+        message["queue_end_ns"] = queue_end_ns
+    if prefill_end_ns:
+        message["prefill_end_ns"] = prefill_end_ns
+    labels = _clean_span_labels(span.labels)
+    if labels:
+        message["labels"] = labels
+    data = _encode(message)
+    if len(data) > MAX_MESSAGE_BYTES + 1 and labels:  # +1: the newline
+        _client.warn_once("span-size", "wattmeter: span labels too large for one message; sent without them")
+        del message["labels"]
+        data = _encode(message)
+    return data
+
+
+def _sane_times(start_ns: int, end_ns: int) -> bool:
+    now_ns = time.time_ns()
+    if start_ns < _MIN_TIME_NS or end_ns < _MIN_TIME_NS:
+        problem = "times are Unix nanoseconds (time.time_ns()), not seconds or milliseconds"
+    elif end_ns < start_ns:
+        problem = "a span ends before it starts"
+    elif end_ns - start_ns > _MAX_SPAN_NS:
+        problem = "a span is longer than a day"
+    elif end_ns > now_ns + _MAX_SPAN_FUTURE_NS or start_ns < now_ns - _MAX_SPAN_AGE_NS:
+        problem = "a span is in the future or over a week old"
+    else:
+        return True
+    _client.warn_once(
+        f"span-time:{problem}", "wattmeter: %s; such spans are dropped (counted in spans_dropped)", problem
+    )
+    return False
+
+
+def _clean_request_id(value: object) -> str:
+    text = str(value)
+    cleaned = _CONTROL_CHARS.sub("_", text)[:MAX_REQUEST_ID_CHARS] or _new_request_id()
+    if cleaned != text:
+        _client.warn_once(
+            "request-id", "wattmeter: request ids are 1-%d characters without control characters", MAX_REQUEST_ID_CHARS
+        )
+    return cleaned
+
+
+def _clean_text(name: str, value: object, limit: int) -> str:
+    text = str(value)
+    if len(text) > limit:
+        _client.warn_once(f"span-{name}", "wattmeter: a span's %s is over %d characters; cut", name, limit)
+        text = text[:limit]
+    return text
+
+
+def _clean_tokens(name: str, value: object) -> int:
+    number: Any = value  # numpy integers and the like
+    try:
+        count: int = int(number)
+    except (TypeError, ValueError, OverflowError):
+        count = -1
+    if 0 <= count <= MAX_TOKENS:
+        return count
+    _client.warn_once(f"span-{name}", "wattmeter: %s must be an integer 0..2**40 (got %r); sent as 0", name, value)
+    return 0
+
+
+def _clean_boundary(name: str, value: object, start_ns: int, end_ns: int) -> int:
+    if not value:
+        return 0
+    number: Any = value
+    time_ns: int = int(number)
+    if start_ns <= time_ns <= end_ns:
+        return time_ns
+    _client.warn_once(f"span-{name}", "wattmeter: a span's %s is outside the span; sent without it", name)
+    return 0
+
+
+def _clean_span_labels(labels: object) -> dict[str, str]:
+    if not labels:
+        return {}
+    if not isinstance(labels, Mapping):
+        _client.warn_once("span-labels-type", "wattmeter: span labels must be a mapping of strings; sent without")
+        return {}
+    cleaned: dict[str, str] = {}
+    for key, value in labels.items():
+        name, text = str(key), str(value)
+        if len(cleaned) < MAX_LABELS and _LABEL_NAME.fullmatch(name) and len(text) <= MAX_LABEL_VALUE_CHARS:
+            cleaned[name] = text
+    if len(cleaned) != len(labels):
+        _client.warn_once(
+            "span-labels",
+            "wattmeter: span labels are at most %d, named like Prometheus labels, values up to %d characters; "
+            "the others are left out",
+            MAX_LABELS,
+            MAX_LABEL_VALUE_CHARS,
+        )
+    return cleaned
+
+
+# --- ASGI -------------------------------------------------------------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _header(scope: Scope, name: str) -> str:
+    """The first value of header ``name`` in an ASGI scope ("" when absent); ASGI gives names lowercased."""
+    wanted = name.lower().encode("latin-1")
+    for key, value in scope.get("headers") or ():
+        if bytes(key).lower() == wanted:
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+class EnergyMiddleware:
+    """Pure ASGI middleware (FastAPI, Starlette, any ASGI server): each HTTP request the app serves is one span.
+
+    ``app.add_middleware(EnergyMiddleware, model="llama-70b")`` or ``EnergyMiddleware(app, model=...)``. The request
+    id is the ``request_id_header`` (default ``x-request-id``) when the client sent one, else generated. ``model``
+    and ``tenant`` are a string, or a callable given the ASGI scope, or else read from ``model_header`` /
+    ``tenant_header``. The span runs from the request's arrival to the end of its response body; the app reaches it
+    with ``collector.client.current_request()`` (to set tokens, ``started()``, ``prefill_done()``). Lifespan and
+    websocket scopes pass through untouched; nothing here ever raises into the app or changes what it raises.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        model: str | Callable[[Scope], str | None] | None = None,
+        model_header: str | None = None,
+        tenant: str | Callable[[Scope], str | None] | None = None,
+        tenant_header: str | None = None,
+        request_id_header: str = "x-request-id",
+        workload: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        self.app = app
+        self.model = model
+        self.model_header = model_header
+        self.tenant = tenant
+        self.tenant_header = tenant_header
+        self.request_id_header = request_id_header
+        self.workload = workload
+        self.labels = dict(labels or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        span = self._open(scope) if scope.get("type") == "http" else None
+        if span is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_and_watch(message: Message) -> None:
+            await send(message)
+            try:
+                if message.get("type") == "http.response.body" and not message.get("more_body", False):
+                    span._response_end_ns = span._now_ns()
+            except Exception:
+                _log_error_once("EnergyMiddleware send")
+
+        with span:
+            await self.app(scope, receive, send_and_watch)
+
+    def _open(self, scope: Scope) -> RequestSpan | None:
+        try:
+            return request(
+                _header(scope, self.request_id_header) or None,
+                model=self._value(scope, self.model, self.model_header),
+                tenant=self._value(scope, self.tenant, self.tenant_header),
+                workload=self.workload,
+                labels=self.labels,
+            )
+        except Exception:
+            _log_error_once("EnergyMiddleware")
+            return None
+
+    @staticmethod
+    def _value(scope: Scope, given: str | Callable[[Scope], str | None] | None, header: str | None) -> str:
+        value: str | None = None
+        if callable(given):
+            try:
+                value = given(scope)
+            except Exception:
+                _log_error_once("EnergyMiddleware model/tenant callable")
+        elif given:
+            value = given
+        if not value and header:
+            value = _header(scope, header)
+        return str(value or "")
 
 
 def _after_fork_in_child() -> None:

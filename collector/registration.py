@@ -1,4 +1,5 @@
-"""The agent's side of workload registration: a Unix socket where processes say which workload they are.
+"""The agent's side of workload registration: a Unix socket where processes say which workload they are, and
+report the request spans they served.
 
 The protocol is documented in ``collector.client`` (newline-delimited JSON, version 1). The pid, uid and gid of each
 event come from the kernel (``SO_PEERCRED``, taken when the client connected), never from the message, so a process
@@ -12,7 +13,11 @@ Everything is bounded, because any local user allowed on the socket can send any
 - at most ``max_connections`` connections; further ones are closed at once (``connection_limit``);
 - bytes that are not a JSON object with an integer ``v`` and a string ``type`` (``garbage``), an unknown ``type``
   (``unknown_type``), a phase message before any register (``not_registered``) or a refused field (``workload``,
-  ``phase``, ``field``) are counted and ignored; an unsupported ``v`` (``version``) also closes the connection.
+  ``phase``, ``field``; for a span also ``request_id`` and ``time``) are counted and ignored; an unsupported ``v``
+  (``version``) also closes the connection. A refused span is also counted in ``spans_refused``.
+
+A span message needs no registration: its pid (from ``SO_PEERCRED``) is what lets the aggregator find its workload
+when it names none. It goes to ``on_span`` and never changes the connection's registration.
 
 One daemon thread serves every connection through ``selectors``; callbacks run on it, so they should be quick. Nothing
 raises out of it: an error in a callback is logged and counted in ``callback_errors``.
@@ -49,6 +54,16 @@ PHASES = ("training", "inference", "unknown")
 MAX_JOB_CHARS = 256
 MAX_LABELS = 16
 MAX_LABEL_VALUE_CHARS = 256
+MAX_REQUEST_ID_CHARS = 256
+MAX_MODEL_CHARS = 256
+MAX_TENANT_CHARS = 256
+MAX_TOKENS = 2**40
+# Span times: Unix ns. Earlier than 2001-09-09 (1e18 ns) is a clock that was never set, or seconds sent for ns.
+MIN_SPAN_TIME_NS = 10**18
+MAX_SPAN_NS = 24 * 3600 * 10**9  # a request longer than a day is a bug (a start never reset), not a request
+MAX_SPAN_AGE_NS = 7 * 24 * 3600 * 10**9  # spans come from live servers on this host: a week old is a broken clock
+MAX_SPAN_FUTURE_NS = 300 * 10**9  # the client shares this host's clock; minutes of slack for a slow agent loop
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _WORKLOAD = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -67,6 +82,8 @@ ERROR_REASONS = (
     "rate_limited",
     "connection_limit",
     "peercred",
+    "request_id",
+    "time",
 )
 
 EventKind = Literal["register", "phase"]
@@ -86,6 +103,27 @@ class RegistrationEvent:
     labels: Mapping[str, str] = field(default_factory=dict)
     kind: EventKind = "register"
     """``register`` for a register message, ``phase`` for a phase change (the other fields are then unchanged)."""
+
+
+@dataclass(frozen=True)
+class SpanEvent:
+    """One request span a process reported; pid/uid/gid are from ``SO_PEERCRED``. Times are Unix ns; 0 for
+    ``prefill_end_ns`` / ``queue_end_ns`` means not reported. ``workload`` is "" unless the client named one."""
+
+    pid: int
+    uid: int
+    gid: int
+    request_id: str
+    start_ns: int
+    end_ns: int
+    model: str = ""
+    tenant: str = ""
+    workload: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    prefill_end_ns: int = 0
+    queue_end_ns: int = 0
 
 
 class _TokenBucket:
@@ -120,11 +158,13 @@ class _Refused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.close = close
+        self.span = False  # a span message: also counted in spans_refused
 
 
 class RegistrationServer:
     """Serves the registration socket on a daemon thread; ``on_register`` gets a ``RegistrationEvent`` per accepted
-    message, ``on_disconnect`` the pid of each registered connection that closes."""
+    register or phase message, ``on_span`` a ``SpanEvent`` per accepted span (without it, accepted spans are only
+    counted), ``on_disconnect`` the pid of each registered connection that closes."""
 
     def __init__(
         self,
@@ -135,6 +175,7 @@ class RegistrationServer:
         *,
         on_register: Callable[[RegistrationEvent], None],
         on_disconnect: Callable[[int], None] | None = None,
+        on_span: Callable[[SpanEvent], None] | None = None,
         max_connections: int = 1024,
     ) -> None:
         self.socket_path = Path(socket_path)
@@ -144,11 +185,16 @@ class RegistrationServer:
         self.max_connections = max_connections
         self._on_register = on_register
         self._on_disconnect = on_disconnect
+        self._on_span = on_span
         self.errors = 0
         """Messages and connections refused, all reasons together; ``error_counts`` has them by reason."""
         self.error_counts: dict[str, int] = dict.fromkeys(ERROR_REASONS, 0)  # fixed keys: safe to read from any thread
         self.accepted = 0
-        """Messages accepted (register and phase)."""
+        """Messages accepted (register, phase and span)."""
+        self.spans_accepted = 0
+        self.spans_refused = 0
+        """Span messages refused for what they held (also in ``errors`` by reason); rate-limited lines are not
+        parsed, so they are only in ``error_counts["rate_limited"]``."""
         self.callback_errors = 0
         self._connections: dict[int, _Connection] = {}
         self._selector: selectors.BaseSelector | None = None
@@ -167,6 +213,7 @@ class RegistrationServer:
         *,
         on_register: Callable[[RegistrationEvent], None],
         on_disconnect: Callable[[int], None] | None = None,
+        on_span: Callable[[SpanEvent], None] | None = None,
     ) -> RegistrationServer:
         return cls(
             api.socket,
@@ -175,6 +222,7 @@ class RegistrationServer:
             api.max_messages_per_s,
             on_register=on_register,
             on_disconnect=on_disconnect,
+            on_span=on_span,
         )
 
     @property
@@ -403,16 +451,23 @@ class RegistrationServer:
             event = self._parse(conn, line)
         except _Refused as refused:
             self._count(refused.reason)
+            if refused.span:
+                self.spans_refused += 1
             if refused.close:
                 self._close(conn)
                 return False
             return True
-        conn.current = event
         self.accepted += 1
+        if isinstance(event, SpanEvent):
+            self.spans_accepted += 1
+            if self._on_span is not None:
+                self._call(self._on_span, event)
+            return True
+        conn.current = event
         self._call(self._on_register, event)
         return True
 
-    def _parse(self, conn: _Connection, line: bytes) -> RegistrationEvent:
+    def _parse(self, conn: _Connection, line: bytes) -> RegistrationEvent | SpanEvent:
         try:
             message = json.loads(line)
         except (ValueError, RecursionError):  # ValueError covers bad UTF-8; RecursionError, deeply nested arrays
@@ -450,6 +505,12 @@ class RegistrationServer:
                 labels=current.labels,
                 kind="phase",
             )
+        if kind == "span":
+            try:
+                return _span(conn, message, time.time_ns())
+            except _Refused as refused:
+                refused.span = True
+                raise
         raise _Refused("unknown_type")
 
     def _close(self, conn: _Connection) -> None:
@@ -523,3 +584,66 @@ def _labels(value: object) -> dict[str, str]:
         if not isinstance(text, str) or len(text) > MAX_LABEL_VALUE_CHARS:
             raise _Refused("field")
     return dict(value)
+
+
+def _span(conn: _Connection, message: Mapping[str, object], now_ns: int) -> SpanEvent:
+    request_id = message.get("request_id")
+    if (
+        not isinstance(request_id, str)
+        or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
+        or _CONTROL_CHARS.search(request_id)
+    ):
+        raise _Refused("request_id")
+    start_ns = _time_ns(message.get("start_ns"), required=True)
+    end_ns = _time_ns(message.get("end_ns"), required=True)
+    if not MIN_SPAN_TIME_NS <= start_ns <= end_ns <= now_ns + MAX_SPAN_FUTURE_NS:
+        raise _Refused("time")
+    if end_ns - start_ns > MAX_SPAN_NS or start_ns < now_ns - MAX_SPAN_AGE_NS:
+        raise _Refused("time")
+    queue_end_ns = _time_ns(message.get("queue_end_ns", 0))
+    prefill_end_ns = _time_ns(message.get("prefill_end_ns", 0))
+    for boundary in (queue_end_ns, prefill_end_ns):
+        if boundary and not start_ns <= boundary <= end_ns:
+            raise _Refused("time")
+    if queue_end_ns and prefill_end_ns and prefill_end_ns < queue_end_ns:
+        raise _Refused("time")  # prefill runs after the queue
+    workload = message.get("workload", "")
+    return SpanEvent(
+        pid=conn.pid,
+        uid=conn.uid,
+        gid=conn.gid,
+        request_id=request_id,
+        start_ns=start_ns,
+        end_ns=end_ns,
+        model=_bounded_text(message.get("model", ""), MAX_MODEL_CHARS),
+        tenant=_bounded_text(message.get("tenant", ""), MAX_TENANT_CHARS),
+        workload="" if workload == "" else _workload(workload),
+        labels=_labels(message.get("labels", {})),
+        input_tokens=_tokens(message.get("input_tokens", 0)),
+        output_tokens=_tokens(message.get("output_tokens", 0)),
+        prefill_end_ns=prefill_end_ns,
+        queue_end_ns=queue_end_ns,
+    )
+
+
+def _time_ns(value: object, required: bool = False) -> int:
+    """A time in Unix ns: an int (never a float: 2**53 ns is only 104 days), 0 for "not reported" unless required."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Refused("time")
+    if value == 0 and not required:
+        return 0
+    if value < MIN_SPAN_TIME_NS:
+        raise _Refused("time")
+    return value
+
+
+def _bounded_text(value: object, max_chars: int) -> str:
+    if not isinstance(value, str) or len(value) > max_chars:
+        raise _Refused("field")
+    return value
+
+
+def _tokens(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOKENS:
+        raise _Refused("field")
+    return value

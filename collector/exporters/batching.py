@@ -7,18 +7,23 @@ batch limit is sealed on the spot, so no batch outgrows ``max_batch_bytes`` howe
 Workload energy is each (workload, device)'s cumulative joules for the life of the agent, starting at 0. A sample
 is written when the energy changed in that reading or in the previous one, and at the reading before a change, so
 each flat stretch is pinned at both ends and the aggregator never spreads one reading's energy over a quiet minute.
+
+Request spans reported over the registration socket wait in a ``SpanQueue`` (at most ``MAX_PENDING_SPANS``; past
+it they are dropped and counted) and go into the next batches, each batch taking what fits in its byte budget.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from collector.attribution import SpecialKey
 from collector.proto import wattmeter_pb2 as pb
 from collector.readings import DeviceKind, DeviceReading
+from collector.registration import SpanEvent
 from collector.sampler import Sampler
 from collector.workloads.tracker import WorkloadKey, label_values
 
@@ -30,6 +35,10 @@ SERIES_OVERHEAD_BYTES = 40
 BINDING_OVERHEAD_BYTES = 24
 # Room left in every batch for its header (host, instance id, sequence...) and process bindings.
 BATCH_RESERVE_BYTES = 16 * 1024
+# A span's field tag and length prefix in a batch: 1 byte of tag, at most 3 of length (a span is under 2**21 bytes).
+SPAN_FRAMING_BYTES = 4
+MAX_PENDING_SPANS = 100_000
+"""Spans waiting for a batch; more are dropped and counted (about 20 MB at the largest spans the socket accepts)."""
 
 WireKey = tuple[str, str, str]  # (workload, phase, job) as sent: special keys are ("idle" | "system" | "other", "", "")
 
@@ -278,3 +287,70 @@ class BindingChanges:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def span_message(event: SpanEvent) -> pb.RequestSpan:
+    """The span as it goes in a batch: ``hostname`` left empty (the batch's host), the pid from ``SO_PEERCRED``."""
+    return pb.RequestSpan(
+        request_id=event.request_id,
+        start_ns=event.start_ns,
+        end_ns=event.end_ns,
+        workload=event.workload,
+        pid=event.pid,
+        model=event.model,
+        tenant=event.tenant,
+        labels=dict(event.labels),
+        input_tokens=event.input_tokens,
+        output_tokens=event.output_tokens,
+        prefill_end_ns=event.prefill_end_ns,
+        queue_end_ns=event.queue_end_ns,
+    )
+
+
+class SpanQueue:
+    """Spans waiting for the next batches, bounded by ``max_pending``; ``cut`` is set once a batch's worth waits, so
+    the flusher need not wait for the interval. ``add`` runs on the registration thread, ``take`` on the flusher."""
+
+    def __init__(self, cut: threading.Event, cut_bytes: int, max_pending: int = MAX_PENDING_SPANS) -> None:
+        self.cut = cut
+        self.cut_bytes = cut_bytes
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._spans: deque[tuple[pb.RequestSpan, int]] = deque()  # (span, its bytes in a batch)
+        self._bytes = 0
+        self.dropped = 0
+        """Spans refused because ``max_pending`` were already waiting."""
+
+    def add(self, span: pb.RequestSpan) -> bool:
+        """Queue ``span``; False (and counted in ``dropped``) when the queue is full."""
+        size = span.ByteSize() + SPAN_FRAMING_BYTES
+        with self._lock:
+            if len(self._spans) >= self.max_pending:
+                self.dropped += 1
+                return False
+            self._spans.append((span, size))
+            self._bytes += size
+            full = self._bytes >= self.cut_bytes
+        if full:
+            self.cut.set()
+        return True
+
+    def take(self, budget_bytes: int, max_count: int | None = None) -> tuple[list[pb.RequestSpan], int]:
+        """The oldest spans that fit in ``budget_bytes`` (at most ``max_count``), and the bytes they take."""
+        taken: list[pb.RequestSpan] = []
+        used = 0
+        with self._lock:
+            spans = self._spans
+            while spans and (max_count is None or len(taken) < max_count):
+                span, size = spans[0]
+                if used + size > budget_bytes:
+                    break
+                spans.popleft()
+                taken.append(span)
+                used += size
+            self._bytes -= used
+        return taken, used
+
+    @property
+    def pending(self) -> int:
+        return len(self._spans)

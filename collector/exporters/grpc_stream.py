@@ -8,6 +8,10 @@ the spool as acks come, and the sender itself watches for a stall (``ack_timeout
 
 What is sent is the spooled bytes as they are: a batch replayed after a restart keeps its instance id and sequence,
 so the aggregator's (instance, sequence) deduplication makes a replay store nothing twice.
+
+Request spans (``add_span``, from the registration socket) ride in the same batches: each batch takes the waiting
+spans that fit in what its series and bindings leave of ``max_batch_bytes``, and batches of spans alone carry the rest
+in the same flush. Once spooled they have the batches' guarantees.
 """
 
 from __future__ import annotations
@@ -27,11 +31,20 @@ from google.protobuf.message import DecodeError
 
 from collector.config import StreamConfig, is_loopback, parse_target
 from collector.errors import ConfigError
-from collector.exporters.batching import BATCH_RESERVE_BYTES, BatchBuilder, BindingChanges, SeriesBuffer
+from collector.exporters.batching import (
+    BATCH_RESERVE_BYTES,
+    SPAN_FRAMING_BYTES,
+    BatchBuilder,
+    BindingChanges,
+    SeriesBuffer,
+    SpanQueue,
+    span_message,
+)
 from collector.exporters.exposition import Family
 from collector.exporters.stream_channel import STREAM_METHOD, ChannelSettings, backoff_s
 from collector.hostid import read_host_id
 from collector.proto import wattmeter_pb2 as pb
+from collector.registration import SpanEvent
 from collector.sampler import Sampler
 from collector.spool import Spool, SpoolError
 from collector.workloads.tracker import WorkloadTracker
@@ -120,6 +133,11 @@ class StreamStats:
     dropped_batches: int
     rejected_batches: int
     lag_s: float
+    spans_forwarded: int = 0
+    """Request spans spooled in a batch."""
+    spans_dropped: int = 0
+    """Request spans lost before the spool: the pending cap was reached, or their batch could not be spooled."""
+    spans_pending: int = 0
 
 
 def open_spool(config: StreamConfig) -> Spool:
@@ -171,6 +189,9 @@ class StreamExporter:
         if tracker is not None:
             tracker.add_split_listener(self.builder.on_split)
         self.bindings = BindingChanges()
+        self.spans = SpanQueue(self.builder.cut, self.builder.cut_bytes)
+        self._spans_spooled = 0
+        self._spans_lost = 0  # in a batch the spool could not take
         self.bindings_interval_s = bindings_interval_s
         self._bindings_checked: float | None = None
         self._rng = rng or random.Random()
@@ -254,20 +275,37 @@ class StreamExporter:
         with self._flush_lock:
             return self._flush_locked()
 
+    def add_span(self, event: SpanEvent) -> bool:
+        """Queue a request span for the next batch; False when ``MAX_PENDING_SPANS`` already wait (dropped, counted).
+        Called on the registration thread."""
+        return self.spans.add(span_message(event))
+
     def _flush_locked(self) -> int:
         if self._closed:
             return 0
         buffers = self.builder.take()
         self._update_bindings()
-        if not buffers and self.bindings.pending:
+        # The spans waiting now, and no more: spans arriving faster than the spool takes them must not keep this
+        # flush going. Later ones go with the next flush.
+        spans_left = self.spans.pending
+        if not buffers and (self.bindings.pending or spans_left):
             buffers = [SeriesBuffer()]
         spooled = 0
         for buffer in buffers:
             devices, workloads = buffer.to_proto()
             budget = self.config.max_batch_bytes - buffer.estimated_bytes - BATCH_RESERVE_BYTES // 2
             processes = self.bindings.take(budget)
-            if devices or workloads or processes:
-                spooled += self._spool_batch(devices, workloads, processes)
+            budget -= sum(binding.ByteSize() + SPAN_FRAMING_BYTES for binding in processes)
+            spans, _ = self.spans.take(budget, spans_left)
+            spans_left -= len(spans)
+            if devices or workloads or processes or spans:
+                spooled += self._spool_batch(devices, workloads, processes, spans)
+        while spans_left > 0:  # what did not fit beside the series: batches of spans alone
+            spans, _ = self.spans.take(self.config.max_batch_bytes - BATCH_RESERVE_BYTES // 2, spans_left)
+            if not spans:
+                break
+            spans_left -= len(spans)
+            spooled += self._spool_batch([], [], [], spans)
         return spooled
 
     def _update_bindings(self) -> None:
@@ -283,7 +321,11 @@ class StreamExporter:
             log.exception("stream: reading process bindings failed")
 
     def _spool_batch(
-        self, devices: list[pb.DeviceSeries], workloads: list[pb.WorkloadSeries], processes: list[pb.ProcessBinding]
+        self,
+        devices: list[pb.DeviceSeries],
+        workloads: list[pb.WorkloadSeries],
+        processes: list[pb.ProcessBinding],
+        spans: list[pb.RequestSpan] | None = None,
     ) -> int:
         sequence = self._sequence + 1
         created_ns = time.time_ns()
@@ -304,6 +346,7 @@ class StreamExporter:
             devices=devices,
             workloads=workloads,
             processes=processes,
+            spans=spans or (),
         )
         try:
             record_no = self.spool.append(batch.SerializeToString())
@@ -311,11 +354,13 @@ class StreamExporter:
             # the sequence is not used up: a gap would hold the aggregator's contiguous ack back for good
             with self._lock:
                 self._dropped += 1
+                self._spans_lost += len(spans or ())
             if self._logs.due("append"):
                 log.error("stream: batch dropped: %s", exc)
             return 0
         self._sequence = sequence
         with self._changed:
+            self._spans_spooled += len(spans or ())
             self._meta[record_no] = (self.instance_id, sequence, created_ns)
             self._own_pending.append((record_no, sequence))
             self._appended += 1
@@ -588,6 +633,7 @@ class StreamExporter:
         connection = self._connection
         with self._lock:
             sent, acked, rejected, dropped = self._sent, self._acked, self._rejected, self._dropped
+            spans_spooled, spans_lost = self._spans_spooled, self._spans_lost
         return StreamStats(
             # the aggregator's first ack is what proves the stream works (TLS, token, protocol), not the TCP connect
             connected=connection is not None and connection.acks > 0 and not connection.done.is_set(),
@@ -597,6 +643,9 @@ class StreamExporter:
             dropped_batches=dropped + self.spool.dropped_records + self.spool.corrupt_records,
             rejected_batches=rejected,
             lag_s=self.lag_s(),
+            spans_forwarded=spans_spooled,
+            spans_dropped=spans_lost + self.spans.dropped,
+            spans_pending=self.spans.pending,
         )
 
 
