@@ -267,7 +267,7 @@ class _Client:
             was_current = self._stack[-1] is registration
             self._stack.remove(registration)
             if not self._stack:
-                self._disconnect_locked()
+                self._close_on_purpose_locked()
             elif was_current:
                 warning = self._send_locked(full=True)
         self._log_unreachable(warning)
@@ -312,7 +312,14 @@ class _Client:
     def close(self) -> None:
         with self._lock:
             self._stack.clear()
-            self._disconnect_locked()
+            self._close_on_purpose_locked()
+
+    def _close_on_purpose_locked(self) -> None:
+        """End the registration by closing the connection. The agent was there: a span right after may connect
+        again at once (the retry interval spaces attempts at an agent that is away, not this)."""
+        if self._sock is not None:
+            self._next_attempt = 0.0
+        self._disconnect_locked()
 
     def reset_after_fork(self) -> None:
         """In a forked child: the inherited connection speaks for the parent's pid (SO_PEERCRED is taken at
@@ -703,6 +710,8 @@ class RequestSpan:
         except Exception:
             self.sent = False
             _log_error_once("RequestSpan.end")
+            with contextlib.suppress(Exception), _client._lock:
+                _count_span(False)
 
     def __enter__(self) -> RequestSpan:
         try:
@@ -792,9 +801,15 @@ def _report(span: RequestSpan, end_ns: int) -> bool:
 
 
 def _span_message(span: RequestSpan, end_ns: int) -> bytes | None:
-    """The span's wire line with every field within the agent's bounds; None when its times cannot be sent."""
-    start_ns = int(span.start_ns)
-    end_ns = int(end_ns)
+    """The span's wire line with every field within the agent's bounds; None when its times cannot be sent.
+
+    A field that cannot be used is left out (warned once), so one bad value never costs the whole span.
+    """
+    start_ns, end_ns_or_none = _as_int(span.start_ns), _as_int(end_ns)
+    if start_ns is None or end_ns_or_none is None:
+        _client.warn_once("span-time-type", "wattmeter: span times must be integers (Unix ns); such spans are dropped")
+        return None
+    end_ns = end_ns_or_none
     if not _sane_times(start_ns, end_ns):
         return None
     message: dict[str, object] = {
@@ -808,7 +823,7 @@ def _span_message(span: RequestSpan, end_ns: int) -> bytes | None:
         text = _clean_text(name, value, limit)
         if text:
             message[name] = text
-    workload = str(span.workload).strip()
+    workload = (_as_text(span.workload) or "").strip()
     if workload:
         message["workload"] = _clean_workload(workload)
     for name, count in (("input_tokens", span.input_tokens), ("output_tokens", span.output_tokens)):
@@ -852,8 +867,24 @@ def _sane_times(start_ns: int, end_ns: int) -> bool:
     return False
 
 
+def _as_int(value: object) -> int | None:
+    number: Any = value  # numpy integers and the like
+    try:
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _as_text(value: object) -> str | None:
+    try:
+        return str(value)
+    except Exception:  # a __str__ that raises
+        _log_error_once("str() of a span field")
+        return None
+
+
 def _clean_request_id(value: object) -> str:
-    text = str(value)
+    text = _as_text(value) or ""
     cleaned = _CONTROL_CHARS.sub("_", text)[:MAX_REQUEST_ID_CHARS] or _new_request_id()
     if cleaned != text:
         _client.warn_once(
@@ -863,7 +894,7 @@ def _clean_request_id(value: object) -> str:
 
 
 def _clean_text(name: str, value: object, limit: int) -> str:
-    text = str(value)
+    text = _as_text(value) or ""
     if len(text) > limit:
         _client.warn_once(f"span-{name}", "wattmeter: a span's %s is over %d characters; cut", name, limit)
         text = text[:limit]
@@ -871,38 +902,37 @@ def _clean_text(name: str, value: object, limit: int) -> str:
 
 
 def _clean_tokens(name: str, value: object) -> int:
-    number: Any = value  # numpy integers and the like
-    try:
-        count: int = int(number)
-    except (TypeError, ValueError, OverflowError):
-        count = -1
-    if 0 <= count <= MAX_TOKENS:
+    count = _as_int(value)
+    if count is not None and 0 <= count <= MAX_TOKENS:
         return count
     _client.warn_once(f"span-{name}", "wattmeter: %s must be an integer 0..2**40 (got %r); sent as 0", name, value)
     return 0
 
 
 def _clean_boundary(name: str, value: object, start_ns: int, end_ns: int) -> int:
-    if not value:
+    if value is None or value == 0:
         return 0
-    number: Any = value
-    time_ns: int = int(number)
-    if start_ns <= time_ns <= end_ns:
+    time_ns = _as_int(value)
+    if time_ns is not None and start_ns <= time_ns <= end_ns:
         return time_ns
     _client.warn_once(f"span-{name}", "wattmeter: a span's %s is outside the span; sent without it", name)
     return 0
 
 
 def _clean_span_labels(labels: object) -> dict[str, str]:
-    if not labels:
+    if labels is None:
         return {}
     if not isinstance(labels, Mapping):
         _client.warn_once("span-labels-type", "wattmeter: span labels must be a mapping of strings; sent without")
         return {}
+    if not labels:
+        return {}
     cleaned: dict[str, str] = {}
     for key, value in labels.items():
-        name, text = str(key), str(value)
-        if len(cleaned) < MAX_LABELS and _LABEL_NAME.fullmatch(name) and len(text) <= MAX_LABEL_VALUE_CHARS:
+        name, text = _as_text(key), _as_text(value)
+        if name is None or text is None or len(cleaned) >= MAX_LABELS:
+            continue
+        if _LABEL_NAME.fullmatch(name) and len(text) <= MAX_LABEL_VALUE_CHARS:
             cleaned[name] = text
     if len(cleaned) != len(labels):
         _client.warn_once(
