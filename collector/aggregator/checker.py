@@ -14,6 +14,9 @@ class CheckFailed(WattmeterError):
 
 
 class Checker(abc.ABC):
+    async def start(self) -> None:  # noqa: B027 (a hook: most checkers need no start)
+        """Get ready to check (on the event loop that will call ``check``)."""
+
     @abc.abstractmethod
     async def check(self, data: bytes, received_ns: int) -> Checked:
         """``checks.check`` of ``data``; raises what it raises, or ``CheckFailed``."""

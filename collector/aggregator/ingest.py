@@ -28,25 +28,22 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from collector.aggregator.checker import Checker
-from collector.aggregator.checks import (
-    DEVICE_KEY,
+from collector.aggregator.checks import Checked
+from collector.aggregator.metrics import AggregatorMetrics, phase_label
+from collector.aggregator.rules import (
     MAX_NAME,
     STAGE_HEADER,
     STAGE_POWER,
-    Checked,
-    Ends,
     GarbageBatch,
     HostNotAllowed,
     NewerProtocol,
-    SeriesKey,
     StreamRefused,
-    where_workload,
 )
-from collector.aggregator.metrics import AggregatorMetrics, phase_label
+from collector.aggregator.shape import SeriesKey
 from collector.aggregator.spans import SpanBuffer
 from collector.aggregator.writer import GroupWriter
 from collector.proto import wattmeter_pb2 as pb
-from collector.store.base import LastSample, Store, StoredBatch, WriteResult
+from collector.store.base import Store, StoredBatch, WriteResult
 from collector.store.rows import PackedBatch, RollupRow
 
 __all__ = ["GarbageBatch", "HostNotAllowed", "Ingest", "NewerProtocol", "Outcome", "StreamRefused"]
@@ -64,13 +61,16 @@ class Outcome:
     instance_id: str
 
 
+Last = tuple[int, float]  # a series' last stored sample: time_ns, energy_j
+
+
 @dataclass
 class _InstanceState:
     acked: int | None = None  # None: to be read from the store (new here, forgotten, or a write's outcome unknown)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # batches holding or waiting for the lock: a state in use is never evicted
     devices: dict[str, bool] = field(default_factory=dict)  # device_id -> in_host_total, for devices it has sent
-    last: dict[SeriesKey, LastSample | None] = field(default_factory=dict)  # None: the store has none either
+    last: dict[SeriesKey, Last | None] = field(default_factory=dict)  # None: the store has none either
 
     def reset(self) -> None:
         self.acked = None
@@ -83,7 +83,7 @@ class _Settled:
     """A batch that passed every check: what to store, and what it changes once stored."""
 
     stored: StoredBatch
-    last: dict[SeriesKey, LastSample]
+    last: dict[SeriesKey, Last]
     energy: dict[tuple[str, str], float]  # (host, phase label) -> J, workloads on in_host_total devices
 
 
@@ -94,13 +94,13 @@ class _Duplicate:
 _DUPLICATE = _Duplicate()
 
 
-def follow_error(first_time_ns: int, first_energy_j: float, last: LastSample) -> str | None:
+def follow_error(first_time_ns: int, first_energy_j: float, last: Last) -> str | None:
     """Why a series' first sample cannot follow the last stored one; None when it can."""
-    if first_time_ns <= last.time_ns:
-        return f"time_ns {first_time_ns} is not after the last stored sample's ({last.time_ns}) of this agent instance"
-    if first_energy_j < last.energy_j:
+    if first_time_ns <= last[0]:
+        return f"time_ns {first_time_ns} is not after the last stored sample's ({last[0]}) of this agent instance"
+    if first_energy_j < last[1]:
         return (
-            f"energy_j {first_energy_j!r} is below the last stored sample's ({last.energy_j!r}) "
+            f"energy_j {first_energy_j!r} is below the last stored sample's ({last[1]!r}) "
             "of this agent instance: the counter went backwards"
         )
     return None
@@ -124,13 +124,6 @@ async def _finish(job: asyncio.Future[T], state: _InstanceState) -> T:
         state.reset()
         raise asyncio.CancelledError
     return result
-
-
-def _where(ends: Ends) -> str:
-    device_id, identity = ends.key
-    if identity is None:
-        return f"devices[{ends.position}] ({device_id})"
-    return where_workload(ends.position, device_id, *identity)
 
 
 class Ingest:
@@ -286,16 +279,16 @@ class Ingest:
     @staticmethod
     def _held(checked: Checked, state: _InstanceState) -> bool:
         """Everything ``_settle`` may need of the instance is in memory (it will not read the store)."""
-        return (
-            state.acked is not None
-            and all(device_id in state.devices for device_id, _ in checked.lookups)
-            and all(ends.key in state.last for ends in checked.device_ends)
-            and all(ends.key in state.last for ends in checked.workload_ends)
+        if state.acked is None:
+            return False
+        devices, last = state.devices, state.last
+        return all(device_id in devices for device_id, _ in checked.lookups) and all(
+            key in last for key in checked.keys
         )
 
     def _settle(self, checked: Checked, state: _InstanceState) -> _Settled | _Duplicate | str:
         """The batch against the instance's history: ``_DUPLICATE``, why it is refused, or ``_Settled``. Reads the
-        store for what ``state`` does not hold. The checks come in the order ``checks`` describes."""
+        store for what ``state`` does not hold. The checks come in the order ``rules`` describes."""
         instance_id = checked.instance_id
         if state.acked is None:
             state.reset()
@@ -305,25 +298,26 @@ class Ingest:
         refusal = checked.refusal
         if refusal is not None and refusal.stage == STAGE_HEADER:
             return refusal.message
-        in_total = dict(checked.devices)
+        in_total = checked.devices
         for device_id, where in checked.lookups:
             known = self._known_device(state, instance_id, checked.host.hostname, device_id)
             if known is None:
                 return f"{where}: unknown device {device_id!r} (not in this batch, never sent by this agent)"
+            if in_total is checked.devices:
+                in_total = dict(in_total)
             in_total[device_id] = known
         if refusal is not None and refusal.stage < STAGE_POWER:
             return refusal.message
-        last: dict[SeriesKey, LastSample] = {}
-        steps: list[tuple[int, float]] = []  # (rollup, joules): each first sample's step from the last stored
-        for ends_of_kind in (checked.device_ends, checked.workload_ends):
-            for ends in ends_of_kind:
-                previous = self._last(state, instance_id, ends.key)
-                if previous is not None:
-                    error = follow_error(ends.first_time_ns, ends.first_energy_j, previous)
-                    if error is not None:
-                        return f"{_where(ends)}: {error}"
-                    steps.append((ends.rollup, ends.first_energy_j - previous.energy_j))
-                last[ends.key] = LastSample(ends.last_time_ns, ends.last_energy_j)
+        steps: list[tuple[int, float]] = []  # (series, joules): a first sample's step from the last stored one
+        held = state.last
+        for series, (key, first_time, first_energy) in enumerate(
+            zip(checked.keys, checked.first_time_ns, checked.first_energy_j, strict=True)
+        ):
+            previous = held[key] if key in held else self._last(state, instance_id, key)
+            if previous is not None:
+                if first_time <= previous[0] or first_energy < previous[1]:
+                    return f"{checked.where(series)}: {follow_error(first_time, first_energy, previous)}"
+                steps.append((series, first_energy - previous[1]))
         if refusal is not None:
             return refusal.message
         assert checked.rows is not None
@@ -331,15 +325,16 @@ class Ingest:
         rollups: list[RollupRow] = rows.rollups
         if steps:
             rollups = list(rollups)
-            for index, joules in steps:
-                minute, device_id, key, within = rollups[index]
-                rollups[index] = (minute, device_id, key, within + joules)
+            for series, joules in steps:
+                index = checked.first_rollup[series]
+                minute, device_id, bucket, within = rollups[index]
+                rollups[index] = (minute, device_id, bucket, within + joules)
             rows = PackedBatch(rows.devices, rows.device_chunks, rows.workload_chunks, rollups, rows.workloads)
         hostname = checked.host.hostname
         energy: dict[tuple[str, str], float] = {}
-        for _, device_id, key, joules in rollups:
-            if key != DEVICE_KEY and in_total[device_id]:
-                label = (hostname, phase_label(key[0], key[1]))
+        for _, device_id, workload, joules in rollups:
+            if workload[0] and in_total[device_id]:  # a workload's (a device's own has workload "")
+                label = (hostname, phase_label(workload[0], workload[1]))
                 energy[label] = energy.get(label, 0.0) + joules
         stored = StoredBatch(
             instance_id=instance_id,
@@ -350,12 +345,14 @@ class Ingest:
             raw_bytes=checked.size,
             packed=rows,
         )
+        last = dict(zip(checked.keys, zip(checked.last_time_ns, checked.last_energy_j, strict=True), strict=True))
         return _Settled(stored, last, energy)
 
-    def _last(self, state: _InstanceState, instance_id: str, key: SeriesKey) -> LastSample | None:
+    def _last(self, state: _InstanceState, instance_id: str, key: SeriesKey) -> Last | None:
         if key in state.last:
             return state.last[key]
-        last = self.store.last_sample(instance_id, key[0], key[1])
+        stored = self.store.last_sample(instance_id, key[0], key[1])
+        last = None if stored is None else (stored.time_ns, stored.energy_j)
         state.last[key] = last
         return last
 

@@ -17,6 +17,7 @@ from collector.aggregator.grpc_server import GrpcServer
 from collector.aggregator.http_api import HttpApi
 from collector.aggregator.ingest import Ingest
 from collector.aggregator.metrics import AggregatorMetrics, ScrapeRenderer
+from collector.aggregator.processes import ProcessChecker
 from collector.aggregator.spans import SpanBuffer
 from collector.aggregator.writer import GroupWriter
 from collector.config import parse_listen
@@ -80,7 +81,10 @@ class Aggregator:
 
     def _checker(self) -> Checker:
         ingest = self.config.ingest
-        return InlineChecker(Limits(ingest.max_future_s, ingest.max_batch_samples))
+        limits = Limits(ingest.max_future_s, ingest.max_batch_samples)
+        if ingest.workers == 0:
+            return InlineChecker(limits)
+        return ProcessChecker(limits, ingest.workers)
 
     @property
     def grpc_port(self) -> int:
@@ -98,6 +102,7 @@ class Aggregator:
         return True, ""
 
     async def start(self) -> None:
+        await self.checker.start()
         await self.grpc.start()
         self._http_thread = threading.Thread(
             target=self.http.serve_forever, args=(HTTP_POLL_S,), name="http", daemon=True

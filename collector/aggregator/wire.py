@@ -5,6 +5,9 @@ Packed ``fixed64`` and ``double`` arrays on the wire are little-endian 8-byte va
 scan reads only what the wire format says (tags, lengths); the message itself is parsed by protobuf, and anything
 the scan does not expect (an array sent unpacked or in two pieces, a group, a bad length) makes it give up, and the
 caller reads the parsed message's fields instead. So the arrays are always what protobuf parses.
+
+An agent sends the same series every second, so a ``Template`` of a scanned batch finds the same layout in the
+next one by comparing the bytes around the arrays (tags, lengths, names), which costs less than scanning again.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ DEVICE_ARRAYS = (4, 5, 6)  # DeviceSeries: time_ns, energy_j, power_w
 WORKLOAD_ARRAYS = (3, 4, 0)  # WorkloadSeries: time_ns, energy_j (and no power: field 0 does not exist)
 VALUE_BYTES = 8
 
+Span = tuple[int, int]  # (start, end) of a series' submessage in the Batch
 Ranges = list[int]  # (start, end) of each array in turn (time, energy, power), byte offsets; (0, 0) when absent
+
+
+@dataclass(frozen=True)
+class Spans:
+    devices: list[Span]
+    workloads: list[Span]
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,9 @@ def _skip(data: bytes, pos: int, wire_type: int) -> int:
     raise _Unexpected  # groups (3, 4) and wire types that do not exist
 
 
-def _series(data: bytes, pos: int, stop: int, time_field: int, energy_field: int, power_field: int) -> Ranges:
+def _arrays(data: bytes, pos: int, stop: int, time_field: int, energy_field: int, power_field: int) -> Ranges:
     """The (start, end) of a series' arrays, from its submessage ``data[pos:stop]``. Written out flat: this loop
-    runs for every field of every series of every batch."""
+    runs for every field of every series of a batch no ``Template`` matches."""
     ranges = [0, 0, 0, 0, 0, 0]
     while pos < stop:
         key = data[pos]
@@ -97,11 +107,10 @@ def _series(data: bytes, pos: int, stop: int, time_field: int, energy_field: int
     return ranges
 
 
-def scan(data: bytes) -> Layout | None:
-    """The arrays of every series in ``data`` (a Batch protobuf has parsed), in order; None when the encoding is
-    not the plain one (then read the parsed message)."""
-    devices: list[Ranges] = []
-    workloads: list[Ranges] = []
+def spans(data: bytes) -> Spans | None:
+    """Where each series' submessage is, in order; None when the encoding is not the plain one."""
+    devices: list[Span] = []
+    workloads: list[Span] = []
     pos, end = 0, len(data)
     try:
         while pos < end:
@@ -115,15 +124,16 @@ def scan(data: bytes) -> Layout | None:
                 length = data[pos]
                 if length < 0x80:
                     pos += 1
+                elif data[pos + 1] < 0x80:  # a series of up to 16 KiB
+                    length = (length & 0x7F) | data[pos + 1] << 7
+                    pos += 2
                 else:
                     length, pos = _varint(data, pos)
                 stop = pos + length
-                if stop > end:
-                    raise _Unexpected
                 if number == BATCH_DEVICES:
-                    devices.append(_series(data, pos, stop, 4, 5, 6))  # DEVICE_ARRAYS
+                    devices.append((pos, stop))
                 elif number == BATCH_WORKLOADS:
-                    workloads.append(_series(data, pos, stop, 3, 4, 0))  # WORKLOAD_ARRAYS
+                    workloads.append((pos, stop))
                 pos = stop
             elif number in (BATCH_DEVICES, BATCH_WORKLOADS):
                 raise _Unexpected
@@ -133,4 +143,73 @@ def scan(data: bytes) -> Layout | None:
         return None
     if pos != end:
         return None
-    return Layout(devices, workloads)
+    return Spans(devices, workloads)
+
+
+def scan(data: bytes, found: Spans | None = None) -> Layout | None:
+    """The arrays of every series in ``data`` (a Batch protobuf has parsed), in order; None when the encoding is
+    not the plain one (then read the parsed message). ``found``: ``spans(data)``, when known."""
+    found = spans(data) if found is None else found
+    if found is None:
+        return None
+    try:
+        return Layout(
+            [_arrays(data, start, stop, *DEVICE_ARRAYS) for start, stop in found.devices],
+            [_arrays(data, start, stop, *WORKLOAD_ARRAYS) for start, stop in found.workloads],
+        )
+    except (_Unexpected, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Template:
+    """A scanned batch's layout, relative to each series' submessage, and the bytes around its arrays."""
+
+    lengths: list[int]  # of the submessages: devices, then workloads
+    devices: int  # how many are devices
+    relative: list[Ranges]  # array ranges from the submessage's start
+    around: list[list[Span]]  # the rest of each submessage, relative
+    text: bytes  # the rest of every submessage, joined
+
+    @classmethod
+    def of(cls, data: bytes, found: Spans, layout: Layout) -> Template:
+        relative: list[Ranges] = []
+        around: list[list[Span]] = []
+        for (start, stop), ranges in zip(
+            found.devices + found.workloads, layout.devices + layout.workloads, strict=True
+        ):
+            relative.append([at - start if at else 0 for at in ranges])
+            pieces: list[Span] = []
+            at = 0
+            for first, last in sorted(
+                (ranges[i] - start, ranges[i + 1] - start) for i in (0, 2, 4) if ranges[i + 1] > ranges[i]
+            ):
+                if first > at:
+                    pieces.append((at, first))
+                at = last
+            if stop - start > at:
+                pieces.append((at, stop - start))
+            around.append(pieces)
+        series = found.devices + found.workloads
+        return cls([b - a for a, b in series], len(found.devices), relative, around, _text(data, series, around))
+
+    def match(self, data: bytes, found: Spans) -> Layout | None:
+        """``scan(data, found)`` when ``data`` has this layout (the same submessage lengths and the same bytes
+        around the arrays: then scanning it would read the same tags and lengths); else None."""
+        series = found.devices + found.workloads
+        if (
+            len(found.devices) != self.devices
+            or [b - a for a, b in series] != self.lengths
+            or _text(data, series, self.around) != self.text
+        ):
+            return None
+        absolute = [
+            [start + at if at else 0 for at in ranges] for (start, _), ranges in zip(series, self.relative, strict=True)
+        ]
+        return Layout(absolute[: self.devices], absolute[self.devices :])
+
+
+def _text(data: bytes, series: list[Span], around: list[list[Span]]) -> bytes:
+    return b"".join(
+        [data[start + a : start + b] for (start, _), pieces in zip(series, around, strict=True) for a, b in pieces]
+    )
