@@ -64,14 +64,16 @@ agent writes nothing back. Every message carries the protocol's major version ``
 - ``workload``: 1-128 characters of ``[A-Za-z0-9._:/-]`` after trimming. ``phase``: ``training``, ``inference`` or
   ``unknown`` (default ``unknown``). ``job``: at most 256 characters (default empty). ``labels``: an object of
   string values (default empty).
-- ``span`` (one line per line above; it needs no ``register`` first and changes no registration) reports one served
-  request. ``request_id``: 1-256 characters, no control characters; several spans (hosts, pipeline stages) of one
-  request add up under it. ``start_ns`` <= ``end_ns``: Unix ns (``time.time_ns()``), at most a day apart, not in
-  the future, at most a week old. Optional: ``queue_end_ns`` (it left the queue: no energy before it) and
-  ``prefill_end_ns`` (prefill/decode boundary), each 0 (not reported) or within the span, the queue end first;
-  ``input_tokens``, ``output_tokens``: integers 0..2**40 (default 0); ``model``, ``tenant``: at most 256 characters;
-  ``workload``: empty (default: found by the pid) or a workload name as in ``register``; ``labels`` as in
-  ``register``. A span with any field out of bounds is refused whole.
+- ``span`` (folded above, one line on the wire) reports one served request; it needs no ``register`` first and
+  changes no registration. ``request_id``: 1-256 characters, no control characters; several spans (hosts, pipeline
+  stages) of one request add up under it. ``start_ns`` <= ``end_ns``: Unix ns (``time.time_ns()``), integers, at
+  most a day apart, not in the future (5 minutes of slack), at most a week old. Optional: ``queue_end_ns`` (it left
+  the queue: no energy before it) and ``prefill_end_ns`` (prefill/decode boundary), each 0 (not reported) or within
+  the span, the queue end first; ``input_tokens``, ``output_tokens``: integers 0..2**40 (default 0); ``model``,
+  ``tenant``: at most 256 characters; ``workload``: empty (default: the agent finds it by the pid) or a name as in
+  ``register``; ``labels``: at most 16, named like Prometheus labels, string values up to 256 characters (the bounds
+  of ``register``'s labels too). A span with any field out of bounds is refused whole. Every line counts against
+  the agent's per-connection rate limit (``[api] max_messages_per_s``, 1000 by default).
 - The pid is not in the message: the agent takes pid, uid and gid from the socket (``SO_PEERCRED``), so a process
   can only speak for itself. Closing the connection (or exiting) ends the registration.
 - Within a major version, fields are only ever added; the agent ignores fields it does not know. A message with an
