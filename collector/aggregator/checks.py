@@ -198,6 +198,8 @@ def check(data: bytes, received_ns: int, limits: Limits) -> Checked:
         except Refused as refused:
             checked.refusal = refused.refusal
             checked.rows = None
+            if refused.lookups:
+                checked.lookups = refused.lookups
     return checked
 
 

@@ -59,11 +59,14 @@ class Refusal:
 
 
 class Refused(Exception):
-    """A batch breaks a rule (raised inside the checks; the batch is then refused with ``refusal``)."""
+    """A batch breaks a rule (raised inside the checks; the batch is then refused with ``refusal``). ``lookups``:
+    for STAGE_WORKLOAD, the workloads before it on devices not in the batch (device, where), which the instance's
+    history must know first."""
 
-    def __init__(self, stage: int, message: str, index: int = 0) -> None:
+    def __init__(self, stage: int, message: str, index: int = 0, lookups: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.refusal = Refusal(stage, index, message)
+        self.lookups = lookups or []
 
 
 def name_error(what: str, value: str, required: bool = True) -> str | None:

@@ -186,7 +186,7 @@ def _workloads(
             elif (device_id, identity) in seen:
                 error = "the series appears twice in the batch"
         if error is not None:
-            raise Refused(STAGE_WORKLOAD, f"{where_workload(index, device_id, *identity)}: {error}", index)
+            raise Refused(STAGE_WORKLOAD, f"{where_workload(index, device_id, *identity)}: {error}", index, lookups)
         seen.add((device_id, identity))
         if device_id not in in_batch:
             lookups.append((device_id, where_workload(index, device_id, *identity)))

@@ -81,37 +81,38 @@ def test_rollups_per_minute_first_sample_adds_nothing(aggregator: RunningAggrega
     assert by_minute[minute + MINUTE_NS] == {("", ""): 20.0 + 10.0 + 15.0, ("train", "training"): 14.0 + 7.0 + 10.0}
 
 
-@pytest.mark.parametrize(
-    ("mutate", "words"),
-    [
-        (lambda b: b.devices[0].energy_j.__setitem__(3, -1.0), "negative"),
-        (lambda b: b.devices[0].energy_j.__setitem__(3, math.nan), "not finite"),
-        (lambda b: b.devices[0].energy_j.__setitem__(3, math.inf), "not finite"),
-        (lambda b: b.workloads[0].energy_j.__setitem__(3, math.nan), "not finite"),
-        (lambda b: b.devices[0].time_ns.__setitem__(0, 0), "time_ns 0"),
-        (lambda b: b.devices[0].time_ns.__setitem__(9, now_ns() + 3600 * SECOND), "max_future_s"),
-        (lambda b: b.workloads[0].time_ns.__setitem__(9, 2**64 - 1), "max_future_s"),
-        (lambda b: b.devices[0].time_ns.__setitem__(5, b.devices[0].time_ns[4]), "not strictly ascending"),
-        (lambda b: b.devices[0].energy_j.append(2000.0), "energy_j values for"),
-        (lambda b: b.devices[0].power_w.append(5.0), "power_w values for"),
-        (lambda b: b.workloads[0].energy_j.pop(), "energy_j values for"),
-        (lambda b: b.devices[0].energy_j.__setitem__(5, 1001.0), "goes backwards"),
-        (lambda b: b.workloads[1].energy_j.__setitem__(5, 1.0), "goes backwards"),
-        (lambda b: setattr(b.devices[0], "kind", "tpu"), "unknown device kind"),
-        (lambda b: setattr(b.devices[0], "device_id", ""), "device_id is empty"),
-        (lambda b: setattr(b.workloads[0], "device_id", "gpu7"), "unknown device 'gpu7'"),
-        (lambda b: setattr(b.workloads[0].workload, "phase", "serving"), "unknown phase"),
-        (lambda b: setattr(b.workloads[0].workload, "phase", ""), "only idle, system and other"),
-        (lambda b: setattr(b.workloads[0].workload, "workload", ""), "workload is empty"),
-        (lambda b: b.devices.append(b.devices[0]), "appears twice"),
-        (lambda b: b.workloads.append(b.workloads[0]), "appears twice"),
-        (lambda b: setattr(b, "oldest_pending_sequence", 9), "oldest_pending_sequence"),
-        (lambda b: setattr(b.host, "machine_id", "x" * 300), "longer than"),
-        (lambda b: setattr(b.host, "hostname", "host\n-a"), "control characters"),
-        (lambda b: setattr(b, "protocol_major", 0), "protocol_major is 0"),
-        (lambda b: b.ClearField("host"), "hostname is empty"),
-    ],
-)
+# a valid simple_batch made invalid, and words of the refusal
+MUTATIONS: list[tuple[Callable[[pb.Batch], None], str]] = [
+    (lambda b: b.devices[0].energy_j.__setitem__(3, -1.0), "negative"),
+    (lambda b: b.devices[0].energy_j.__setitem__(3, math.nan), "not finite"),
+    (lambda b: b.devices[0].energy_j.__setitem__(3, math.inf), "not finite"),
+    (lambda b: b.workloads[0].energy_j.__setitem__(3, math.nan), "not finite"),
+    (lambda b: b.devices[0].time_ns.__setitem__(0, 0), "time_ns 0"),
+    (lambda b: b.devices[0].time_ns.__setitem__(9, now_ns() + 3600 * SECOND), "max_future_s"),
+    (lambda b: b.workloads[0].time_ns.__setitem__(9, 2**64 - 1), "max_future_s"),
+    (lambda b: b.devices[0].time_ns.__setitem__(5, b.devices[0].time_ns[4]), "not strictly ascending"),
+    (lambda b: b.devices[0].energy_j.append(2000.0), "energy_j values for"),
+    (lambda b: b.devices[0].power_w.append(5.0), "power_w values for"),
+    (lambda b: b.workloads[0].energy_j.pop(), "energy_j values for"),
+    (lambda b: b.devices[0].energy_j.__setitem__(5, 1001.0), "goes backwards"),
+    (lambda b: b.workloads[1].energy_j.__setitem__(5, 1.0), "goes backwards"),
+    (lambda b: setattr(b.devices[0], "kind", "tpu"), "unknown device kind"),
+    (lambda b: setattr(b.devices[0], "device_id", ""), "device_id is empty"),
+    (lambda b: setattr(b.workloads[0], "device_id", "gpu7"), "unknown device 'gpu7'"),
+    (lambda b: setattr(b.workloads[0].workload, "phase", "serving"), "unknown phase"),
+    (lambda b: setattr(b.workloads[0].workload, "phase", ""), "only idle, system and other"),
+    (lambda b: setattr(b.workloads[0].workload, "workload", ""), "workload is empty"),
+    (lambda b: b.devices.append(b.devices[0]), "appears twice"),
+    (lambda b: b.workloads.append(b.workloads[0]), "appears twice"),
+    (lambda b: setattr(b, "oldest_pending_sequence", 9), "oldest_pending_sequence"),
+    (lambda b: setattr(b.host, "machine_id", "x" * 300), "longer than"),
+    (lambda b: setattr(b.host, "hostname", "host\n-a"), "control characters"),
+    (lambda b: setattr(b, "protocol_major", 0), "protocol_major is 0"),
+    (lambda b: b.ClearField("host"), "hostname is empty"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "words"), MUTATIONS)
 def test_invalid_batch_is_refused_whole_and_recorded(
     aggregator: RunningAggregator, channel: grpc.Channel, mutate: Callable[[pb.Batch], None], words: str
 ) -> None:

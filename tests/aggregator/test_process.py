@@ -40,9 +40,10 @@ def run_aggregator(*args: str, env: dict[str, str] | None = None) -> subprocess.
 
 
 class Process:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, workers: int = 0) -> None:
         self.grpc_port = free_port()
         self.http_port = free_port()
+        self.workers = workers
         self.config = tmp_path / "aggregator.toml"
         self.config.write_text(
             f"""
@@ -54,6 +55,9 @@ listen = "127.0.0.1:{self.http_port}"
 
 [storage]
 url = "sqlite:///{tmp_path / "aggregator.db"}"
+
+[ingest]
+workers = {workers}
 """
         )
         self.proc = run_aggregator("--config", str(self.config))
@@ -78,9 +82,9 @@ url = "sqlite:///{tmp_path / "aggregator.db"}"
             self.proc.wait(WAIT_S)
 
 
-@pytest.fixture
-def process(tmp_path: Path) -> Iterator[Process]:
-    started = Process(tmp_path)
+@pytest.fixture(params=[0, 2], ids=["no-workers", "2-workers"])
+def process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Process]:
+    started = Process(tmp_path, workers=request.param)
     try:
         started.wait_healthy()
         yield started
@@ -88,7 +92,21 @@ def process(tmp_path: Path) -> Iterator[Process]:
         started.kill()
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] != "Z"  # a zombie is gone, waiting to be reaped
+
+
 def test_serves_stores_and_stops_on_sigterm(process: Process) -> None:
+    workers = children(process.proc.pid)
     with grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}") as channel:
         result = send(channel, [simple_batch(1, now_ns() - 5 * SECOND)])
         assert result.code is None, result.details
@@ -104,6 +122,8 @@ def test_serves_stores_and_stops_on_sigterm(process: Process) -> None:
     elapsed = time.monotonic() - begun
     assert code == 0, process.proc.stdout.read()  # type: ignore[union-attr]
     assert elapsed < 2.0, elapsed
+    assert len(workers) == process.workers
+    assert not [pid for pid in workers if alive(pid)]  # its worker processes went with it
 
 
 def test_config_error_is_one_clear_line(tmp_path: Path) -> None:
