@@ -126,7 +126,7 @@ class IngestConfig(_Section):
     max_future_s: float = Field(300.0, ge=0, description="samples later than now + this are refused (clock skew)")
     max_batch_samples: int = Field(1_000_000, ge=1, description="device + workload samples in one batch")
     workers: int = Field(
-        0,
+        1,
         ge=0,
         le=64,
         description="worker processes that parse and check batches beside the aggregator; 0: its event loop does",

@@ -16,6 +16,9 @@ class Dialect:
     without_rowid: str  # table suffix for tables keyed by their primary key alone
     greatest: str  # the two-argument max of scalars
     least: str
+    # writers lock rows, not the database (PostgreSQL): several aggregators write at once, so each writes rows in
+    # one order (no deadlock) and an upsert statement names a row once
+    row_locks: bool = False
 
     def format(self, template: str) -> str:
         """``template`` with ``{bigint}``, ``{blob}``... replaced by this dialect's words."""
@@ -53,4 +56,5 @@ POSTGRES = Dialect(
     without_rowid="",
     greatest="GREATEST",
     least="LEAST",
+    row_locks=True,
 )

@@ -32,6 +32,7 @@ from collector.store.rows import PackedBatch, WorkloadKey
 ROWS_PER_STATEMENT = 500  # rows in one multi-row statement: at most 9 parameters a row (SQLite allows 32766)
 WATERMARK_PAGE = 256  # stored sequences read per query while advancing the watermark
 T = TypeVar("T")
+_Rollup = tuple[int, int, str, int, float]  # minute, host id, device, workload id, joules
 
 
 class Cursor(Protocol):
@@ -122,6 +123,7 @@ class GroupWrite:
     """The statements of a write, formatted for one dialect; ``run`` is the transaction's work."""
 
     def __init__(self, dialect: Dialect) -> None:
+        self._row_locks = dialect.row_locks
         self._upsert_instances = (
             "INSERT INTO instances (instance_id, host_id, watermark, first_seen_ns, last_seen_ns)",
             "(?, NULL, 0, ?, ?)",
@@ -185,7 +187,7 @@ class GroupWrite:
                 instance.hostname = batch.host.hostname
                 with_data.append((batch, rows, instance))
         host_ids = self._write_hosts(cursor, with_data)
-        new_refs = self._write_rows(cursor, with_data, host_ids, workloads)
+        new_refs = self._write_rows(cursor, with_data, host_ids, workloads, self._row_locks)
         changed = sorted((i for i in instances.values() if i.changed), key=lambda i: i.ref)
         head, row = self._update_instances
         for chunk in _chunks(changed):
@@ -336,12 +338,13 @@ class GroupWrite:
         with_data: list[tuple[StoredBatch, PackedBatch, _Instance]],
         host_ids: dict[str, int],
         workloads: WorkloadRefs,
+        row_locks: bool,
     ) -> dict[WorkloadKey, int]:
         keys = sorted({key for _, rows, _ in with_data for key in rows.workloads})
         refs, new_refs = workloads.resolve(cursor, keys)
         device_chunks: list[tuple[Any, ...]] = []
         workload_chunks: list[tuple[Any, ...]] = []
-        rollups: list[tuple[int, int, str, int, float]] = []
+        rollups: list[_Rollup] = []
         for batch, rows, instance in with_data:
             ids = (host_ids[batch.host.hostname], instance.ref)
             host_id = ids[0]
@@ -362,19 +365,7 @@ class GroupWrite:
             "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
             workload_chunks,
         )
-        # An upsert statement may name a bucket once (PostgreSQL): increments to one bucket go in rounds, in batch
-        # order, so they add up as one by one would; each round sorted by bucket (row lock order).
-        rounds: list[list[tuple[int, int, str, int, float]]] = []
-        seen: dict[tuple[int, int, str, int], int] = {}
-        for rollup in rollups:
-            bucket = rollup[:4]
-            n = seen.get(bucket, 0)
-            seen[bucket] = n + 1
-            if n == len(rounds):
-                rounds.append([])
-            rounds[n].append(rollup)
-        for round_ in rounds:
-            round_.sort(key=_BUCKET)
+        for round_ in _rounds(rollups) if row_locks else [rollups]:
             _insert(
                 cursor,
                 "INSERT INTO rollups (minute_ns, host_id, device_id, workload_ref, energy_j)",
@@ -387,3 +378,21 @@ class GroupWrite:
 
 
 _BUCKET = itemgetter(0, 1, 2, 3)
+
+
+def _rounds(rollups: list[_Rollup]) -> list[list[_Rollup]]:
+    """Rollup increments in rounds that name each bucket once (an upsert statement may name a row once, on
+    PostgreSQL), each sorted by bucket (the order row locks are taken in); increments to one bucket stay in batch
+    order, so they add up as one by one would. SQLite takes one statement naming a bucket twice in order."""
+    rounds: list[list[_Rollup]] = []
+    seen: dict[tuple[int, int, str, int], int] = {}
+    for rollup in rollups:
+        bucket = rollup[:4]
+        n = seen.get(bucket, 0)
+        seen[bucket] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(rollup)
+    for round_ in rounds:
+        round_.sort(key=_BUCKET)
+    return rounds
