@@ -35,7 +35,7 @@ from collector.aggregator.rules import (
 from collector.aggregator.shape import SeriesKey, Shape, Shapes
 from collector.aggregator.spans import ReceivedSpan, span_error
 from collector.proto import wattmeter_pb2 as pb
-from collector.store.base import Float64Array, HostInfo
+from collector.store.base import Float64Array, HostInfo, Int64Array
 from collector.store.rows import DeviceChunkRow, PackedBatch, RollupRow, WorkloadChunkRow, WorkloadKey
 
 _shapes = Shapes()
@@ -216,11 +216,10 @@ def _header_error(batch: pb.Batch, host: HostInfo) -> str | None:
 
 
 def _shape(batch: pb.Batch, data: bytes, limits: Limits, instance_id: str) -> tuple[Shape, wire.Layout | None]:
+    known = _shapes.find(instance_id, data)
+    if known is not None:
+        return known
     spans = wire.spans(data)
-    if spans is not None:
-        known = _shapes.find(instance_id, data, spans)
-        if known is not None:
-            return known
     layout = None if spans is None else wire.scan(data, spans)
     if layout is not None and (
         len(layout.devices) != len(batch.devices) or len(layout.workloads) != len(batch.workloads)
@@ -262,11 +261,15 @@ def _check(batch: pb.Batch, data: bytes, limits: Limits, checked: Checked) -> No
         )
     except InvalidBatch as exc:
         raise Refused(STAGE_SAMPLES, str(exc)) from None
-    _ends(checked, shape, device_columns, workload_columns)
+    # both kinds as one (devices first): their series are numbered so in the shape
+    time_ns = np.concatenate((device_columns.time_ns, workload_columns.time_ns))
+    energy_j = np.concatenate((device_columns.energy_j, workload_columns.energy_j))
+    _ends(checked, shape, time_ns, energy_j)
     if shape.power_count_error is not None:
         raise Refused(STAGE_POWER, shape.power_count_error)
     power = _power(data, layout, batch, shape, checked)
-    checked.rows = _rows(checked, shape, device_values, device_columns, workload_values, workload_columns, power)
+    checked.rows = _rows(checked, shape, columns.Columns(shape.segments, time_ns, energy_j), device_values,
+                         workload_values, power)  # fmt: skip
     checked.spans, checked.rejected_spans = _spans(batch, checked, latest_ns)
 
 
@@ -276,7 +279,8 @@ class _Values:
 
     times: columns.UInt64Array
     energy: Float64Array
-    blobs: list[tuple[bytes, bytes]]  # per series: time_ns, energy_j (empty unless every count matches)
+    time_blobs: list[bytes]  # per series, as stored (empty unless every count matches)
+    energy_blobs: list[bytes]
 
     @classmethod
     def read(
@@ -287,36 +291,38 @@ class _Values:
         whole: bool,
     ) -> _Values:
         if ranges is not None:
-            blobs = [(data[r[0] : r[1]], data[r[2] : r[3]]) for r in ranges]
+            sent_times = [data[r[0] : r[1]] for r in ranges]
+            sent_energy = [data[r[2] : r[3]] for r in ranges]
             return cls(
-                np.frombuffer(b"".join([t for t, _ in blobs]), dtype="<u8").astype(np.uint64, copy=False),
-                np.frombuffer(b"".join([e for _, e in blobs]), dtype="<f8").astype(np.float64, copy=False),
-                blobs,
+                np.frombuffer(b"".join(sent_times), dtype="<u8").astype(np.uint64, copy=False),
+                np.frombuffer(b"".join(sent_energy), dtype="<f8").astype(np.float64, copy=False),
+                sent_times,
+                sent_energy,
             )
         times = np.array([t for s in series for t in s.time_ns], dtype=np.uint64)
         energy = np.array([e for s in series for e in s.energy_j], dtype=np.float64)
-        blobs = []
+        time_blobs: list[bytes] = []
+        energy_blobs: list[bytes] = []
         if whole:
             start = 0
             for one in series:
                 end = start + len(one.time_ns)
-                blobs.append((times[start:end].astype("<u8").tobytes(), energy[start:end].astype("<f8").tobytes()))
+                time_blobs.append(times[start:end].astype("<u8").tobytes())
+                energy_blobs.append(energy[start:end].astype("<f8").tobytes())
                 start = end
-        return cls(times, energy, blobs)
+        return cls(times, energy, time_blobs, energy_blobs)
 
 
-def _ends(checked: Checked, shape: Shape, device_columns: Columns, workload_columns: Columns) -> None:
+def _ends(checked: Checked, shape: Shape, time_ns: Int64Array, energy_j: Float64Array) -> None:
     """Each series' first and last sample into ``checked``."""
-    count = len(shape.device_ids)
-    for offset, joined in ((0, device_columns), (count, workload_columns)):
-        segments = joined.segments
-        checked.keys += [shape.keys[offset + i] for i in segments.present]
-        checked.positions += segments.present
-        checked.first_time_ns += joined.time_ns[segments.firsts].tolist()
-        checked.first_energy_j += joined.energy_j[segments.firsts].tolist()
-        checked.last_time_ns += joined.time_ns[segments.lasts].tolist()
-        checked.last_energy_j += joined.energy_j[segments.lasts].tolist()
-    checked.devices_with_samples = len(device_columns.segments.present)
+    segments = shape.segments
+    checked.keys = shape.present_keys
+    checked.positions = shape.present_positions
+    checked.devices_with_samples = shape.devices_with_samples
+    checked.first_time_ns = time_ns[segments.firsts].tolist()
+    checked.first_energy_j = energy_j[segments.firsts].tolist()
+    checked.last_time_ns = time_ns[segments.lasts].tolist()
+    checked.last_energy_j = energy_j[segments.lasts].tolist()
 
 
 def _power(
@@ -358,50 +364,72 @@ def _power(
 def _rows(
     checked: Checked,
     shape: Shape,
+    joined: Columns,
     device_values: _Values,
-    device_columns: Columns,
     workload_values: _Values,
-    workload_columns: Columns,
     power: list[bytes | None],
 ) -> PackedBatch:
     """The rows to store; where each series' first minute is in the rollups into ``checked.first_rollup``."""
-    count = len(shape.device_ids)
-    ranks = shape.ranks
-    # (minute, bucket rank, series number: devices first, joules): sorted, the order of rollup rows by bucket
-    increments = [
-        (minute, ranks[index], index, joules)
-        for index, minute, joules in columns.minute_sums(device_columns, columns.within_deltas(device_columns))
-    ]
-    increments += [
-        (minute, ranks[count + index], count + index, joules)
-        for index, minute, joules in columns.minute_sums(workload_columns, columns.within_deltas(workload_columns))
-    ]
-    increments.sort()
-    buckets = shape.buckets
-    rollups: list[RollupRow] = []
-    first: dict[int, int] = {}
-    for position, (minute, _, series, joules) in enumerate(increments):
-        device_id, key = buckets[series]
-        rollups.append((minute, device_id, key, joules))
-        first.setdefault(series, position)
-    numbers = shape.numbers
-    checked.first_rollup = [first[number] for _, number in numbers]
+    series, minutes, joules = columns.minute_arrays(joined, columns.within_deltas(joined))
+    # rollup rows in the order of their buckets: (minute, device, workload)
+    order = np.lexsort((shape.ranks[series], minutes))
+    ordered = series[order]
+    rollups: list[RollupRow] = list(
+        zip(
+            minutes[order].tolist(),
+            shape.bucket_devices[ordered].tolist(),
+            shape.bucket_keys[ordered].tolist(),
+            joules[order].tolist(),
+            strict=True,
+        )
+    )
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))
+    # a series' rows come out of minute_arrays first minute first, series by series
+    checked.first_rollup = place[np.searchsorted(series, shape.present_numbers)].tolist()
 
-    sequence = checked.sequence
-    device_chunks: list[DeviceChunkRow] = []
-    workload_chunks: list[tuple[WorkloadKey, WorkloadChunkRow]] = []
-    for n, (index, number) in enumerate(numbers):
-        t_start, t_end = checked.first_time_ns[n], checked.last_time_ns[n]
-        if number < count:
-            time_blob, energy_blob = device_values.blobs[index]
-            row = (shape.device_ids[index], t_start, t_end, sequence, time_blob, energy_blob, power[index])
-            device_chunks.append(row)
-        else:
-            time_blob, energy_blob = workload_values.blobs[index]
-            device_id = shape.workload_devices[index]
-            workload_chunks.append(
-                (shape.identities[index], (device_id, t_start, t_end, sequence, time_blob, energy_blob))
-            )
+    sequence = [checked.sequence] * len(shape.present_numbers)
+    count = shape.devices_with_samples
+    present = shape.present_devices
+    if len(present) == len(device_values.time_blobs):
+        time_blobs, energy_blobs, power_blobs = device_values.time_blobs, device_values.energy_blobs, power
+    else:
+        time_blobs = [device_values.time_blobs[i] for i in present]
+        energy_blobs = [device_values.energy_blobs[i] for i in present]
+        power_blobs = [power[i] for i in present]
+    device_chunks: list[DeviceChunkRow] = list(
+        zip(
+            [shape.device_ids[i] for i in present],
+            checked.first_time_ns[:count],
+            checked.last_time_ns[:count],
+            sequence[:count],
+            time_blobs,
+            energy_blobs,
+            power_blobs,
+            strict=True,
+        )
+    )
+    present = shape.present_workloads
+    if len(present) == len(workload_values.time_blobs):
+        time_blobs, energy_blobs = workload_values.time_blobs, workload_values.energy_blobs
+    else:
+        time_blobs = [workload_values.time_blobs[i] for i in present]
+        energy_blobs = [workload_values.energy_blobs[i] for i in present]
+    workload_chunks: list[tuple[WorkloadKey, WorkloadChunkRow]] = list(
+        zip(
+            [shape.identities[i] for i in present],
+            zip(
+                [shape.workload_devices[i] for i in present],
+                checked.first_time_ns[count:],
+                checked.last_time_ns[count:],
+                sequence[count:],
+                time_blobs,
+                energy_blobs,
+                strict=True,
+            ),
+            strict=True,
+        )
+    )
     return PackedBatch(shape.device_rows, device_chunks, workload_chunks, rollups, shape.workload_keys)
 
 

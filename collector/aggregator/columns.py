@@ -157,16 +157,20 @@ def within_deltas(columns: Columns) -> Float64Array:
     return out
 
 
-def minute_sums(columns: Columns, joules: Float64Array) -> list[tuple[int, int, float]]:
-    """(series index, minute start ns, joules) for each minute each series has samples in, in order."""
+def minute_arrays(columns: Columns, joules: Float64Array) -> tuple[Int64Array, Int64Array, Float64Array]:
+    """For each minute each series has samples in, in order: its series, the minute's start (ns), the joules."""
     total = len(columns.time_ns)
     if total == 0:
-        return []
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
     minutes = columns.time_ns // MINUTE_NS
-    series = columns.segments.series
     change = np.empty(total, dtype=bool)
     change[0] = True
     np.logical_or(~columns.segments.within, minutes[1:] != minutes[:-1], out=change[1:])
     starts = np.flatnonzero(change)
-    sums = np.add.reduceat(joules, starts)
-    return list(zip(series[starts].tolist(), (minutes[starts] * MINUTE_NS).tolist(), sums.tolist(), strict=True))
+    return columns.segments.series[starts], minutes[starts] * MINUTE_NS, np.add.reduceat(joules, starts)
+
+
+def minute_sums(columns: Columns, joules: Float64Array) -> list[tuple[int, int, float]]:
+    """(series index, minute start ns, joules) for each minute each series has samples in, in order."""
+    series, minutes, sums = minute_arrays(columns, joules)
+    return list(zip(series.tolist(), minutes.tolist(), sums.tolist(), strict=True))

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from collector.aggregator import wire
 from collector.aggregator.columns import Segments
 from collector.aggregator.rules import (
@@ -27,6 +30,7 @@ from collector.aggregator.rules import (
     where_workload,
 )
 from collector.proto import wattmeter_pb2 as pb
+from collector.store.base import Int64Array
 from collector.store.rows import DeviceRow, WorkloadKey
 
 DEVICE_KEY: WorkloadKey = ("", "", "")  # a device's own energy in rollups
@@ -46,10 +50,21 @@ class Shape:
     device_segments: Segments
     workload_segments: Segments
     power_counts: list[int]
-    keys: list[SeriesKey]  # per series: devices, then workloads
-    buckets: list[tuple[str, WorkloadKey]]  # per series: its rollups' (device, workload)
-    ranks: list[int]  # per series: its place in the order of buckets
-    numbers: list[tuple[int, int]]  # per series with samples: (index in its kind, series number)
+    # series are numbered devices first, then workloads
+    segments: Segments  # of all series
+    bucket_devices: npt.NDArray[np.object_]  # per series: its rollups' device
+    bucket_keys: npt.NDArray[np.object_]  # per series: its rollups' workload (DEVICE_KEY for a device's own)
+    ranks: Int64Array  # per series: its place in the order of (device, workload)
+    present_devices: list[int]  # the devices with samples
+    present_workloads: list[int]  # the workloads with samples
+    present_numbers: Int64Array  # the series with samples
+    present_keys: list[SeriesKey]
+    present_positions: list[int]  # in batch.devices or batch.workloads
+
+    @property
+    def devices_with_samples(self) -> int:
+        return len(self.present_devices)
+
     workload_keys: list[WorkloadKey]  # every workload the rows name, sorted
     # the first count that does not match its time_ns count, in the order the checks meet them; None: all match
     device_count_error: str | None
@@ -107,6 +122,9 @@ class Shape:
         ranks = [0] * len(buckets)
         for rank, index in enumerate(sorted(range(len(buckets)), key=buckets.__getitem__)):
             ranks[index] = rank
+        present_devices = [i for i, count in enumerate(times) if count]
+        present_workloads = [i for i, count in enumerate(workload_times) if count]
+        present_numbers = present_devices + [len(times) + i for i in present_workloads]
         workload_keys = {identity for identity, count in zip(identities, workload_times, strict=True) if count}
         if any(times):
             workload_keys.add(DEVICE_KEY)
@@ -121,16 +139,27 @@ class Shape:
             device_segments=Segments.of(times),
             workload_segments=Segments.of(workload_times),
             power_counts=power,
-            keys=keys,
-            buckets=buckets,
-            ranks=ranks,
-            numbers=[(i, i) for i, count in enumerate(times) if count]
-            + [(i, len(times) + i) for i, count in enumerate(workload_times) if count],
+            segments=Segments.of(times + workload_times),
+            bucket_devices=_objects([device for device, _ in buckets]),
+            bucket_keys=_objects([key for _, key in buckets]),
+            ranks=np.array(ranks, dtype=np.int64),
+            present_devices=present_devices,
+            present_workloads=present_workloads,
+            present_numbers=np.array(present_numbers, dtype=np.int64),
+            present_keys=[keys[n] for n in present_numbers],
+            present_positions=present_devices + present_workloads,
             workload_keys=sorted(workload_keys),
             device_count_error=count_error(energy, times, "energy_j", False),
             workload_count_error=count_error(workload_energy, workload_times, "energy_j", True),
             power_count_error=count_error(power, times, "power_w", False, zero=True),
         )
+
+
+def _objects(items: list[object]) -> npt.NDArray[np.object_]:
+    """``items`` as a numpy array of objects (tuples stay items, not rows)."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
 
 
 def _devices(batch: pb.Batch, times: list[int]) -> tuple[dict[str, bool], list[DeviceRow]]:
@@ -202,21 +231,22 @@ class Shapes:
         self.capacity = capacity
         self._shapes: OrderedDict[str, tuple[wire.Template, Shape]] = OrderedDict()
 
-    def find(self, instance_id: str, data: bytes, spans: wire.Spans) -> tuple[Shape, wire.Layout] | None:
+    def find(self, instance_id: str, data: bytes) -> tuple[Shape, wire.Layout] | None:
         known = self._shapes.get(instance_id)
         if known is None:
             return None
         template, shape = known
-        layout = template.match(data, spans)
+        layout = template.match(data)
         if layout is None:
             return None
         self._shapes.move_to_end(instance_id)
         return shape, layout
 
     def keep(self, instance_id: str, data: bytes, spans: wire.Spans, layout: wire.Layout, shape: Shape) -> None:
-        if not shape.whole:
+        template = wire.Template.of(data, spans, layout) if shape.whole else None
+        if template is None:
             return
-        self._shapes[instance_id] = (wire.Template.of(data, spans, layout), shape)
+        self._shapes[instance_id] = (template, shape)
         self._shapes.move_to_end(instance_id)
         while len(self._shapes) > self.capacity:
             self._shapes.popitem(last=False)

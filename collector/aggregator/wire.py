@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 # field numbers (collector/proto/wattmeter.proto)
 BATCH_DEVICES = 7
 BATCH_WORKLOADS = 8
@@ -29,6 +32,7 @@ Ranges = list[int]  # (start, end) of each array in turn (time, energy, power), 
 class Spans:
     devices: list[Span]
     workloads: list[Span]
+    block: Span | None = None  # the series' fields, when they follow one another: (first's tag, last's end)
 
 
 @dataclass(frozen=True)
@@ -107,43 +111,54 @@ def _arrays(data: bytes, pos: int, stop: int, time_field: int, energy_field: int
     return ranges
 
 
+def _field(data: bytes, pos: int) -> tuple[int, bool, int, int]:
+    """The field at ``pos``: (number, length-delimited, payload start, end); a field of another wire type has
+    payload start == end == where it ends."""
+    key = data[pos]
+    if key < 0x80:
+        pos += 1
+    else:
+        key, pos = _varint(data, pos)
+    if key & 7 == 2:
+        length = data[pos]
+        if length < 0x80:
+            pos += 1
+        elif data[pos + 1] < 0x80:  # a series of up to 16 KiB
+            length = (length & 0x7F) | data[pos + 1] << 7
+            pos += 2
+        else:
+            length, pos = _varint(data, pos)
+        return key >> 3, True, pos, pos + length
+    end = _skip(data, pos, key & 7)
+    return key >> 3, False, end, end
+
+
 def spans(data: bytes) -> Spans | None:
     """Where each series' submessage is, in order; None when the encoding is not the plain one."""
     devices: list[Span] = []
     workloads: list[Span] = []
     pos, end = 0, len(data)
+    block: Span | None = None  # from the first series' tag to the last series' end, while nothing else is between
+    contiguous = True
     try:
         while pos < end:
-            key = data[pos]
-            if key < 0x80:
-                pos += 1
-            else:
-                key, pos = _varint(data, pos)
-            number = key >> 3
-            if key & 7 == 2:
-                length = data[pos]
-                if length < 0x80:
-                    pos += 1
-                elif data[pos + 1] < 0x80:  # a series of up to 16 KiB
-                    length = (length & 0x7F) | data[pos + 1] << 7
-                    pos += 2
+            number, delimited, start, after = _field(data, pos)
+            if number in (BATCH_DEVICES, BATCH_WORKLOADS):
+                if not delimited:
+                    raise _Unexpected
+                (devices if number == BATCH_DEVICES else workloads).append((start, after))
+                if block is None:
+                    block = (pos, after)
+                elif block[1] == pos:
+                    block = (block[0], after)
                 else:
-                    length, pos = _varint(data, pos)
-                stop = pos + length
-                if number == BATCH_DEVICES:
-                    devices.append((pos, stop))
-                elif number == BATCH_WORKLOADS:
-                    workloads.append((pos, stop))
-                pos = stop
-            elif number in (BATCH_DEVICES, BATCH_WORKLOADS):
-                raise _Unexpected
-            else:
-                pos = _skip(data, pos, key & 7)
+                    contiguous = False
+            pos = after
     except (_Unexpected, IndexError):
         return None
     if pos != end:
         return None
-    return Spans(devices, workloads)
+    return Spans(devices, workloads, block if contiguous else None)
 
 
 def scan(data: bytes, found: Spans | None = None) -> Layout | None:
@@ -161,55 +176,70 @@ def scan(data: bytes, found: Spans | None = None) -> Layout | None:
         return None
 
 
+def _block_start(data: bytes) -> int | None:
+    """Where the first series' field starts, and the fields before it as the plain encoding has them."""
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            number, _, _, after = _field(data, pos)
+            if number in (BATCH_DEVICES, BATCH_WORKLOADS):
+                return pos
+            pos = after
+    except (_Unexpected, IndexError):
+        return None
+    return None
+
+
+def _no_series_after(data: bytes, pos: int) -> bool:
+    end = len(data)
+    try:
+        while pos < end:
+            number, _, _, after = _field(data, pos)
+            if number in (BATCH_DEVICES, BATCH_WORKLOADS):
+                return False
+            pos = after
+    except (_Unexpected, IndexError):
+        return False
+    return pos == end
+
+
 @dataclass(frozen=True)
 class Template:
-    """A scanned batch's layout, relative to each series' submessage, and the bytes around its arrays."""
+    """The series of a scanned batch, one after another (a block), as bytes: every byte of the block but the
+    arrays' values (tags, lengths, names, ids: ``text``), and where the arrays are in it."""
 
-    lengths: list[int]  # of the submessages: devices, then workloads
-    devices: int  # how many are devices
-    relative: list[Ranges]  # array ranges from the submessage's start
-    around: list[list[Span]]  # the rest of each submessage, relative
-    text: bytes  # the rest of every submessage, joined
+    length: int
+    devices: int  # the first this many series are devices
+    relative: npt.NDArray[np.int64]  # per series: its arrays' (start, end), from the block's start
+    outside: npt.NDArray[np.int64]  # the offsets of the block's bytes outside the arrays
+    text: bytes  # those bytes
 
     @classmethod
-    def of(cls, data: bytes, found: Spans, layout: Layout) -> Template:
-        relative: list[Ranges] = []
-        around: list[list[Span]] = []
-        for (start, stop), ranges in zip(
-            found.devices + found.workloads, layout.devices + layout.workloads, strict=True
-        ):
-            relative.append([at - start if at else 0 for at in ranges])
-            pieces: list[Span] = []
-            at = 0
-            for first, last in sorted(
-                (ranges[i] - start, ranges[i + 1] - start) for i in (0, 2, 4) if ranges[i + 1] > ranges[i]
-            ):
-                if first > at:
-                    pieces.append((at, first))
-                at = last
-            if stop - start > at:
-                pieces.append((at, stop - start))
-            around.append(pieces)
-        series = found.devices + found.workloads
-        return cls([b - a for a, b in series], len(found.devices), relative, around, _text(data, series, around))
-
-    def match(self, data: bytes, found: Spans) -> Layout | None:
-        """``scan(data, found)`` when ``data`` has this layout (the same submessage lengths and the same bytes
-        around the arrays: then scanning it would read the same tags and lengths); else None."""
-        series = found.devices + found.workloads
-        if (
-            len(found.devices) != self.devices
-            or [b - a for a, b in series] != self.lengths
-            or _text(data, series, self.around) != self.text
-        ):
+    def of(cls, data: bytes, found: Spans, layout: Layout) -> Template | None:
+        if found.block is None:
             return None
-        absolute = [
-            [start + at if at else 0 for at in ranges] for (start, _), ranges in zip(series, self.relative, strict=True)
-        ]
+        base, end = found.block
+        relative: list[list[int]] = []  # an empty or absent array: (0, 0)
+        inside = np.zeros(end - base, dtype=bool)
+        for ranges in layout.devices + layout.workloads:
+            row = [0] * 6
+            for i in (0, 2, 4):
+                if ranges[i + 1] > ranges[i]:
+                    row[i], row[i + 1] = ranges[i] - base, ranges[i + 1] - base
+                    inside[row[i] : row[i + 1]] = True
+            relative.append(row)
+        outside = np.flatnonzero(~inside).astype(np.int64)
+        text = np.frombuffer(data, dtype=np.uint8, count=end - base, offset=base)[outside].tobytes()
+        return cls(end - base, len(layout.devices), np.array(relative, dtype=np.int64).reshape(-1, 6), outside, text)
+
+    def match(self, data: bytes) -> Layout | None:
+        """``scan(data)`` when ``data`` has this block (the same bytes but the arrays' values: then scanning it
+        would read the same tags and lengths) and no series after it; else None."""
+        base = _block_start(data)
+        if base is None or base + self.length > len(data):
+            return None
+        block = np.frombuffer(data, dtype=np.uint8, count=self.length, offset=base)
+        if block[self.outside].tobytes() != self.text or not _no_series_after(data, base + self.length):
+            return None
+        absolute = np.where(self.relative > 0, self.relative + base, 0).tolist()
         return Layout(absolute[: self.devices], absolute[self.devices :])
-
-
-def _text(data: bytes, series: list[Span], around: list[list[Span]]) -> bytes:
-    return b"".join(
-        [data[start + a : start + b] for (start, _), pieces in zip(series, around, strict=True) for a, b in pieces]
-    )
