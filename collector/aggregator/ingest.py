@@ -18,6 +18,7 @@ held (after a restart, or ``forget``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -83,7 +84,6 @@ class _Settled:
     """A batch that passed every check: what to store, and what it changes once stored."""
 
     stored: StoredBatch
-    last: dict[SeriesKey, Last]
     energy: dict[tuple[str, str], float]  # (host, phase label) -> J, workloads on in_host_total devices
 
 
@@ -92,6 +92,7 @@ class _Duplicate:
 
 
 _DUPLICATE = _Duplicate()
+_UNKNOWN = (-1, -1.0)  # a series' last sample not held (None: held, and the store has none)
 
 
 def follow_error(first_time_ns: int, first_energy_j: float, last: Last) -> str | None:
@@ -215,11 +216,12 @@ class Ingest:
 
     async def _handle_locked(self, checked: Checked, state: _InstanceState) -> Outcome:
         instance_id = checked.instance_id
-        if self._held(checked, state):
-            settled = self._settle(checked, state)
-        else:  # reads the store: not on the event loop
-            job = asyncio.get_running_loop().run_in_executor(self.executor, self._settle, checked, state)
+        settled = self._settle(checked, state, may_read=False)
+        if settled is None:  # it needs the store: read it, not on the event loop
+            settle = functools.partial(self._settle, checked, state, may_read=True)
+            job = asyncio.get_running_loop().run_in_executor(self.executor, settle)
             settled = await _finish(job, state)
+        assert settled is not None
         if isinstance(settled, _Duplicate):
             self.metrics.count_batch("duplicate")
             return Outcome("duplicate", pb.Ack(agent_instance_id=instance_id, acked_sequence=state.acked), instance_id)
@@ -235,7 +237,8 @@ class Ingest:
             state.devices.clear()
             self.metrics.count_batch("duplicate")
             return Outcome("duplicate", ack, instance_id)
-        state.last.update(settled.last)
+        last = zip(checked.last_time_ns, checked.last_energy_j, strict=True)
+        state.last.update(zip(checked.keys, last, strict=True))
         state.devices.update(checked.devices)
         self.metrics.count_batch("stored")
         for name in checked.dropped:
@@ -276,21 +279,14 @@ class Ingest:
         )
         return Outcome("rejected", ack, instance_id)
 
-    @staticmethod
-    def _held(checked: Checked, state: _InstanceState) -> bool:
-        """Everything ``_settle`` may need of the instance is in memory (it will not read the store)."""
-        if state.acked is None:
-            return False
-        devices, last = state.devices, state.last
-        return all(device_id in devices for device_id, _ in checked.lookups) and all(
-            key in last for key in checked.keys
-        )
-
-    def _settle(self, checked: Checked, state: _InstanceState) -> _Settled | _Duplicate | str:
-        """The batch against the instance's history: ``_DUPLICATE``, why it is refused, or ``_Settled``. Reads the
-        store for what ``state`` does not hold. The checks come in the order ``rules`` describes."""
+    def _settle(self, checked: Checked, state: _InstanceState, *, may_read: bool) -> _Settled | _Duplicate | str | None:
+        """The batch against the instance's history: ``_DUPLICATE``, why it is refused, or ``_Settled``; the checks
+        come in the order ``rules`` describes. What ``state`` does not hold is read from the store, unless not
+        ``may_read``: then None, with nothing changed, when the store is needed."""
         instance_id = checked.instance_id
         if state.acked is None:
+            if not may_read:
+                return None
             state.reset()
             state.acked = self.store.acked_sequence(instance_id)
         if checked.sequence <= state.acked:
@@ -300,6 +296,8 @@ class Ingest:
             return refusal.message
         in_total = checked.devices
         for device_id, where in checked.lookups:
+            if not may_read and device_id not in state.devices:
+                return None
             known = self._known_device(state, instance_id, checked.host.hostname, device_id)
             if known is None:
                 return f"{where}: unknown device {device_id!r} (not in this batch, never sent by this agent)"
@@ -313,7 +311,11 @@ class Ingest:
         for series, (key, first_time, first_energy) in enumerate(
             zip(checked.keys, checked.first_time_ns, checked.first_energy_j, strict=True)
         ):
-            previous = held[key] if key in held else self._last(state, instance_id, key)
+            previous = held.get(key, _UNKNOWN)
+            if previous is _UNKNOWN:
+                if not may_read:
+                    return None
+                previous = self._last(state, instance_id, key)
             if previous is not None:
                 if first_time <= previous[0] or first_energy < previous[1]:
                     return f"{checked.where(series)}: {follow_error(first_time, first_energy, previous)}"
@@ -345,8 +347,7 @@ class Ingest:
             raw_bytes=checked.size,
             packed=rows,
         )
-        last = dict(zip(checked.keys, zip(checked.last_time_ns, checked.last_energy_j, strict=True), strict=True))
-        return _Settled(stored, last, energy)
+        return _Settled(stored, energy)
 
     def _last(self, state: _InstanceState, instance_id: str, key: SeriesKey) -> Last | None:
         if key in state.last:
