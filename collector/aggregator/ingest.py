@@ -70,6 +70,7 @@ class _InstanceState:
     acked: int | None = None  # None: to be read from the store (new here, forgotten, or a write's outcome unknown)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # batches holding or waiting for the lock: a state in use is never evicted
+    stale: bool = False  # forgotten: reset by the next batch that holds the lock
     devices: dict[str, bool] = field(default_factory=dict)  # device_id -> in_host_total, for devices it has sent
     last: dict[SeriesKey, Last | None] = field(default_factory=dict)  # None: the store has none either
 
@@ -158,7 +159,8 @@ class Ingest:
         database may have stored its batches meanwhile)."""
         state = self._instances.get(instance_id)
         if state is not None:
-            state.reset()  # not dropped: a batch of it may hold its lock now, and the next must wait for that one
+            # not dropped nor reset now: a batch of it may hold its lock (the next must wait for it) and be using it
+            state.stale = True
 
     def _state(self, instance_id: str) -> _InstanceState:
         state = self._instances.get(instance_id)
@@ -216,6 +218,9 @@ class Ingest:
 
     async def _handle_locked(self, checked: Checked, state: _InstanceState) -> Outcome:
         instance_id = checked.instance_id
+        if state.stale:
+            state.stale = False
+            state.reset()
         settled = self._settle(checked, state, may_read=False)
         if settled is None:  # it needs the store: read it, not on the event loop
             settle = functools.partial(self._settle, checked, state, may_read=True)

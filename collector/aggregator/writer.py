@@ -89,7 +89,11 @@ class GroupWriter:
 
     def _run(self) -> None:
         while (group := self._take()) is not None:
-            results = self._write([item.batch for item in group])
+            try:
+                results = self._write([item.batch for item in group])
+            except BaseException as exc:  # a bug here: its waiters hear of it rather than wait forever
+                log.exception("the store writer failed")
+                results = [exc] * len(group)
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, WriteResult | BaseException]]] = {}
             for item, result in zip(group, results, strict=True):
                 by_loop.setdefault(item.loop, []).append((item, result))

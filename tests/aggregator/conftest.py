@@ -18,6 +18,7 @@ import pytest
 from collector.aggregator.config import AggregatorConfig
 from collector.aggregator.service import Aggregator
 from collector.proto import wattmeter_pb2 as pb
+from tests.fakes.databases import postgres_url  # noqa: F401 (a fixture: a fresh PostgreSQL schema)
 
 WAIT_S = 30.0  # generous: a loaded 2-core VM
 STREAM = "/wattmeter.v1.Telemetry/Stream"

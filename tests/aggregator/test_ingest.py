@@ -354,3 +354,21 @@ def test_storage_failure_acknowledges_nothing_and_ends_the_stream(
     status, body = http_get(aggregator.http_url + "/healthz")
     assert status == 503
     assert b"storage failing" in body
+
+
+def test_a_new_stream_reads_what_another_aggregator_stored(start_aggregator: AggregatorFactory) -> None:
+    """Two aggregators on one database: an agent's stream moves to the other and back. Each new stream re-reads
+    the instance (watermark, last samples), so the rollups count every joule once."""
+    start = now_ns() - 20 * SECOND
+    batches = [simple_batch(n, start + (n - 1) * SECOND, energy0=1000.0 + 90.0 * (n - 1)) for n in (1, 2, 3)]
+    first, second = start_aggregator(), start_aggregator()  # the same SQLite file
+    with grpc.insecure_channel(first.target) as channel:
+        assert send(channel, batches[:1]).acks[0].acked_sequence == 1
+    with grpc.insecure_channel(second.target) as channel:
+        assert send(channel, batches[1:2]).acks[0].acked_sequence == 2
+    with grpc.insecure_channel(first.target) as channel:
+        result = send(channel, batches[2:])
+    assert [(a.acked_sequence, a.rejected_sequence) for a in result.acks] == [(3, 0)]
+    store = first.aggregator.store
+    device_total = sum(r.by_device_j["gpu0"] for r in store.workload_energy(0, FAR) if r.workload == "")
+    assert device_total == pytest.approx(1180.0 + 90.0 - 1000.0)  # from batch 1's first sample to batch 3's last

@@ -148,3 +148,28 @@ def test_worker_processes_acknowledge_refuse_and_store_as_the_aggregator_alone(
         "duplicate": AGENTS,
         "rejected": len(MUTATIONS) + 2 * AGENTS,
     }
+
+
+def test_on_postgresql_many_agents_at_once_store_each_batch_once(
+    start_aggregator: AggregatorFactory, postgres_url: str
+) -> None:
+    """Group commits on PostgreSQL: several agents' batches in the same transactions, replays deduplicated."""
+    running = start_aggregator(storage={"url": postgres_url})
+    start = now_ns() - 600 * SECOND
+    scripts = [
+        [
+            simple_batch(n, start + (n - 1) * SECOND, 1000.0 + 90.0 * (n - 1), f"pg-{agent}", f"pg-host-{agent}")
+            for n in range(1, 6)
+        ]
+        for agent in range(AGENTS)
+    ]
+    payloads = [[b.SerializeToString() for b in script + script[:2]] for script in scripts]  # and replays
+    results = run(running, payloads)
+    for acks, code in results.values():
+        assert code is None
+        assert [(acked, rejected) for acked, rejected, _ in acks] == [(n, 0) for n in range(1, 6)] + [(5, 0)] * 2
+    store = running.aggregator.store
+    for agent in range(AGENTS):
+        samples = store.device_samples(f"pg-host-{agent}", "gpu0", 0, FAR)
+        assert [t for t, _, _ in samples] == [t for b in scripts[agent] for t in b.devices[0].time_ns]
+    assert dict(running.aggregator.metrics.batches) == {"stored": 5 * AGENTS, "duplicate": 2 * AGENTS}
