@@ -10,8 +10,9 @@ Batches are encoded by hand from constant per-agent pieces and numpy arrays (che
 start): the generator shares the machine with the aggregator, so it must cost little.
 
 The stored rate is read from the aggregator's own counters (``wattmeter_aggregator_stored_samples_total``) at both
-ends of the window; its CPU from /proc. A batch rejected or a storage error fails the benchmark: the figure would
-not be an ingest rate.
+ends of the window; its CPU from /proc, its check worker processes' included (``[ingest] workers``: the default, or
+``WATTMETER_BENCH_INGEST_WORKERS``). A batch rejected or a storage error fails the benchmark: the figure would not
+be an ingest rate.
 """
 
 from __future__ import annotations

@@ -103,7 +103,11 @@ class Aggregator:
 
     async def start(self) -> None:
         await self.checker.start()
-        await self.grpc.start()
+        try:
+            await self.grpc.start()
+        except BaseException:
+            await self.checker.close()
+            raise
         self._http_thread = threading.Thread(
             target=self.http.serve_forever, args=(HTTP_POLL_S,), name="http", daemon=True
         )
