@@ -73,6 +73,7 @@ class _Worker(asyncio.SubprocessProtocol):
         """The process has exited and its pipes are closed: every answer it wrote has been read."""
         if not self.ready.done():
             self.ready.set_exception(CheckFailed(f"the check worker process exited ({self.returncode()}) at start"))
+            self.ready.exception()  # retrieved: whoever still waits for it hears it, nobody else needs to
         if not self.gone.done():
             self.gone.set_result(None)
         self.pool._lost(self)
@@ -143,6 +144,11 @@ class ProcessChecker(Checker):
             if worker.transport is not None:
                 worker.transport.kill()
             raise CheckFailed(f"the check worker process was not ready within {START_TIMEOUT_S:g} s") from None
+        except asyncio.CancelledError:  # closing meanwhile
+            if worker.transport is not None:
+                worker.transport.kill()
+                worker.transport.close()
+            raise
         if self._closing:
             self._close_one(worker)
             return worker
