@@ -34,7 +34,7 @@ from collector.store.base import Int64Array
 from collector.store.rows import DeviceRow, WorkloadKey
 
 DEVICE_KEY: WorkloadKey = ("", "", "")  # a device's own energy in rollups
-MAX_SHAPES = 8192  # agent instances whose last shape is kept (per process)
+MAX_SHAPES = 2048  # agent instances whose last shape is kept, per process (~35 KB each: 8 GPUs, 24 workloads)
 SeriesKey = tuple[str, tuple[str, str, str] | None]  # (device_id, workload identity or None for the device)
 
 

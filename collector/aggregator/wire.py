@@ -211,7 +211,7 @@ class Template:
     length: int
     devices: int  # the first this many series are devices
     relative: npt.NDArray[np.int64]  # per series: its arrays' (start, end), from the block's start
-    outside: npt.NDArray[np.int64]  # the offsets of the block's bytes outside the arrays
+    outside: npt.NDArray[np.int32]  # the offsets of the block's bytes outside the arrays
     text: bytes  # those bytes
 
     @classmethod
@@ -228,7 +228,7 @@ class Template:
                     row[i], row[i + 1] = ranges[i] - base, ranges[i + 1] - base
                     inside[row[i] : row[i + 1]] = True
             relative.append(row)
-        outside = np.flatnonzero(~inside).astype(np.int64)
+        outside = np.flatnonzero(~inside).astype(np.int32)
         text = np.frombuffer(data, dtype=np.uint8, count=end - base, offset=base)[outside].tobytes()
         return cls(end - base, len(layout.devices), np.array(relative, dtype=np.int64).reshape(-1, 6), outside, text)
 
