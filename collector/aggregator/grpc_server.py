@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from collector.aggregator import otlp
 from collector.aggregator.checker import CheckFailed
 from collector.aggregator.config import GrpcConfig, IngestConfig
 from collector.aggregator.ingest import (
@@ -223,6 +224,20 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        # OTLP/gRPC traces on the same port: vLLM's --otlp-traces-endpoint needs no code change
+        self.otlp = otlp.TraceServicer(
+            self._take_otlp_spans,
+            allowed_hosts=self.servicer.auth.allowed_hosts,
+            clock_ns=ingest.clock_ns,
+            limits=otlp.Limits(max_future_s=limits.max_future_s),
+        )
+        metrics.providers.append(self.otlp.counters.families)
+        self._spans = spans
+        self._metrics = metrics
+
+    def _take_otlp_spans(self, spans: list[pb.RequestSpan]) -> None:
+        self._spans.extend([ReceivedSpan(span.hostname, span) for span in spans])
+        self._metrics.count_spans(len(spans), 0)
 
     async def start(self) -> int:
         """Bind and serve; returns the port. Raises OSError when the address cannot be bound."""
@@ -238,6 +253,7 @@ class GrpcServer:
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers([self.servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        otlp.add_trace_service(server, self.otlp)
         address = grpc_address(self.config.listen)
         try:
             if self.credentials is None:
@@ -249,7 +265,7 @@ class GrpcServer:
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
-        for service in ("", SERVICE):
+        for service in ("", SERVICE, otlp.SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         self.port = port

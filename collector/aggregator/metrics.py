@@ -36,6 +36,7 @@ class AggregatorMetrics:
         self.agents_connected = 0
         self.fleet_energy: dict[tuple[str, str], float] = {}  # (host, phase label) -> J
         self._power: dict[str, dict[str, tuple[float, float]]] = {}  # host -> device -> (W, monotonic time)
+        self.providers: list[Callable[[], list[Family]]] = []  # more families (the OTLP receiver's counters)
 
     def seed_fleet_energy(self, rows: Iterable[WorkloadEnergyRow]) -> None:
         """Start the fleet energy counters from stored rollups, so they survive a restart (until pruned)."""
@@ -153,7 +154,8 @@ class AggregatorMetrics:
             connected.add((), float(self.agents_connected))
             info = Family("wattmeter_aggregator_build_info", "gauge", "Aggregator version.", ("version",))
             info.add((__version__,), 1.0)
-        return [energy, fleet_power, batches, spans, dropped, samples, commits, connected, info]
+        extra = [family for provider in self.providers for family in provider()]
+        return [energy, fleet_power, batches, spans, dropped, samples, commits, connected, info, *extra]
 
 
 class ScrapeRenderer:

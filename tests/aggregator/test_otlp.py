@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from opentelemetry.proto.common.v1 import common_pb2
@@ -28,6 +29,7 @@ from collector.aggregator.otlp import (
     EXPORT_METHOD,
     IGNORED_REASONS,
     REJECTED_REASONS,
+    SERVICE,
     OtlpCounts,
     TraceServicer,
     add_trace_service,
@@ -35,6 +37,7 @@ from collector.aggregator.otlp import (
 from collector.aggregator.spans import MAX_TEXT, span_error
 from collector.exporters.exposition import TextRenderer
 from collector.proto import wattmeter_pb2 as pb
+from tests.aggregator.conftest import RunningAggregator, http_get
 
 WAIT_S = 30.0  # generous: a loaded 2-core VM
 NOW = 1_750_000_000 * 10**9  # the receiver's clock in the hand-built tests
@@ -825,3 +828,23 @@ def test_counters_render_as_one_family(receiver: Receiver) -> None:
     assert 'wattmeter_aggregator_otlp_spans_total{reason="",result="error"} 0.0' in text
     lines = [line for line in text.splitlines() if line.startswith("wattmeter_aggregator_otlp_spans_total")]
     assert len(lines) == 2 + len(IGNORED_REASONS) + len(REJECTED_REASONS)
+
+
+def test_the_aggregator_serves_otlp_on_its_grpc_port(aggregator: RunningAggregator) -> None:
+    """`wattmeter aggregator` itself: the trace service beside Telemetry, its spans in the aggregator's span
+    buffer and counters, and its health."""
+    response = export(
+        aggregator.target, export_request([otlp_span(), otlp_span({"http.method": "GET"}, name="http_request")])
+    )
+    assert response.partial_success.rejected_spans == 0
+    taken = aggregator.aggregator.spans.snapshot()
+    assert [(s.hostname, s.span.request_id) for s in taken] == [("gpu-01", "chatcmpl-1")]
+    with grpc.insecure_channel(aggregator.target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    status, body = http_get(aggregator.http_url + "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'wattmeter_aggregator_spans_total{result="accepted"} 1.0' in text
+    assert 'wattmeter_aggregator_otlp_spans_total{reason="",result="accepted"} 1.0' in text
+    assert 'wattmeter_aggregator_otlp_spans_total{reason="not_llm",result="ignored"} 1.0' in text
