@@ -9,7 +9,8 @@ import pytest
 
 import collector.client as client
 from collector.registration import RegistrationServer
-from tests.fakes.client_world import Recorder, make_server
+from tests.fakes.client_world import make_server
+from tests.fakes.registration_world import Recorder
 
 
 @pytest.fixture

@@ -16,14 +16,9 @@ import pytest
 
 import collector.client as client
 from collector.registration import RegistrationEvent, RegistrationServer
-from tests.fakes.client_world import (
-    GENEROUS_S,
-    REPO_ROOT,
-    Recorder,
-    run_with_hang_guard,
-    subprocess_env,
-    wait_for,
-)
+from tests.fakes.client_world import GENEROUS_S, REPO_ROOT, run_with_hang_guard, subprocess_env
+from tests.fakes.registration_world import Recorder
+from tests.fakes.waiting import wait_for
 
 
 def unreachable_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

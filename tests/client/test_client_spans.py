@@ -16,15 +16,9 @@ import pytest
 
 import collector.client as client
 from collector.registration import RegistrationServer, SpanEvent
-from tests.fakes.client_world import (
-    GENEROUS_S,
-    REPO_ROOT,
-    Recorder,
-    make_server,
-    run_with_hang_guard,
-    subprocess_env,
-    wait_for,
-)
+from tests.fakes.client_world import GENEROUS_S, REPO_ROOT, make_server, run_with_hang_guard, subprocess_env
+from tests.fakes.registration_world import Recorder
+from tests.fakes.waiting import wait_for
 
 
 def client_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import collector.client as client
-from collector.registration import RegistrationEvent, RegistrationServer, SpanEvent
+from collector.registration import RegistrationServer
+from tests.fakes.registration_world import Recorder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENEROUS_S = 60.0  # a hang guard, not a speed target
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError("condition not met in time")
 
 
 def run_with_hang_guard(target: Callable[[], None], timeout_s: float = GENEROUS_S) -> None:
@@ -40,25 +31,6 @@ def run_with_hang_guard(target: Callable[[], None], timeout_s: float = GENEROUS_
     thread.join(timeout_s)
     assert not thread.is_alive(), f"blocked for over {timeout_s} s"
     assert not failures, failures
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[RegistrationEvent] = []
-        self.spans: list[SpanEvent] = []
-        self.disconnects: list[int] = []
-
-    def on_register(self, event: RegistrationEvent) -> None:
-        self.events.append(event)
-
-    def on_span(self, event: SpanEvent) -> None:
-        self.spans.append(event)
-
-    def on_disconnect(self, pid: int) -> None:
-        self.disconnects.append(pid)
-
-    def phases(self) -> list[str]:
-        return [event.phase for event in self.events]
 
 
 def make_server(socket_path: Path, recorder: Recorder) -> RegistrationServer:

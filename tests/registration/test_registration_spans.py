@@ -2,75 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from collector.registration import MAX_TOKENS, RegistrationEvent, RegistrationServer, SpanEvent
+from collector.registration import MAX_TOKENS, RegistrationServer, SpanEvent
+from tests.fakes.registration_world import Recorder, connect, line
+from tests.fakes.waiting import wait_for
 
 NOW = time.time_ns()  # spans in these tests are a few seconds old, well within the agent's bounds
 START = NOW - 5_000_000_000
 END = NOW - 1_000_000_000
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError("condition not met in time")
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[RegistrationEvent] = []
-        self.spans: list[SpanEvent] = []
-        self.disconnects: list[int] = []
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def make_server(tmp_path: Path, recorder: Recorder) -> Iterator[Callable[..., RegistrationServer]]:
-    servers: list[RegistrationServer] = []
-
-    def make(**kwargs: object) -> RegistrationServer:
-        kwargs.setdefault("on_register", recorder.events.append)
-        kwargs.setdefault("on_disconnect", recorder.disconnects.append)
-        kwargs.setdefault("on_span", recorder.spans.append)
-        server = RegistrationServer(tmp_path / "agent.sock", **kwargs)  # type: ignore[arg-type]
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def server(make_server: Callable[..., RegistrationServer]) -> RegistrationServer:
-    return make_server()
-
-
-def connect(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(str(path))
-    return sock
-
-
-def line(message: object) -> bytes:
-    return json.dumps(message).encode() + b"\n"
 
 
 def span_line(request_id: object = "req-1", start_ns: object = START, end_ns: object = END, **extra: object) -> bytes:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,70 +14,8 @@ import pytest
 from collector.config import ApiConfig
 from collector.errors import RegistrationSocketError
 from collector.registration import RegistrationEvent, RegistrationServer
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError("condition not met in time")
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[RegistrationEvent] = []
-        self.disconnects: list[int] = []
-
-    def on_register(self, event: RegistrationEvent) -> None:
-        self.events.append(event)
-
-    def on_disconnect(self, pid: int) -> None:
-        self.disconnects.append(pid)
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def socket_path(tmp_path: Path) -> Path:
-    return tmp_path / "run" / "agent.sock"  # the directory does not exist yet: start() creates it
-
-
-@pytest.fixture
-def make_server(socket_path: Path, recorder: Recorder) -> Iterator[Callable[..., RegistrationServer]]:
-    servers: list[RegistrationServer] = []
-
-    def make(**kwargs: object) -> RegistrationServer:
-        kwargs.setdefault("on_register", recorder.on_register)
-        kwargs.setdefault("on_disconnect", recorder.on_disconnect)
-        server = RegistrationServer(socket_path, **kwargs)  # type: ignore[arg-type]
-        server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def server(make_server: Callable[..., RegistrationServer]) -> RegistrationServer:
-    return make_server()
-
-
-def connect(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(str(path))
-    return sock
-
-
-def line(message: object) -> bytes:
-    return json.dumps(message).encode() + b"\n"
+from tests.fakes.registration_world import Recorder, connect, line
+from tests.fakes.waiting import wait_for
 
 
 def register_line(workload: str = "w", phase: str = "training", job: str = "j", **extra: object) -> bytes:
