@@ -13,7 +13,7 @@ import pytest
 
 from collector.proto import wattmeter_pb2 as pb
 from tests.e2e.test_agent_process import REPO, AgentProcess, free_port, scrape
-from tests.exporters.test_grpc_stream import LoopbackServer, RecordingTelemetry, wait_until
+from tests.fakes.telemetry import LoopbackServer, RecordingTelemetry, wait_until
 
 CLIENT = """
 import os, time

@@ -20,9 +20,7 @@ from collector.exporters.grpc_stream import StreamExporter
 from collector.proto import wattmeter_pb2 as pb
 from collector.registration import SpanEvent
 from collector.spool import SpoolError
-from tests.exporters.test_grpc_stream import (
-    BOOT_ID,
-    MACHINE_ID,
+from tests.fakes.telemetry import (
     LoopbackServer,
     RecordingTelemetry,
     feed,
@@ -51,28 +49,6 @@ def span_event(request_id: str = "req-1", **fields: object) -> SpanEvent:
 
 def spooled_batches(exporter: StreamExporter) -> list[pb.Batch]:
     return [pb.Batch.FromString(payload) for _, payload in exporter.spool.read_from(0)]
-
-
-@pytest.fixture
-def servicer() -> RecordingTelemetry:
-    return RecordingTelemetry()
-
-
-@pytest.fixture
-def server(servicer: RecordingTelemetry) -> Iterator[LoopbackServer]:
-    running = LoopbackServer(servicer)
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def host_root(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    (root / "etc/machine-id").write_text(MACHINE_ID + "\n")
-    (root / "proc/sys/kernel/random").mkdir(parents=True)
-    (root / "proc/sys/kernel/random/boot_id").write_text(BOOT_ID + "\n")
-    return root
 
 
 @pytest.fixture
