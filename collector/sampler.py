@@ -1,8 +1,9 @@
 """Runs every source on its own schedule and keeps the latest state for the exporters.
 
-One thread per source (and one more for a source's slow status reads), each on monotonic deadlines
-``start + k * interval``: a slow read skips the ticks it overran instead of shifting the schedule. A read that
-hangs past ``read_timeout_s`` marks its source down (``check_timeouts``); the other sources never wait on it.
+One read thread per interval, shared by the sources with that interval (``ReadGroup``), and one more per source
+for its slow status reads, each on monotonic deadlines ``start + k * interval``: a slow read skips the ticks it
+overran instead of shifting the schedule. A read that hangs past ``read_timeout_s`` marks its source down
+(``check_timeouts``), and the other sources of its group move to a thread of their own.
 Nothing a source does can end its thread: every failure is counted and the loop goes on.
 """
 
@@ -246,16 +247,14 @@ class Sampler:
         run_every(group.interval_s, lambda: self._read_group(group), group.stopped)
 
     def _read_group(self, group: ReadGroup) -> None:
+        retired = False
         for state in tuple(group.states):
-            if state.stopped.is_set() or state not in group.states:  # retired, or moved off by the watchdog
-                continue
-            try:
-                self._read_once(state)
-            except Exception as exc:  # a bug in a source or listener must not end the loop
-                message = f"{type(exc).__name__}: {exc}"
-                if message != state.last_error:
-                    log.exception("source %s: unexpected error", state.name)
-                self._fail(state, message)
+            if state.stopped.is_set():
+                retired = True
+            elif state in group.states:  # not moved off by the watchdog meanwhile
+                self._guarded(state, self._read_once)
+        if not retired:
+            return
         with self._lock:
             group.states = [state for state in group.states if not state.stopped.is_set()]
             if not group.states:
@@ -272,16 +271,16 @@ class Sampler:
             self._every(state, slow_interval_s, self._status_once)
 
     def _every(self, state: SourceState, interval_s: float, tick: Callable[[SourceState], None]) -> None:
-        def guarded() -> None:
-            try:
-                tick(state)
-            except Exception as exc:  # a bug in a source or listener must not end the loop
-                message = f"{type(exc).__name__}: {exc}"
-                if message != state.last_error:
-                    log.exception("source %s: unexpected error", state.name)
-                self._fail(state, message)
+        run_every(interval_s, lambda: self._guarded(state, tick), state.stopped)
 
-        run_every(interval_s, guarded, state.stopped)
+    def _guarded(self, state: SourceState, tick: Callable[[SourceState], None]) -> None:
+        try:
+            tick(state)
+        except Exception as exc:  # a bug in a source or listener must not end the loop
+            message = f"{type(exc).__name__}: {exc}"
+            if message != state.last_error:
+                log.exception("source %s: unexpected error", state.name)
+            self._fail(state, message)
 
     def _read_once(self, state: SourceState) -> None:
         started = time.perf_counter()
