@@ -275,7 +275,7 @@ class ProcessTable:
         self._open: dict[str, _Open] = {}  # by the pid's directory name
         self._active: dict[str, _Open] = {}  # the kept-open entries read every scan
         self._quiet: list[dict[str, _Open]] = [{} for _ in range(QUIET_READ_EVERY)]
-        self._unkept: dict[str, ProcessSample] = {}  # listed processes whose stat is opened afresh each scan
+        self._unkept: set[str] = set()  # listed processes whose stat is opened afresh each scan
         self._samples: dict[int, ProcessSample] = {}
         self._last_pid: bytes | None = None
         self._scans_since_listing = 0
@@ -296,7 +296,7 @@ class ProcessTable:
         kept, self._open = self._open, {}
         self._active = {}
         self._quiet = [{} for _ in range(QUIET_READ_EVERY)]
-        self._unkept = {}
+        self._unkept = set()
         self._samples = {}
         self._last_pid = None
         for entry in kept.values():
@@ -333,10 +333,9 @@ class ProcessTable:
             for name in self._open.keys() - listed:  # exited: no longer listed
                 self._forget(name)
                 gone.append(name)
-            for name in self._unkept.keys() - listed:
-                del self._unkept[name]
-                gone.append(name)
-            new_names = [name for name in listed - self._open.keys() - self._unkept.keys() if name.isdigit()]
+            gone += self._unkept - listed
+            self._unkept &= listed
+            new_names = [name for name in listed - self._open.keys() - self._unkept if name.isdigit()]
         else:
             new_names = []
         newly_listed = len(new_names)
@@ -372,9 +371,8 @@ class ProcessTable:
             # gone, garbage or another process: read the pid afresh below; if it does not open, it is gone
             self._forget(name)
             new_names.append(name)
-        for name in list(self._unkept):  # not kept open (a fake tree, or past max_open): opened every scan
-            del self._unkept[name]
-            new_names.append(name)
+        new_names += self._unkept  # not kept open (a fake tree, or past max_open): opened every scan
+        self._unkept = set()
         room = self.max_open - len(self._open)
         for index, name in enumerate(new_names):
             pid = int(name)
@@ -413,7 +411,7 @@ class ProcessTable:
                 self._open[name] = self._active[name] = entry
                 room -= 1
             else:
-                self._unkept[name] = parsed
+                self._unkept.add(name)
         for name in gone:
             pid = int(name)
             if name not in self._open and name not in self._unkept:
