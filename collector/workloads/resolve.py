@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from collector.config import WorkloadRule
 from collector.workloads.identity import PHASES, WorkloadIdentity
@@ -287,7 +287,7 @@ class Resolver:
                 or _Named(WorkloadIdentity(own.exe if own else sample.comm, "unknown", origin="executable"), False)
             )
         identity = named.identity
-        changes: dict[str, str] = {}
+        changes: dict[str, Any] = {}  # str values only; Any because replace() checks each field's own type
         slurm_env = _nearest_env(infos, "SLURM_JOB_ID")
         if not identity.job:
             cgroup_job = own.slurm_job if own else ""
@@ -309,9 +309,7 @@ class Resolver:
                     changes[field] = value
         elif not identity.slurm_job and slurm_env:
             changes["slurm_job"] = slurm_env
-        if not changes:
-            return identity
-        return WorkloadIdentity(**(dataclasses.asdict(identity) | changes))
+        return dataclasses.replace(identity, **changes) if changes else identity
 
     def _from_registration(self, chain: list[ProcessSample]) -> _Named | None:
         for process in chain:
