@@ -232,12 +232,10 @@ class GrpcServer:
             limits=otlp.Limits(max_future_s=limits.max_future_s),
         )
         metrics.providers.append(self.otlp.counters.families)
-        self._spans = spans
-        self._metrics = metrics
 
     def _take_otlp_spans(self, spans: list[pb.RequestSpan]) -> None:
-        self._spans.extend([ReceivedSpan(span.hostname, span) for span in spans])
-        self._metrics.count_spans(len(spans), 0)
+        self.servicer.spans.extend([ReceivedSpan(span.hostname, span) for span in spans])
+        self.servicer.metrics.count_spans(len(spans), 0)
 
     async def start(self) -> int:
         """Bind and serve; returns the port. Raises OSError when the address cannot be bound."""
