@@ -16,15 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.aggregator.conftest import WAIT_S, http_get, now_ns, send, simple_batch
+from tests.fakes.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SECOND = 1_000_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_aggregator(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from collector.proto import wattmeter_pb2 as pb
-from tests.e2e.test_agent_process import REPO, AgentProcess, free_port, scrape
+from tests.e2e.test_agent_process import REPO, AgentProcess, scrape
+from tests.fakes.ports import free_port
 from tests.fakes.telemetry import LoopbackServer, RecordingTelemetry, wait_until
 
 CLIENT = """

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from collector.exporters.grpc_stream import open_spool
 from collector.proto import wattmeter_pb2 as pb
 from collector.spool import Spool
 from collector.store.sqlite import SqliteStore
+from tests.fakes.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 OUTAGE_S = 30.0  # issue 4: the aggregator is down this long while two agents stream
@@ -55,12 +55,6 @@ T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------------------------------
 # Processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:

@@ -36,6 +36,7 @@ from collector.sources.simulated import SIM_PID_BASE, SimulatedSource
 from collector.spool import Spool
 from collector.workloads.tracker import WorkloadTracker
 from tests.fakes.certs import Pki, make_pki
+from tests.fakes.ports import free_port
 from tests.fakes.telemetry import (
     BOOT_ID,
     DEVICES,
@@ -44,7 +45,6 @@ from tests.fakes.telemetry import (
     RecordingTelemetry,
     StaticSource,
     feed,
-    free_port,
     reading,
     samples,
     spool_empty,

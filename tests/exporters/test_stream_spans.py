@@ -20,11 +20,11 @@ from collector.exporters.grpc_stream import StreamExporter
 from collector.proto import wattmeter_pb2 as pb
 from collector.registration import SpanEvent
 from collector.spool import SpoolError
+from tests.fakes.ports import free_port
 from tests.fakes.telemetry import (
     LoopbackServer,
     RecordingTelemetry,
     feed,
-    free_port,
     spool_empty,
     static_sampler,
     stream_config,

@@ -5,7 +5,6 @@ streams, reject or choke on chosen batches, and stall), served on loopback; a st
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,12 +37,6 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from collector.store import Store, StoreError, open_store
 from collector.store.migrations import LATEST_VERSION
 from tests.fakes.databases import terminate_connections
+from tests.fakes.ports import free_port
 from tests.store.builders import batch
 
 
@@ -52,12 +52,6 @@ def test_two_aggregators_migrating_at_once_both_succeed(postgres_url: str) -> No
     finally:
         for store in stores:
             store.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_no_server_is_a_clear_error_without_the_password() -> None:
