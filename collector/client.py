@@ -146,6 +146,7 @@ log = logging.getLogger("wattmeter.client")
 _NOT_WORKLOAD_CHAR = re.compile(r"[^A-Za-z0-9._:/-]")
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_SPAN_ID = re.compile(r"[0-9A-Za-z._:-]{1,64}")
 _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE in their process
 _POLL_S = 1.0  # how often the watcher thread looks at the connection when nothing happens
 
@@ -668,6 +669,8 @@ class RequestSpan:
         self.output_tokens: int | None = None
         self.sent: bool | None = None
         """None until the span ends; then whether it was handed to the agent's socket."""
+        self.span_id = os.urandom(8).hex()
+        """Identifies this span within its request: a span that reaches the aggregator twice is stored once."""
         self._response_end_ns: int | None = None
         self._context_tokens: list[contextvars.Token[RequestSpan | None]] = []
 
@@ -778,11 +781,16 @@ def report_span(
     output_tokens: int | None = None,
     queue_end_ns: int = 0,
     prefill_end_ns: int = 0,
+    span_id: str | None = None,
 ) -> bool:
     """Report a request that ran from ``start_ns`` to ``end_ns`` (Unix ns, ``time.time_ns()``), for servers that are
-    not shaped for ``with request(...)``. Returns whether the span was handed to the agent's socket; never raises."""
+    not shaped for ``with request(...)``. ``span_id`` (up to 64 of ``[0-9A-Za-z._:-]``; random when None) tells the
+    spans of one request apart: report a span again with the same id and it is counted once. Returns whether the
+    span was handed to the agent's socket; never raises."""
     try:
         span = RequestSpan(request_id, model, tenant, workload, labels, start_ns)
+        if span_id is not None:
+            span.span_id = span_id
         span.tokens(input_tokens, output_tokens)
         span.queue_end_ns = queue_end_ns
         span.prefill_end_ns = prefill_end_ns
@@ -821,6 +829,11 @@ def _span_message(span: RequestSpan, end_ns: int) -> bytes | None:
         "start_ns": start_ns,
         "end_ns": end_ns,
     }
+    span_id = span.span_id
+    if isinstance(span_id, str) and _SPAN_ID.fullmatch(span_id):
+        message["span_id"] = span_id
+    elif span_id:
+        _client.warn_once("span-id", "wattmeter: a span_id must be up to 64 of [0-9A-Za-z._:-]; sent without it")
     for name, value, limit in (("model", span.model, MAX_MODEL_CHARS), ("tenant", span.tenant, MAX_TENANT_CHARS)):
         text = _clean_text(name, value, limit)
         if text:

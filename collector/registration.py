@@ -65,6 +65,7 @@ MAX_SPAN_AGE_NS = 7 * 24 * 3600 * 10**9  # spans come from live servers on this 
 MAX_SPAN_FUTURE_NS = 300 * 10**9  # the client shares this host's clock; minutes of slack for a slow agent loop
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_SPAN_ID = re.compile(r"[0-9A-Za-z._:-]{0,64}")
 _WORKLOAD = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _RECV_BYTES = 65536  # one recv per readable connection per loop turn, so one busy client cannot starve the rest
@@ -83,6 +84,7 @@ ERROR_REASONS = (
     "connection_limit",
     "peercred",
     "request_id",
+    "span_id",
     "time",
 )
 
@@ -124,6 +126,7 @@ class SpanEvent:
     output_tokens: int = 0
     prefill_end_ns: int = 0
     queue_end_ns: int = 0
+    span_id: str = ""
 
 
 class _TokenBucket:
@@ -608,6 +611,9 @@ def _span(conn: _Connection, message: Mapping[str, object], now_ns: int) -> Span
     if queue_end_ns and prefill_end_ns and prefill_end_ns < queue_end_ns:
         raise _Refused("time")  # prefill runs after the queue
     workload = message.get("workload", "")
+    span_id = message.get("span_id", "")
+    if not isinstance(span_id, str) or not _SPAN_ID.fullmatch(span_id):
+        raise _Refused("span_id")
     return SpanEvent(
         pid=conn.pid,
         uid=conn.uid,
@@ -623,6 +629,7 @@ def _span(conn: _Connection, message: Mapping[str, object], now_ns: int) -> Span
         output_tokens=_tokens(message.get("output_tokens", 0)),
         prefill_end_ns=prefill_end_ns,
         queue_end_ns=queue_end_ns,
+        span_id=span_id,
     )
 
 

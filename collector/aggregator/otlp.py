@@ -334,6 +334,7 @@ def map_span(
             output_tokens=output_tokens or 0,
             prefill_end_ns=prefill_end,
             queue_end_ns=queue_end,
+            span_id=span.span_id.hex() if len(span.span_id) == 8 and any(span.span_id) else "",
         )
     except SpanRejected as exc:
         raise SpanRejected(exc.reason, f"{where}: {exc.detail}") from None

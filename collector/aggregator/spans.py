@@ -7,6 +7,7 @@ aggregator accepts valid spans, counts them (``wattmeter_aggregator_spans_total`
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ def span_error(span: pb.RequestSpan, hostname: str, latest_ns: int) -> str | Non
         return "request_id is empty"
     if not hostname:
         return f"request {span.request_id[:MAX_TEXT]!r}: hostname is empty (set it on every span of a SpanReport)"
-    for name in ("request_id", "workload", "service_name", "model", "tenant"):
+    for name in ("request_id", "span_id", "workload", "service_name", "model", "tenant"):
         if len(getattr(span, name)) > MAX_TEXT:
             return f"request {span.request_id[:64]!r}: {name} is longer than {MAX_TEXT} characters"
     if len(hostname) > MAX_TEXT:
@@ -42,6 +43,14 @@ def span_error(span: pb.RequestSpan, hostname: str, latest_ns: int) -> str | Non
         if value and not span.start_ns <= value <= span.end_ns:
             return f"request {span.request_id!r}: {name} {value} is outside start_ns..end_ns"
     return None
+
+
+def derived_span_id(span: pb.RequestSpan, hostname: str) -> str:
+    """The span id of a span that came without one: the same span sent twice gets the same id, two spans of one
+    request on different hosts, workloads, processes or times get different ones. Prefixed so that it never equals
+    a sender's id (those are hex or the client's 16 hex digits)."""
+    key = f"{hostname}\0{span.workload}\0{span.pid}\0{span.service_name}\0{span.start_ns}\0{span.end_ns}"
+    return "d-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 class SpanBuffer:

@@ -304,6 +304,7 @@ def span_message(event: SpanEvent) -> pb.RequestSpan:
         output_tokens=event.output_tokens,
         prefill_end_ns=event.prefill_end_ns,
         queue_end_ns=event.queue_end_ns,
+        span_id=event.span_id,
     )
 
 

@@ -65,7 +65,7 @@ class ProcessBinding(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., workload: _Optional[_Union[WorkloadIdentity, _Mapping]] = ...) -> None: ...
 
 class RequestSpan(_message.Message):
-    __slots__ = ("request_id", "start_ns", "end_ns", "hostname", "workload", "pid", "service_name", "model", "tenant", "labels", "input_tokens", "output_tokens", "prefill_end_ns", "queue_end_ns")
+    __slots__ = ("request_id", "start_ns", "end_ns", "hostname", "workload", "pid", "service_name", "model", "tenant", "labels", "input_tokens", "output_tokens", "prefill_end_ns", "queue_end_ns", "span_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class RequestSpan(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_END_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_END_NS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start_ns: int
     end_ns: int
@@ -101,7 +102,8 @@ class RequestSpan(_message.Message):
     output_tokens: int
     prefill_end_ns: int
     queue_end_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., hostname: _Optional[str] = ..., workload: _Optional[str] = ..., pid: _Optional[int] = ..., service_name: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., prefill_end_ns: _Optional[int] = ..., queue_end_ns: _Optional[int] = ...) -> None: ...
+    span_id: str
+    def __init__(self, request_id: _Optional[str] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., hostname: _Optional[str] = ..., workload: _Optional[str] = ..., pid: _Optional[int] = ..., service_name: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., prefill_end_ns: _Optional[int] = ..., queue_end_ns: _Optional[int] = ..., span_id: _Optional[str] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("protocol_major", "host", "agent_instance_id", "sequence", "created_ns", "oldest_pending_sequence", "devices", "workloads", "spans", "processes")

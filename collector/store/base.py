@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -140,6 +141,98 @@ class LastSample:
     energy_j: float
 
 
+SpanKey = tuple[str, str]  # (request_id, span_id)
+
+RequestStatus = Literal["pending", "final", "approximate", "no_samples"]
+
+
+@dataclass(frozen=True)
+class SpanRow:
+    """One request span as received (client library via an agent's stream, ``ReportSpans`` or OTLP), identified by
+    (``request_id``, ``span_id``): a span stored twice is stored once. ``span_id`` is the sender's (the client's
+    random id, the OTLP span id in hex) or, when it gave none, one derived from the span's host, workload, pid and
+    times (``derived_span_id``). Times are Unix ns; 0 for ``queue_end_ns`` / ``prefill_end_ns`` means unknown.
+    ``workload`` is the sender's explicit workload name ("" when none: the engine resolves it by ``pid`` through the
+    host's process bindings, then by ``service_name``)."""
+
+    request_id: str
+    span_id: str
+    hostname: str
+    start_ns: int
+    end_ns: int
+    workload: str = ""
+    pid: int = 0
+    service_name: str = ""
+    model: str = ""
+    tenant: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    queue_end_ns: int = 0
+    prefill_end_ns: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    received_ns: int = 0
+
+
+@dataclass(frozen=True)
+class ProcessBindingRow:
+    """A pid on a host ran as a workload, as the host's agent reported (``Batch.processes``) at ``seen_ns``."""
+
+    hostname: str
+    pid: int
+    workload: str
+    phase: str
+    job: str
+    seen_ns: int
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """One request's energy, summed over its spans (a request may have spans on several hosts).
+
+    ``active_j``: the measured energy of the workloads while they served it (their energy split among the
+    requests active at each instant); ``gpu_j + cpu_j + dram_j == active_j``. ``full_j``: ``active_j`` plus the
+    request's share of the idle energy of the devices its workloads used, times the configured PUE. Energies are
+    None while ``status`` is ``pending`` or when it is ``no_samples`` (the host sent no samples for the time of the
+    request: unknown, never 0 J). ``approximate``: computed when ``finalize_grace_s`` ran out before samples past
+    its end arrived for every device (a lower bound where samples are missing)."""
+
+    request_id: str
+    status: RequestStatus
+    model: str = ""
+    tenant: str = ""
+    hosts: tuple[str, ...] = ()
+    start_ns: int = 0
+    end_ns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    active_j: float | None = None
+    full_j: float | None = None
+    gpu_j: float | None = None
+    cpu_j: float | None = None
+    dram_j: float | None = None
+    spans: int = 0
+    updated_ns: int = 0
+
+    @property
+    def joules_per_output_token(self) -> float | None:
+        if self.active_j is None or self.output_tokens <= 0:
+            return None
+        return self.active_j / self.output_tokens
+
+
+@dataclass(frozen=True)
+class RequestSummaryRow:
+    """Requests of one group (a model, tenant or host) that are final or approximate, over a window."""
+
+    group: str
+    count: int
+    energy_j: float  # active J, summed
+    p50_j: float
+    p95_j: float
+    output_tokens: int
+    joules_per_output_token: float | None  # energy_j / output_tokens; None without tokens
+
+
 class Store(abc.ABC):
     """Storage behind the aggregator. Methods may be called from several threads; each call is one transaction."""
 
@@ -190,6 +283,57 @@ class Store(abc.ABC):
         self, hostname: str, workload: tuple[str, str, str], device_id: str, since_ns: int, until_ns: int
     ) -> list[tuple[int, float]]:
         """Raw samples ``(t_ns, energy_j)`` of one workload on one device, like ``device_samples``."""
+
+    # Request spans and energy per request (issue 5). The engine (collector.aggregator.request_engine) is the only
+    # writer of results; ingest, ReportSpans and OTLP write spans and bindings.
+
+    def write_spans(self, spans: Sequence[SpanRow]) -> int:
+        """Store ``spans`` in one transaction, ignoring those whose (request_id, span_id) is stored already; returns
+        how many were new. Each new span's request becomes ``pending`` (again, if it had a result)."""
+        raise NotImplementedError
+
+    def write_process_bindings(self, bindings: Sequence[ProcessBindingRow]) -> None:
+        """Upsert pid -> workload bindings per host, keeping the newest ``seen_ns`` for each (host, pid, workload)."""
+        raise NotImplementedError
+
+    def process_bindings(self, hostname: str, since_ns: int = 0) -> list[ProcessBindingRow]:
+        """The host's bindings seen at or after ``since_ns``, oldest first."""
+        raise NotImplementedError
+
+    def pending_requests(self, limit: int) -> list[str]:
+        """Up to ``limit`` request ids whose status is ``pending``, oldest span end first."""
+        raise NotImplementedError
+
+    def request_spans(self, request_ids: Sequence[str]) -> list[SpanRow]:
+        """Every stored span of those requests."""
+        raise NotImplementedError
+
+    def spans_overlapping(self, hostname: str, since_ns: int, until_ns: int) -> list[SpanRow]:
+        """Every span on ``hostname`` with start_ns <= until_ns and end_ns >= since_ns (the neighbours of a request
+        that shared its workloads' energy), whatever their requests' status."""
+        raise NotImplementedError
+
+    def write_request_results(self, results: Sequence[RequestResult]) -> None:
+        """Upsert results by request_id in one transaction."""
+        raise NotImplementedError
+
+    def request(self, request_id: str) -> RequestResult | None:
+        """The request's current result (``pending`` when only its spans are known); None when unknown."""
+        raise NotImplementedError
+
+    def requests(
+        self, model: str | None = None, since_ns: int | None = None, until_ns: int | None = None, limit: int = 100
+    ) -> list[RequestResult]:
+        """Requests with start_ns in [since_ns, until_ns) (either end open when None), of ``model`` when given,
+        newest start first, at most ``limit``."""
+        raise NotImplementedError
+
+    def request_summary(
+        self, by: Literal["model", "tenant", "host"], since_ns: int, until_ns: int
+    ) -> list[RequestSummaryRow]:
+        """Per group, the final and approximate requests with start_ns in [since_ns, until_ns), largest energy
+        first. A request on several hosts counts in each of its hosts' groups."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:

@@ -237,6 +237,7 @@ def expected_vllm_span(request_id: str = "chatcmpl-1", **changes: Any) -> pb.Req
         "output_tokens": 256,
         "prefill_end_ns": START + 250 * MS,  # start + time_to_first_token
         "queue_end_ns": START + 100 * MS,  # first token - time_in_model_prefill
+        "span_id": SPAN_ID.hex(),  # the OTLP span id, in hex
     }
     fields.update(changes)
     return pb.RequestSpan(**fields)
@@ -297,7 +298,11 @@ def test_sdk_exporter_vllm_spans_are_mapped(start_receiver: Callable[..., Receiv
         )
         for index in range(2)
     ]
-    assert sorted(receiver.spans, key=lambda s: s.request_id) == expected
+    received = sorted(receiver.spans, key=lambda s: s.request_id)
+    for span in received:  # the SDK's random span ids, in hex
+        assert len(span.span_id) == 16 and int(span.span_id, 16) != 0
+        span.ClearField("span_id")
+    assert received == expected
     counts = receiver.counts()
     assert counts.accepted == 2
     assert counts.ignored == {"not_llm": 1, "client_span": 1}
@@ -479,6 +484,7 @@ MAPPING_CASES: list[tuple[str, trace_pb2.Span, dict[str, Any] | None, pb.Request
         None,
         pb.RequestSpan(
             request_id="r",
+            span_id=SPAN_ID.hex(),
             start_ns=START,
             end_ns=END,
             hostname="gpu-01",
@@ -510,7 +516,15 @@ MAPPING_CASES: list[tuple[str, trace_pb2.Span, dict[str, Any] | None, pb.Request
         "another name with gen_ai.request.id",
         otlp_span({"gen_ai.request.id": "x"}, name="inference", kind=trace_pb2.Span.SPAN_KIND_INTERNAL),
         None,
-        pb.RequestSpan(request_id="x", start_ns=START, end_ns=END, hostname="gpu-01", pid=4242, service_name="vllm"),
+        pb.RequestSpan(
+            request_id="x",
+            start_ns=START,
+            end_ns=END,
+            hostname="gpu-01",
+            pid=4242,
+            service_name="vllm",
+            span_id=SPAN_ID.hex(),
+        ),
     ),
     (
         "another name with gen_ai.usage.*, unspecified kind",
@@ -524,13 +538,22 @@ MAPPING_CASES: list[tuple[str, trace_pb2.Span, dict[str, Any] | None, pb.Request
             pid=4242,
             service_name="vllm",
             output_tokens=5,
+            span_id=SPAN_ID.hex(),
         ),
     ),
     (
         "a zero-length span",
         otlp_span({"gen_ai.request.id": "z"}, end=START),
         None,
-        pb.RequestSpan(request_id="z", start_ns=START, end_ns=START, hostname="gpu-01", pid=4242, service_name="vllm"),
+        pb.RequestSpan(
+            request_id="z",
+            start_ns=START,
+            end_ns=START,
+            hostname="gpu-01",
+            pid=4242,
+            service_name="vllm",
+            span_id=SPAN_ID.hex(),
+        ),
     ),
     (
         "text of exactly the longest length",

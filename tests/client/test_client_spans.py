@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -90,7 +91,21 @@ def test_report_span_sends_the_given_times_as_they_are(
         output_tokens=0,
         queue_end_ns=start + 100,
         prefill_end_ns=start + 500_000_000,
+        span_id=recorder.spans[0].span_id,
     )
+    assert re.fullmatch("[0-9a-f]{16}", recorder.spans[0].span_id)
+
+
+def test_a_span_id_given_travels_and_each_span_gets_its_own_otherwise(
+    fresh_client: client._Client, server: RegistrationServer, recorder: Recorder
+) -> None:
+    start = time.time_ns() - 3_000_000_000
+    assert client.report_span("req-3", start, start + 1000, span_id="prefill-0")
+    assert client.report_span("req-3", start, start + 1000)
+    assert client.report_span("req-3", start, start + 1000)
+    wait_for(lambda: len(recorder.spans) == 3)
+    ids = [span.span_id for span in recorder.spans]
+    assert ids[0] == "prefill-0" and len(set(ids)) == 3
 
 
 def test_a_generated_request_id_and_an_explicit_end(
