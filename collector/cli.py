@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import hashlib
+import importlib
 import json
 import logging
 import sys
@@ -142,6 +143,11 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands that live in their own modules, each with ``add_parser(sub)`` adding its subcommand (keep their heavy
+# imports inside the command functions: every command, ``wattmeter agent`` included, builds the whole parser).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wattmeter", description="Energy telemetry for AI datacenters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -197,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
