@@ -92,6 +92,9 @@ class StoredBatch:
     # the same content already packed as rows (ingest packs in its worker processes); devices, workloads and rollups
     # are then empty
     packed: PackedBatch | None = None
+    # the batch's request spans (hostname filled in) and pid -> workload bindings, stored in the same transaction
+    spans: Sequence[SpanRow] = ()
+    bindings: Sequence[ProcessBindingRow] = ()
 
     def __post_init__(self) -> None:
         if self.packed is not None and (self.devices or self.workloads or self.rollups):
