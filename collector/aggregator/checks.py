@@ -33,9 +33,9 @@ from collector.aggregator.rules import (
     where_workload,
 )
 from collector.aggregator.shape import SeriesKey, Shape, Shapes
-from collector.aggregator.spans import ReceivedSpan, span_error
+from collector.aggregator.spans import binding_error, binding_row, span_error, span_row
 from collector.proto import wattmeter_pb2 as pb
-from collector.store.base import Float64Array, HostInfo, Int64Array
+from collector.store.base import Float64Array, HostInfo, Int64Array, ProcessBindingRow, SpanRow
 from collector.store.rows import DeviceChunkRow, PackedBatch, RollupRow, WorkloadChunkRow, WorkloadKey
 
 _shapes = Shapes()
@@ -80,8 +80,9 @@ class Checked:
     power: dict[str, float] = field(default_factory=dict)  # in_host_total device -> latest W
     dropped: list[str] = field(default_factory=list)  # optional fields dropped (counted once stored)
     notes: list[str] = field(default_factory=list)  # what to log (info) once stored
-    spans: list[ReceivedSpan] = field(default_factory=list)
+    spans: list[SpanRow] = field(default_factory=list)  # valid ones (hostname filled in, span_id derived if none)
     rejected_spans: int = 0
+    bindings: list[ProcessBindingRow] = field(default_factory=list)
 
     def where(self, series: int) -> str:
         device_id, identity = self.keys[series]
@@ -122,8 +123,9 @@ def to_wire(checked: Checked) -> bytes:
             checked.power,
             checked.dropped,
             checked.notes,
-            [(span.hostname, span.span.SerializeToString()) for span in checked.spans],
+            [_span_tuple(span) for span in checked.spans],
             checked.rejected_spans,
+            [(b.hostname, b.pid, b.workload, b.phase, b.job, b.seen_ns) for b in checked.bindings],
         )
     )
 
@@ -131,7 +133,7 @@ def to_wire(checked: Checked) -> bytes:
 def from_wire(data: bytes) -> Checked:
     (instance_id, sequence, oldest_pending, host, received_ns, size, unplaceable, refusal, lookups, samples, devices,
      keys, positions, devices_with_samples, first_time, first_energy, last_time, last_energy, first_rollup, rows,
-     power, dropped, notes, spans, rejected_spans) = marshal.loads(data)  # fmt: skip
+     power, dropped, notes, spans, rejected_spans, bindings) = marshal.loads(data)  # fmt: skip
     return Checked(
         instance_id,
         sequence,
@@ -156,9 +158,17 @@ def from_wire(data: bytes) -> Checked:
         power,
         dropped,
         notes,
-        [ReceivedSpan(hostname, pb.RequestSpan.FromString(span)) for hostname, span in spans],
+        [SpanRow(*span) for span in spans],
         rejected_spans,
+        [ProcessBindingRow(*binding) for binding in bindings],
     )
+
+
+def _span_tuple(span: SpanRow) -> tuple[object, ...]:
+    """``span``'s fields in order (what ``SpanRow(*fields)`` takes back); dataclasses.astuple deep-copies, slowly."""
+    return (span.request_id, span.span_id, span.hostname, span.start_ns, span.end_ns, span.workload, span.pid,
+            span.service_name, span.model, span.tenant, span.input_tokens, span.output_tokens, span.queue_end_ns,
+            span.prefill_end_ns, span.labels, span.received_ns)  # fmt: skip
 
 
 def parse_batch(data: bytes) -> pb.Batch:
@@ -270,7 +280,10 @@ def _check(batch: pb.Batch, data: bytes, limits: Limits, checked: Checked) -> No
     power = _power(data, layout, batch, shape, checked)
     checked.rows = _rows(checked, shape, columns.Columns(shape.segments, time_ns, energy_j), device_values,
                          workload_values, power)  # fmt: skip
-    checked.spans, checked.rejected_spans = _spans(batch, checked, latest_ns)
+    if batch.spans:
+        checked.spans, checked.rejected_spans = _spans(batch, checked, latest_ns)
+    if batch.processes:
+        checked.bindings = _bindings(batch, checked, latest_ns)
 
 
 @dataclass(frozen=True)
@@ -433,9 +446,9 @@ def _rows(
     return PackedBatch(shape.device_rows, device_chunks, workload_chunks, rollups, shape.workload_keys)
 
 
-def _spans(batch: pb.Batch, checked: Checked, latest_ns: int) -> tuple[list[ReceivedSpan], int]:
+def _spans(batch: pb.Batch, checked: Checked, latest_ns: int) -> tuple[list[SpanRow], int]:
     hostname = checked.host.hostname
-    accepted: list[ReceivedSpan] = []
+    accepted: list[SpanRow] = []
     rejected = 0
     for span in batch.spans:
         span_host = span.hostname or hostname
@@ -444,8 +457,24 @@ def _spans(batch: pb.Batch, checked: Checked, latest_ns: int) -> tuple[list[Rece
         else:
             error = span_error(span, span_host, latest_ns)
         if error is None:
-            accepted.append(ReceivedSpan(span_host, span))
+            accepted.append(span_row(span, span_host, checked.received_ns))
         else:
             rejected += 1
             checked.notes.append(f"dropped a span from {hostname}: {error}")
     return accepted, rejected
+
+
+def _bindings(batch: pb.Batch, checked: Checked, latest_ns: int) -> list[ProcessBindingRow]:
+    """The batch's pid -> workload bindings, seen when the agent made the batch (a batch replayed from the spool
+    keeps its time); at its arrival when that time is unset or in the future."""
+    hostname = checked.host.hostname
+    seen_ns = batch.created_ns if 0 < batch.created_ns <= latest_ns else checked.received_ns
+    accepted: list[ProcessBindingRow] = []
+    for binding in batch.processes:
+        error = binding_error(binding)
+        if error is None:
+            accepted.append(binding_row(binding, hostname, seen_ns))
+        else:
+            checked.notes.append(f"dropped a process binding from {hostname}: {error}")
+            checked.dropped.append("process_binding")
+    return accepted

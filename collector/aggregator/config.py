@@ -133,6 +133,23 @@ class IngestConfig(_Section):
     )
 
 
+class RequestsConfig(_Section):
+    """``[requests]``: energy per request (``collector.aggregator.request_engine``)."""
+
+    interval_s: float = Field(1.0, gt=0, le=3600, description="how often pending requests are attributed")
+    finalize_grace_s: float = Field(
+        30.0, ge=0, le=86_400, description="past a request's end, it is computed with what there is (approximate)"
+    )
+    weight: Literal["equal", "tokens"] = Field(
+        "equal", description="split a workload's energy among its running requests equally, or by tokens"
+    )
+    pue: float = Field(1.0, ge=1.0, le=10.0, description="power usage effectiveness applied to the full view")
+    max_per_pass: int = Field(20_000, ge=1, le=1_000_000, description="pending requests taken per pass")
+    max_label_values: int = Field(
+        100, ge=1, le=10_000, description="distinct model (and tenant) label values on /metrics; the rest: other"
+    )
+
+
 class AggregatorConfig(_Section):
     """The whole aggregator configuration. Validating it reads nothing from the environment: see ``load``."""
 
@@ -142,6 +159,7 @@ class AggregatorConfig(_Section):
     http: HttpConfig = HttpConfig()
     storage: StorageConfig = StorageConfig()
     ingest: IngestConfig = IngestConfig()
+    requests: RequestsConfig = RequestsConfig()
 
 
 def load_aggregator_config(

@@ -10,6 +10,7 @@ that one stream with INVALID_ARGUMENT and a clear message instead of an internal
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -34,10 +35,11 @@ from collector.aggregator.ingest import (
     StreamRefused,
 )
 from collector.aggregator.metrics import AggregatorMetrics
-from collector.aggregator.spans import MAX_TEXT, ReceivedSpan, SpanBuffer, span_error
+from collector.aggregator.spans import MAX_TEXT, span_error, span_row
 from collector.config import parse_listen
 from collector.errors import ConfigError
 from collector.proto import wattmeter_pb2 as pb
+from collector.store.base import SpanRow
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,11 @@ class TelemetryServicer:
         self,
         ingest: Ingest,
         metrics: AggregatorMetrics,
-        spans: SpanBuffer,
         auth: AuthPolicy,
         limits: IngestConfig,
     ) -> None:
         self.ingest = ingest
         self.metrics = metrics
-        self.spans = spans
         self.auth = auth
         self.limits = limits
 
@@ -155,19 +155,31 @@ class TelemetryServicer:
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"spans for host(s) {', '.join(outside)}; the credentials are for {', '.join(sorted(allowed))}",
                 )
-        latest_ns = self.ingest.clock_ns() + int(self.limits.max_future_s * 1e9)
-        accepted: list[ReceivedSpan] = []
+        received_ns = self.ingest.clock_ns()
+        latest_ns = received_ns + int(self.limits.max_future_s * 1e9)
+        accepted: list[SpanRow] = []
         errors: list[str] = []
         for span in report.spans:
             error = span_error(span, span.hostname, latest_ns)
             if error is None:
-                accepted.append(ReceivedSpan(span.hostname, span))
+                accepted.append(span_row(span, span.hostname, received_ns))
             else:
                 errors.append(error)
-        self.spans.extend(accepted)
+        if accepted:
+            try:
+                await self.store_spans(accepted)
+            except Exception as exc:
+                # nothing is known stored: the sender sends them again, and a span stored twice is stored once
+                log.exception("storing %d spans from %s failed", len(accepted), context.peer())
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator could not store the spans: {exc}")
         self.metrics.count_spans(len(accepted), len(errors))
         result = pb.SpanReportResult(accepted=len(accepted), rejected=len(errors), errors=errors[:MAX_SPAN_ERRORS])
         return result.SerializeToString()
+
+    async def store_spans(self, spans: list[SpanRow]) -> None:
+        """Store ``spans`` (one transaction, in a store thread: never on the event loop); returns once committed."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.ingest.executor, self.ingest.store.write_spans, spans)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -213,13 +225,12 @@ class GrpcServer:
         config: GrpcConfig,
         ingest: Ingest,
         metrics: AggregatorMetrics,
-        spans: SpanBuffer,
         limits: IngestConfig,
     ) -> None:
         self.config = config
         self.credentials = server_credentials(config)
         self.servicer = TelemetryServicer(
-            ingest, metrics, spans, AuthPolicy(config.client_ca is not None, dict(config.agent_tokens)), limits
+            ingest, metrics, AuthPolicy(config.client_ca is not None, dict(config.agent_tokens)), limits
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -233,8 +244,11 @@ class GrpcServer:
         )
         metrics.providers.append(self.otlp.counters.families)
 
-    def _take_otlp_spans(self, spans: list[pb.RequestSpan]) -> None:
-        self.servicer.spans.extend([ReceivedSpan(span.hostname, span) for span in spans])
+    async def _take_otlp_spans(self, spans: list[pb.RequestSpan]) -> None:
+        """Store an Export's spans before it is answered; raising makes the call UNAVAILABLE, which OTLP exporters
+        retry (a span stored twice is stored once)."""
+        received_ns = self.servicer.ingest.clock_ns()
+        await self.servicer.store_spans([span_row(span, span.hostname, received_ns) for span in spans])
         self.servicer.metrics.count_spans(len(spans), 0)
 
     async def start(self) -> int:

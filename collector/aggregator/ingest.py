@@ -4,9 +4,10 @@ place that orders each agent instance's batches, checked against what the instan
 
 A batch is acknowledged only after the transaction holding it committed. An invalid batch is refused whole with an
 Ack that carries its sequence and why (recorded in the store as done, empty, so the instance's watermark moves past
-it); only optional fields (a power array with negative values, bad spans) are dropped and counted while the rest is
-stored. Problems that concern the stream rather than one batch (bytes that are not a Batch, a newer protocol, a
-host the credentials do not cover) raise ``StreamRefused`` subclasses, which the gRPC server maps to status codes.
+it); only optional fields (a power array with negative values, bad spans or process bindings) are dropped and
+counted while the rest is stored. The batch's spans and pid -> workload bindings are stored in its transaction.
+Problems that concern the stream rather than one batch (bytes that are not a Batch, a newer protocol, a host the
+credentials do not cover) raise ``StreamRefused`` subclasses, which the gRPC server maps to status codes.
 
 Per instance (an asyncio lock; batches of other instances go on meanwhile): the duplicate check against the
 watermark, the checks that need the instance's history (a workload's device sent in an earlier batch; each
@@ -41,7 +42,6 @@ from collector.aggregator.rules import (
     StreamRefused,
 )
 from collector.aggregator.shape import SeriesKey
-from collector.aggregator.spans import SpanBuffer
 from collector.aggregator.writer import GroupWriter
 from collector.proto import wattmeter_pb2 as pb
 from collector.store.base import Store, StoredBatch, WriteResult
@@ -138,7 +138,6 @@ class Ingest:
         checker: Checker,
         writer: GroupWriter,
         metrics: AggregatorMetrics,
-        spans: SpanBuffer,
         executor: Executor,
         clock_ns: Callable[[], int] = time.time_ns,
         max_instances: int = MAX_INSTANCES,
@@ -147,7 +146,6 @@ class Ingest:
         self.checker = checker
         self.writer = writer
         self.metrics = metrics
-        self.spans = spans
         self.executor = executor
         self.clock_ns = clock_ns
         self.max_instances = max_instances
@@ -251,7 +249,6 @@ class Ingest:
         for note in checked.notes:
             log.info("%s", note)
         self.metrics.count_spans(len(checked.spans), checked.rejected_spans)
-        self.spans.extend(checked.spans)
         self.metrics.add_stored(checked.samples, settled.energy, {checked.host.hostname: checked.power})
         return Outcome("stored", ack, instance_id)
 
@@ -351,6 +348,8 @@ class Ingest:
             received_ns=checked.received_ns,
             raw_bytes=checked.size,
             packed=rows,
+            spans=checked.spans,
+            bindings=checked.bindings,
         )
         return _Settled(stored, energy)
 

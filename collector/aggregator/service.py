@@ -18,10 +18,10 @@ from collector.aggregator.http_api import HttpApi
 from collector.aggregator.ingest import Ingest
 from collector.aggregator.metrics import AggregatorMetrics, ScrapeRenderer
 from collector.aggregator.processes import ProcessChecker
-from collector.aggregator.spans import SpanBuffer
 from collector.aggregator.writer import GroupWriter
 from collector.config import parse_listen
 from collector.exporters.prometheus import MetricsHTTPServer, server_ssl_context
+from collector.sdnotify import LoopHeartbeat, Notifier, Watchdog
 from collector.store import open_store
 from collector.store.base import Store
 from collector.store.urls import redact
@@ -44,7 +44,6 @@ class Aggregator:
         if config.http.tls_cert is not None and config.http.tls_key is not None:
             context = server_ssl_context(config.http.tls_cert, config.http.tls_key)
         self.metrics = AggregatorMetrics()
-        self.spans = SpanBuffer()
         self.http = MetricsHTTPServer(
             parse_listen(config.http.listen),
             ScrapeRenderer(self.metrics),
@@ -73,11 +72,13 @@ class Aggregator:
         self.executor = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="store-read")
         self.writer = GroupWriter(self.store, on_commit=self.metrics.count_commit)
         self.checker = self._checker()
-        self.ingest = Ingest(self.store, self.checker, self.writer, self.metrics, self.spans, self.executor)
-        self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, self.spans, config.ingest)
+        self.ingest = Ingest(self.store, self.checker, self.writer, self.metrics, self.executor)
+        self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, config.ingest)
         self._http_thread: threading.Thread | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._serving = False
+        self.notifier = Notifier()
+        self._watchdog: Watchdog | None = None
 
     def _checker(self) -> Checker:
         ingest = self.config.ingest
@@ -122,6 +123,14 @@ class Aggregator:
             self.http_port,
             redact(self.config.storage.url),
         )
+        self.notifier.ready(
+            f"gRPC on {self.config.grpc.listen}, HTTP on {self.config.http.listen}, "
+            f"storage {redact(self.config.storage.url)}"
+        )
+        heartbeat = LoopHeartbeat(asyncio.get_running_loop())
+        # the writer's thread ends only on close or a bug; a store that hangs shows in /healthz, not here
+        self._watchdog = Watchdog(self.notifier, lambda: heartbeat() and self.writer._thread.is_alive())
+        self._watchdog.start()
 
     async def _prune_loop(self) -> None:
         storage = self.config.storage
@@ -142,6 +151,9 @@ class Aggregator:
 
     async def stop(self) -> None:
         started = time.monotonic()
+        self.notifier.stopping("stopping")
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self._serving = False
         if self._prune_task is not None:
             self._prune_task.cancel()

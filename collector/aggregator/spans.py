@@ -1,26 +1,19 @@
-"""Request spans: checked and counted; kept for now in a bounded in-memory buffer.
+"""Request spans and process bindings as they come in: checked, and turned into the store's rows.
 
-Storing spans and joining them with raw samples (energy per request) is the next issue's work. Until then the
-aggregator accepts valid spans, counts them (``wattmeter_aggregator_spans_total``) and keeps the latest
-``capacity`` in memory only: they are lost on restart, and the oldest go when the buffer is full.
+Spans arrive in agents' batches (stored in the batch's transaction), through ``ReportSpans`` and over OTLP (each
+call's spans stored in one transaction before it is answered). A span the sender gave no ``span_id`` gets one
+derived from what makes it one span (``derived_span_id``), so that a span sent twice is stored once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import deque
-from dataclasses import dataclass
 
 from collector.proto import wattmeter_pb2 as pb
+from collector.store.base import ProcessBindingRow, SpanRow
 
 MAX_TEXT = 256  # characters in an id or name; more is not a name but garbage
-
-
-@dataclass(frozen=True)
-class ReceivedSpan:
-    hostname: str
-    span: pb.RequestSpan
+MAX_LABELS = 64  # labels on one span (the client library sends at most 16)
 
 
 def span_error(span: pb.RequestSpan, hostname: str, latest_ns: int) -> str | None:
@@ -38,6 +31,11 @@ def span_error(span: pb.RequestSpan, hostname: str, latest_ns: int) -> str | Non
         return f"request {span.request_id!r}: start_ns {span.start_ns} and end_ns {span.end_ns} are not a time span"
     if span.end_ns > latest_ns:
         return f"request {span.request_id!r}: end_ns {span.end_ns} is in the future (clock skew?)"
+    if len(span.labels) > MAX_LABELS:
+        return f"request {span.request_id!r}: {len(span.labels)} labels, more than {MAX_LABELS}"
+    for key, value in span.labels.items():
+        if len(key) > MAX_TEXT or len(value) > MAX_TEXT:
+            return f"request {span.request_id!r}: label {key[:64]!r} or its value is longer than {MAX_TEXT} characters"
     for name in ("prefill_end_ns", "queue_end_ns"):
         value = getattr(span, name)
         if value and not span.start_ns <= value <= span.end_ns:
@@ -53,17 +51,41 @@ def derived_span_id(span: pb.RequestSpan, hostname: str) -> str:
     return "d-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
-class SpanBuffer:
-    """The latest ``capacity`` accepted spans, in arrival order (see the module docstring)."""
+def span_row(span: pb.RequestSpan, hostname: str, received_ns: int) -> SpanRow:
+    """``span`` (valid: see ``span_error``) as stored, on ``hostname`` (its own or its batch's)."""
+    return SpanRow(
+        request_id=span.request_id,
+        span_id=span.span_id or derived_span_id(span, hostname),
+        hostname=hostname,
+        start_ns=span.start_ns,
+        end_ns=span.end_ns,
+        workload=span.workload,
+        pid=span.pid,
+        service_name=span.service_name,
+        model=span.model,
+        tenant=span.tenant,
+        input_tokens=span.input_tokens,
+        output_tokens=span.output_tokens,
+        queue_end_ns=span.queue_end_ns,
+        prefill_end_ns=span.prefill_end_ns,
+        labels=dict(span.labels),
+        received_ns=received_ns,
+    )
 
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._spans: deque[ReceivedSpan] = deque(maxlen=capacity)
-        self._lock = threading.Lock()
 
-    def extend(self, spans: list[ReceivedSpan]) -> None:
-        with self._lock:
-            self._spans.extend(spans)
+def binding_error(binding: pb.ProcessBinding) -> str | None:
+    """Why a pid -> workload binding is unusable; None when it is usable."""
+    identity = binding.workload
+    if binding.pid == 0:
+        return "pid 0"
+    if not identity.workload:
+        return f"pid {binding.pid}: the workload name is empty"
+    for name in ("workload", "phase", "job"):
+        if len(getattr(identity, name)) > MAX_TEXT:
+            return f"pid {binding.pid}: {name} is longer than {MAX_TEXT} characters"
+    return None
 
-    def snapshot(self) -> list[ReceivedSpan]:
-        with self._lock:
-            return list(self._spans)
+
+def binding_row(binding: pb.ProcessBinding, hostname: str, seen_ns: int) -> ProcessBindingRow:
+    identity = binding.workload
+    return ProcessBindingRow(hostname, binding.pid, identity.workload, identity.phase, identity.job, seen_ns)

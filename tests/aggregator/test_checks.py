@@ -128,9 +128,15 @@ def test_checked_goes_to_another_process_and_back_unchanged() -> None:
     message.devices[0].power_w[3] = -1.0  # dropped, with a note
     message.spans.append(pb.RequestSpan(request_id="r1", start_ns=received - SECOND, end_ns=received, workload="w"))
     message.spans.append(pb.RequestSpan(request_id="", start_ns=1, end_ns=2))  # refused
+    message.processes.append(pb.ProcessBinding(pid=7, workload=pb.WorkloadIdentity(workload="w", phase="inference")))
+    message.processes.append(pb.ProcessBinding(pid=8))  # no workload: dropped
     for one in (message, valid_batches(2)[1]):
         checked = check(one.SerializeToString(), received, LIMITS)
         assert from_wire(to_wire(checked)) == checked
+    checked = check(message.SerializeToString(), received, LIMITS)
+    assert [(s.request_id, s.hostname, s.workload) for s in checked.spans] == [("r1", message.host.hostname, "w")]
+    assert [(b.pid, b.workload, b.phase) for b in checked.bindings] == [(7, "w", "inference")]
+    assert checked.dropped == ["power_w", "process_binding"]
     refused = valid_batches(1)[0]
     refused.devices[0].kind = "tpu"
     checked = check(refused.SerializeToString(), received, LIMITS)

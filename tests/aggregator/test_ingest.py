@@ -306,16 +306,37 @@ def test_agents_connected_counts_open_streams(aggregator: RunningAggregator, cha
     assert aggregator.aggregator.metrics.agents_connected == 0
 
 
-def test_spans_in_a_batch_counted_and_kept(aggregator: RunningAggregator, channel: grpc.Channel) -> None:
+def test_spans_and_bindings_in_a_batch_are_stored_with_it(
+    aggregator: RunningAggregator, channel: grpc.Channel
+) -> None:
     start = now_ns() - 5 * SECOND
     with_spans = simple_batch(1, start)
     with_spans.spans.append(pb.RequestSpan(request_id="r1", start_ns=start, end_ns=start + SECOND, workload="train"))
     with_spans.spans.append(pb.RequestSpan(request_id="r2", start_ns=start + SECOND, end_ns=start))  # ends first
     with_spans.spans.append(pb.RequestSpan(request_id="r3", start_ns=start, end_ns=start + 1, hostname="host-b"))
+    with_spans.spans.append(pb.RequestSpan(request_id="r4", span_id="s-1", start_ns=start, end_ns=start + 5, pid=42))
+    identity = pb.WorkloadIdentity(workload="train", phase="training", job="7")
+    with_spans.processes.append(pb.ProcessBinding(pid=42, workload=identity))
+    with_spans.processes.append(pb.ProcessBinding(pid=0, workload=identity))  # dropped
     assert send(channel, [with_spans]).acks[0].rejected_sequence == 0
-    assert dict(aggregator.aggregator.metrics.spans) == {"accepted": 1, "rejected": 2}
-    kept = aggregator.aggregator.spans.snapshot()
-    assert [(s.hostname, s.span.request_id) for s in kept] == [("host-a", "r1")]
+    assert dict(aggregator.aggregator.metrics.spans) == {"accepted": 2, "rejected": 2}
+    store = aggregator.aggregator.store
+    stored = sorted(store.request_spans(["r1", "r2", "r3", "r4"]), key=lambda s: s.request_id)
+    assert [(s.request_id, s.hostname, s.workload, s.pid) for s in stored] == [
+        ("r1", "host-a", "train", 0),
+        ("r4", "host-a", "", 42),
+    ]
+    assert stored[0].span_id.startswith("d-")  # derived: the span came without one
+    assert stored[1].span_id == "s-1"
+    assert (stored[1].start_ns, stored[1].end_ns) == (start, start + 5)
+    bindings = store.process_bindings("host-a")
+    assert [(b.pid, b.workload, b.phase, b.job) for b in bindings] == [(42, "train", "training", "7")]
+    assert bindings[0].seen_ns == with_spans.created_ns
+    pending = store.request("r1")
+    assert pending is not None and pending.status == "pending"
+    # the batch sent again (a replay) stores nothing twice
+    assert send(channel, [with_spans]).acks[0].acked_sequence == 1
+    assert len(store.request_spans(["r1", "r4"])) == 2
 
 
 def test_report_spans(aggregator: RunningAggregator, channel: grpc.Channel) -> None:
@@ -334,6 +355,10 @@ def test_report_spans(aggregator: RunningAggregator, channel: grpc.Channel) -> N
     result = call(report, timeout=30)
     assert (result.accepted, result.rejected) == (1, 1)
     assert "hostname is empty" in result.errors[0]
+    (stored,) = aggregator.aggregator.store.request_spans(["a", "b"])  # stored before the answer
+    assert (stored.request_id, stored.hostname, stored.start_ns) == ("a", "host-a", start)
+    assert call(report, timeout=30).accepted == 1  # sent again: accepted, stored once
+    assert len(aggregator.aggregator.store.request_spans(["a"])) == 1
     garbage = channel.unary_unary("/wattmeter.v1.Telemetry/ReportSpans")
     with pytest.raises(grpc.RpcError) as raised:
         garbage(b"\xff\xff\xff", timeout=30)
@@ -354,6 +379,24 @@ def test_storage_failure_acknowledges_nothing_and_ends_the_stream(
     status, body = http_get(aggregator.http_url + "/healthz")
     assert status == 503
     assert b"storage failing" in body
+
+
+def test_report_spans_answers_unavailable_when_the_store_fails(
+    aggregator: RunningAggregator, channel: grpc.Channel
+) -> None:
+    aggregator.aggregator.store.close()  # every write now fails: the sender must hear it and send again
+    start = now_ns() - 5 * SECOND
+    report = pb.SpanReport(spans=[pb.RequestSpan(request_id="a", start_ns=start, end_ns=start + 1, hostname="h")])
+    call = channel.unary_unary(
+        "/wattmeter.v1.Telemetry/ReportSpans",
+        request_serializer=pb.SpanReport.SerializeToString,
+        response_deserializer=pb.SpanReportResult.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        call(report, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "could not store the spans" in (raised.value.details() or "")
+    assert dict(aggregator.aggregator.metrics.spans) == {}  # nothing counted as accepted
 
 
 def test_a_new_stream_reads_what_another_aggregator_stored(start_aggregator: AggregatorFactory) -> None:

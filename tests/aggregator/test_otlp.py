@@ -854,14 +854,14 @@ def test_counters_render_as_one_family(receiver: Receiver) -> None:
 
 
 def test_the_aggregator_serves_otlp_on_its_grpc_port(aggregator: RunningAggregator) -> None:
-    """`wattmeter aggregator` itself: the trace service beside Telemetry, its spans in the aggregator's span
-    buffer and counters, and its health."""
+    """`wattmeter aggregator` itself: the trace service beside Telemetry, its spans in the aggregator's store
+    (before the answer) and counters, and its health."""
     response = export(
         aggregator.target, export_request([otlp_span(), otlp_span({"http.method": "GET"}, name="http_request")])
     )
     assert response.partial_success.rejected_spans == 0
-    taken = aggregator.aggregator.spans.snapshot()
-    assert [(s.hostname, s.span.request_id) for s in taken] == [("gpu-01", "chatcmpl-1")]
+    taken = aggregator.aggregator.store.request_spans(["chatcmpl-1"])
+    assert [(s.hostname, s.request_id) for s in taken] == [("gpu-01", "chatcmpl-1")]
     with grpc.insecure_channel(aggregator.target) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
