@@ -18,6 +18,7 @@ from collector.exporters.prometheus import FamiliesProvider, PrometheusExporter
 from collector.readings import DeviceInfo, DeviceKind, DeviceReading
 from collector.registration import RegistrationEvent, RegistrationServer, SpanEvent
 from collector.sampler import Sampler, SourceState
+from collector.sdnotify import Notifier, Watchdog
 from collector.sources import BUILTIN_ORDER, registered_sources
 from collector.sources.base import Source
 from collector.sources.cpu_model import CpuModelSource
@@ -93,6 +94,22 @@ def request_span_family(forwarded: int, dropped: int, refused: int) -> Family:
     return family
 
 
+class SamplerProgress:
+    """For systemd's watchdog: whether the sampler's reads went on since the last call. A failed read counts (the
+    loop runs; the source's health says it is down), a read hung in a driver does not. With no source open there is
+    nothing to stall: a source waiting to open retries on its own backoff (up to 60 s, longer than WatchdogSec)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self._last = -1
+
+    def __call__(self) -> bool:
+        states = self.sampler.states
+        done = sum(state.read_durations.count + state.errors_total for state in states)
+        moved, self._last = done != self._last, done
+        return moved or not any(state.opened for state in states)
+
+
 class Agent:
     """Binds the metrics port, opens the sources, and runs the sampler and exporter until told to stop."""
 
@@ -127,6 +144,9 @@ class Agent:
                 config.stream, self.sampler, self.workloads, bindings_interval_s=config.workloads.interval_s
             )
         self.exporter.cache.providers = self._providers()
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(self.notifier, SamplerProgress(self.sampler))
+        self._status = ""
 
     def _providers(self) -> list[FamiliesProvider]:
         providers: list[FamiliesProvider] = [lambda: sampler_families(self.sampler, self._extra_sources())]
@@ -173,6 +193,31 @@ class Agent:
             return
         self.stream.add_span(event)  # a full queue counts the drop itself
 
+    def status_line(self) -> str:
+        """What runs, for systemd's STATUS=: ``sampling 8 GPUs, 2 RAPL domains; streaming to X; metrics on Y``."""
+        opened = [state for state in self.sampler.states if state.opened]
+        sampling = []
+        for name, label in (("nvml", "GPUs"), ("simulated", "simulated GPUs"), ("rapl", "RAPL domains")):
+            count = sum(len(state.devices) for state in opened if state.name == name)
+            if count or name != "simulated":
+                sampling.append(f"{count} {label}")
+        if any(state.name == "model" for state in opened):
+            sampling.append("CPU estimated")
+        parts = ["sampling " + ", ".join(sampling)]
+        failing = sorted(state.name for state in self.sampler.states if state.last_error)
+        if failing:
+            parts.append("failing: " + ", ".join(failing))
+        if self.stream is not None:
+            parts.append(f"streaming to {self.config.stream.target}")
+        parts.append(f"metrics on {self.config.prometheus.listen}")
+        return "; ".join(parts)
+
+    def _notify_status(self) -> None:
+        status = self.status_line()
+        if status != self._status:
+            self._status = status
+            self.notifier.status(status)
+
     def _retire_estimate_once_rapl_reads(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
         if source_name == "rapl" and any(state.name == "model" for state in self.sampler.states):
             log.info('RAPL is readable now: the CPU estimate (source="model") stops')
@@ -208,8 +253,13 @@ class Agent:
         log.info("agent up: sources %s; metrics on %s", names, self.config.prometheus.listen)
         if not self.sampler.states:
             log.warning("no source is enabled and available: /metrics will hold no energy series")
+        self._status = self.status_line()
+        self.notifier.ready(self._status)
+        self.watchdog.start()
         while not self.stop_event.wait(WATCH_INTERVAL_S):
             self.sampler.check_timeouts()
+            if self.notifier.enabled:
+                self._notify_status()
         self.shutdown()
         return 0
 
@@ -217,6 +267,8 @@ class Agent:
         """Everything within SHUTDOWN_BUDGET_S, even with a read or a close hung in a driver."""
         started = time.monotonic()
         deadline = started + SHUTDOWN_BUDGET_S
+        self.notifier.stopping("stopping")
+        self.watchdog.stop()
         self.sampler.signal_stop()
         if self.workloads is not None:
             self.workloads.stop()
