@@ -3,6 +3,10 @@
 Each GPU follows a schedule of phases drawn from the seed (idle, then training on odd GPUs and inference on
 even ones, with idle gaps), with H100-like power: about 70 W idle, 550-700 W training, 200-450 W inference.
 Power is a pure function of (seed, GPU, seconds since start), so a run can be replayed exactly.
+
+A caller that builds the source itself may instead place processes on the GPUs (``load``): each GPU then runs
+only those processes and its power follows their SM utilisation (``loaded_power_w``). ``wattmeter demo`` does this
+for its synthetic workloads (collector/demo/gpu_load.py); the agent's config never turns it on.
 """
 
 from __future__ import annotations
@@ -24,6 +28,18 @@ POWER_LIMIT_W = 700.0
 SIM_PID_BASE = 4_000_000  # above the default pid_max (4,194,304 is the kernel's max), so no real pid collides
 MEMORY_BYTES = 80 * 1024**3
 MAX_PROCESSES_PER_GPU = 1000  # pids SIM_PID_BASE + gpu * 1000 + k: distinct up to 194 GPUs
+LOADED_PEAK_W = 680.0  # a fully busy loaded GPU: an H100 under a dense kernel mix, just under its 700 W limit
+
+GpuLoad = Callable[[int], Sequence[GpuProcess]]
+"""The processes placed on simulated GPU ``i`` (its position in the source, from 0) now, each with its SM
+utilisation (0-1). Real processes of this host (real pids, no ``workload``: the agent resolves them like NVML's)."""
+
+
+def loaded_power_w(processes: Sequence[GpuProcess], t_s: float, index: int) -> float:
+    """Power (W) of a simulated GPU running ``processes``: idle plus the busy range times their summed utilisation
+    (capped at 1), with the idle ripple on top."""
+    busy = min(1.0, sum(max(0.0, p.sm_utilization_ratio or 0.0) for p in processes))
+    return IDLE_W + (LOADED_PEAK_W - IDLE_W) * busy + 2.0 * math.sin(2 * math.pi * t_s / 9.7 + index)
 
 
 @dataclass(frozen=True)
@@ -143,13 +159,16 @@ class SimulatedSource(Source):
         index_offset: int = 0,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
         processes_per_gpu: int | None = None,
+        load: GpuLoad | None = None,
     ) -> None:
         """``processes_per_gpu``: None (the default) follows each GPU's phase schedule (0, 1 or 2 processes);
-        a number puts that many processes, each its own workload, on every GPU at all times (load tests)."""
+        a number puts that many processes, each its own workload, on every GPU at all times (load tests).
+        ``load``: the processes on each GPU come from it instead, and its power follows them (``loaded_power_w``)."""
         if processes_per_gpu is not None and not 1 <= processes_per_gpu < MAX_PROCESSES_PER_GPU:
             raise ValueError(f"processes_per_gpu must be 1 to {MAX_PROCESSES_PER_GPU - 1}, got {processes_per_gpu}")
         self.gpus = gpus
         self.processes_per_gpu = processes_per_gpu
+        self.load = load
         self.interval_s = interval_s
         self.slow_interval_s = 1.0
         self.seed = seed
@@ -203,7 +222,14 @@ class SimulatedSource(Source):
         return (mono_ns - self._start_ns) / 1e9
 
     def gpu_power_w(self, i: int, t_s: float) -> float:
+        if self.load is not None:
+            return loaded_power_w(self.load(i), t_s, i)
         return self._scenarios[i].power_w(t_s)
+
+    def _processes(self, i: int, t_s: float) -> tuple[GpuProcess, ...]:
+        if self.load is not None:
+            return tuple(self.load(i))
+        return self._scenarios[i].processes(t_s, self.processes_per_gpu)
 
     def cpu_power_w(self, t_s: float, busy_gpus: int | None = None) -> float:
         if busy_gpus is None:
@@ -215,7 +241,7 @@ class SimulatedSource(Source):
         time_ns = time.time_ns()
         t_s = self.elapsed_s(mono_ns)
         readings = []
-        gpu_powers = [scenario.power_w(t_s) for scenario in self._scenarios]
+        gpu_powers = [self.gpu_power_w(i, t_s) for i in range(len(self._scenarios))]
         busy_gpus = sum(1 for power in gpu_powers if power > IDLE_W + 5.0)
         for i, info in enumerate(self._infos):
             power = gpu_powers[i] if info.kind is DeviceKind.GPU else self.cpu_power_w(t_s, busy_gpus)
@@ -227,8 +253,8 @@ class SimulatedSource(Source):
     def read_status(self) -> Sequence[DeviceStatus]:
         t_s = self.elapsed_s(self._monotonic_ns())
         statuses = []
-        for i, scenario in enumerate(self._scenarios):
-            processes = scenario.processes(t_s, self.processes_per_gpu)
+        for i in range(len(self._scenarios)):
+            processes = self._processes(i, t_s)
             busy = sum(p.sm_utilization_ratio or 0.0 for p in processes)
             statuses.append(
                 DeviceStatus(
@@ -236,7 +262,7 @@ class SimulatedSource(Source):
                     power_limit_w=POWER_LIMIT_W,
                     utilization_ratio=min(busy, 1.0),
                     memory_used_bytes=sum(p.used_memory_bytes or 0 for p in processes),
-                    temperature_c=35.0 + 0.05 * scenario.power_w(t_s),
+                    temperature_c=35.0 + 0.05 * self.gpu_power_w(i, t_s),
                     sm_clock_hz=1.98e9 if processes else 0.345e9,
                     processes=processes,
                 )
