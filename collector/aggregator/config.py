@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from collector.carbon.config import CarbonConfig
 from collector.config import PrometheusConfig, is_loopback, load_model, parse_listen
 from collector.store import urls
 from collector.store.base import StoreError
@@ -160,6 +161,7 @@ class AggregatorConfig(_Section):
     storage: StorageConfig = StorageConfig()
     ingest: IngestConfig = IngestConfig()
     requests: RequestsConfig = RequestsConfig()
+    carbon: CarbonConfig | None = Field(None, description="[carbon]: intensity and price; absent: no CO2/cost metrics")
 
 
 def load_aggregator_config(

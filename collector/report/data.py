@@ -1,0 +1,377 @@
+"""What ``wattmeter report`` says, gathered from the aggregator's store: one ``Report`` that every format renders.
+
+Energy comes from the 1-minute rollups, read an hour at a time (``Store.workload_energy``); an hour's energy is
+priced at that hour's mean intensity and price (so CO2 is exact for intensity that changes on UTC hours, and
+spreads energy evenly within an hour otherwise). Host totals are the devices' own rollups (those that add into
+host totals); groups by workload and phase are the workloads' rollups, idle/system/other included, so they add up
+to the same total. Requests (J/request, J/token) come from the store's request results.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from collector.carbon.series import J_PER_KWH, IntensitySeries
+from collector.report.advisor import ShiftAdvice, advise
+from collector.report.rates import HOUR_NS, HourlyRates, hourly_rates
+from collector.store.base import RequestResult, Store
+
+GroupBy = Literal["workload", "phase", "model", "host"]
+TOP_WORKLOADS = 10
+MAX_REQUESTS = 200_000  # requests read for per-request CO2 and the power-cap evidence
+POWER_BINS = 4
+WorkloadKey = tuple[str, str, str, str]  # host, workload, phase, job
+
+
+@dataclass(frozen=True)
+class Amount:
+    """Energy and what it amounted to over one period."""
+
+    kwh: float
+    kg: float
+    cost: float | None
+    uncovered_kwh: float = 0.0  # energy at times without intensity data (not in kg)
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    name: str
+    now: Amount
+    previous: Amount | None  # the same group in the previous period; None: absent then
+    phase: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model: str
+    requests: int
+    energy_kwh: float
+    p50_j: float
+    p95_j: float
+    joules_per_output_token: float | None
+    kg: float | None = None
+    cost: float | None = None
+
+
+@dataclass(frozen=True)
+class PowerBin:
+    """Requests of one model whose mean power (their J over their duration) fell in one quartile."""
+
+    model: str
+    quartile: int
+    requests: int
+    mean_w: float
+    median_j_per_request: float
+    joules_per_output_token: float | None
+
+
+@dataclass(frozen=True)
+class TrainingPower:
+    """A GPU workload without units of work in the store: its energy and mean power over the hours it ran."""
+
+    workload: str
+    phase: str
+    gpu_kwh: float
+    hours_running: int
+    mean_w: float
+
+
+@dataclass
+class Report:
+    since_ns: int
+    until_ns: int
+    by: GroupBy
+    currency: str
+    intensity: str  # how intensity was given
+    pue: float
+    total: Amount
+    previous_total: Amount
+    groups: list[GroupRow]
+    groups_note: str
+    phases: list[GroupRow]
+    top_workloads: list[GroupRow]
+    models: list[ModelRow]
+    models_note: str
+    shift: ShiftAdvice
+    power_bins: list[PowerBin]
+    training_power: list[TrainingPower]
+    power_note: str
+    hourly_kwh: list[float] = field(default_factory=list)  # the hosts' energy per hour, for the chart
+    hourly_g_per_kwh: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Period:
+    hour_starts: npt.NDArray[np.int64]
+    rates: HourlyRates
+    hosts: dict[str, npt.NDArray[np.float64]]  # host -> J per hour (host-total devices)
+    workloads: dict[WorkloadKey, npt.NDArray[np.float64]]  # J per hour
+    gpu_j: dict[WorkloadKey, npt.NDArray[np.float64]]  # J per hour on GPUs
+
+
+def _read_period(
+    store: Store, series: IntensitySeries, since_ns: int, until_ns: int, gpus: set[tuple[str, str]]
+) -> _Period:
+    hour_starts = np.arange(since_ns, until_ns, HOUR_NS, dtype=np.int64)
+    n = len(hour_starts)
+    hosts: dict[str, npt.NDArray[np.float64]] = {}
+    workloads: dict[WorkloadKey, npt.NDArray[np.float64]] = {}
+    gpu_j: dict[WorkloadKey, npt.NDArray[np.float64]] = {}
+    for i, start in enumerate(hour_starts.tolist()):
+        for row in store.workload_energy(start, min(start + HOUR_NS, until_ns)):
+            if not row.workload:
+                hosts.setdefault(row.hostname, np.zeros(n))[i] += row.energy_j
+                continue
+            key = (row.hostname, row.workload, row.phase, row.job)
+            workloads.setdefault(key, np.zeros(n))[i] += row.energy_j
+            on_gpu = sum(j for device, j in row.by_device_j.items() if (row.hostname, device) in gpus)
+            if on_gpu > 0:
+                gpu_j.setdefault(key, np.zeros(n))[i] += on_gpu
+    return _Period(hour_starts, hourly_rates(series, hour_starts), hosts, workloads, gpu_j)
+
+
+def _amount(rates: HourlyRates, energy_j: npt.NDArray[np.float64]) -> Amount:
+    footprint = rates.footprint(energy_j)
+    return Amount(
+        footprint.joules / J_PER_KWH, footprint.grams / 1000, footprint.cost, footprint.uncovered_j / J_PER_KWH
+    )
+
+
+def _sum(arrays: Sequence[npt.NDArray[np.float64]], n: int) -> npt.NDArray[np.float64]:
+    total = np.zeros(n)
+    for array in arrays:
+        total += array
+    return total
+
+
+def _phase_label(workload: str, phase: str) -> str:
+    return phase or workload  # idle/system/other carry phase ""
+
+
+def _group_name(key: WorkloadKey, by: GroupBy) -> str:
+    host, workload, phase, _ = key
+    if by == "host":
+        return host
+    if by == "phase":
+        return _phase_label(workload, phase)
+    return workload
+
+
+def _grouped(period: _Period, by: GroupBy) -> dict[str, npt.NDArray[np.float64]]:
+    groups: dict[str, list[npt.NDArray[np.float64]]] = defaultdict(list)
+    if by == "host":
+        for host, energy in period.hosts.items():
+            groups[host].append(energy)
+    else:
+        for key, energy in period.workloads.items():
+            groups[_group_name(key, by)].append(energy)
+    return {name: _sum(parts, len(period.hour_starts)) for name, parts in groups.items()}
+
+
+def _group_rows(now: _Period, previous: _Period, by: GroupBy) -> list[GroupRow]:
+    current = _grouped(now, by)
+    before = _grouped(previous, by)
+    rows = [
+        GroupRow(name, _amount(now.rates, energy), _amount(previous.rates, before[name]) if name in before else None)
+        for name, energy in current.items()
+    ]
+    return sorted(rows, key=lambda row: -row.now.kwh)
+
+
+def _requests(store: Store, since_ns: int, until_ns: int) -> tuple[list[RequestResult], str]:
+    try:
+        results = store.requests(since_ns=since_ns, until_ns=until_ns, limit=MAX_REQUESTS)
+    except NotImplementedError:
+        return [], "no request data: this store does not keep request results"
+    done = [r for r in results if r.status in ("final", "approximate") and r.active_j is not None]
+    if not done:
+        return [], "no request data in the period"
+    note = f"the newest {MAX_REQUESTS} requests only" if len(results) >= MAX_REQUESTS else ""
+    return done, note
+
+
+def _model_rows(
+    store: Store, series: IntensitySeries, since_ns: int, until_ns: int, done: list[RequestResult]
+) -> tuple[list[ModelRow], str]:
+    try:
+        summary = store.request_summary("model", since_ns, until_ns)
+    except NotImplementedError:
+        return [], "no request data: this store does not keep request results"
+    if not summary:
+        return [], "no request data in the period"
+    footprints: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
+    for result in done:
+        assert result.active_j is not None
+        footprint = series.grams_for_interval(result.start_ns, result.end_ns, result.active_j)
+        footprints[result.model].append((footprint.grams, footprint.cost))
+    rows = []
+    for row in summary:
+        parts = footprints.get(row.group, [])
+        kg = sum(g for g, _ in parts) / 1000 if parts else None
+        costs = [c for _, c in parts]
+        cost = sum(c for c in costs if c is not None) if parts and all(c is not None for c in costs) else None
+        rows.append(
+            ModelRow(
+                row.group or "(none)",
+                row.count,
+                row.energy_j / J_PER_KWH,
+                row.p50_j,
+                row.p95_j,
+                row.joules_per_output_token,
+                kg,
+                cost,
+            )
+        )
+    return rows, ""
+
+
+def _power_bins(done: list[RequestResult]) -> list[PowerBin]:
+    by_model: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+    for result in done:
+        duration_s = (result.end_ns - result.start_ns) / 1e9
+        if result.active_j is None or duration_s <= 0:
+            continue
+        by_model[result.model].append((result.active_j / duration_s, result.active_j, result.output_tokens))
+    bins = []
+    for model in sorted(by_model):
+        rows = sorted(by_model[model])
+        if len(rows) < POWER_BINS * 2:
+            continue  # too few requests to compare power levels
+        for quartile in range(POWER_BINS):
+            part = rows[quartile * len(rows) // POWER_BINS : (quartile + 1) * len(rows) // POWER_BINS]
+            tokens = sum(t for _, _, t in part)
+            joules = sum(j for _, j, _ in part)
+            bins.append(
+                PowerBin(
+                    model or "(none)",
+                    quartile + 1,
+                    len(part),
+                    statistics.fmean(w for w, _, _ in part),
+                    statistics.median(j for _, j, _ in part),
+                    joules / tokens if tokens else None,
+                )
+            )
+    return bins
+
+
+def _training_power(period: _Period) -> list[TrainingPower]:
+    rows = []
+    for (_, workload, phase, _), energy in period.gpu_j.items():
+        if phase != "training":
+            continue
+        running = int((energy > 0).sum())
+        if running:
+            rows.append(
+                TrainingPower(
+                    workload, phase, float(energy.sum()) / J_PER_KWH, running, float(energy.sum()) / (running * 3600)
+                )
+            )
+    return sorted(rows, key=lambda row: -row.gpu_kwh)
+
+
+def build_report(
+    store: Store,
+    series: IntensitySeries,
+    since_ns: int,
+    until_ns: int,
+    *,
+    by: GroupBy = "workload",
+    window_s: float = 86400.0,
+    flexible: Sequence[str] = (),
+    intensity: str = "",
+) -> Report:
+    """The report for ``[since_ns, until_ns)`` (both floored to whole UTC hours), against the period of the same
+    length before it. ``flexible``: regular expressions of workload names the advisor may move, besides phase
+    training."""
+    since_ns -= since_ns % HOUR_NS
+    until_ns -= until_ns % HOUR_NS
+    if until_ns <= since_ns:
+        until_ns = since_ns + HOUR_NS
+    length = until_ns - since_ns
+    gpus = {
+        (host.hostname, device.device_id) for host in store.hosts() for device in host.devices if device.kind == "gpu"
+    }
+    now = _read_period(store, series, since_ns, until_ns, gpus)
+    previous = _read_period(store, series, since_ns - length, since_ns, gpus)
+    n = len(now.hour_starts)
+    hosts_now = _sum(list(now.hosts.values()), n)
+    notes = []
+    total = _amount(now.rates, hosts_now)
+    if total.uncovered_kwh > 0:
+        notes.append(f"{total.uncovered_kwh:.3f} kWh at times without intensity data are not in the CO2 figures")
+
+    groups_note = ""
+    done, requests_note = _requests(store, since_ns, until_ns)
+    if by == "model":
+        models, models_note = _model_rows(store, series, since_ns, until_ns, done)
+        groups = [GroupRow(m.model, Amount(m.energy_kwh, m.kg or 0.0, m.cost), None) for m in models]
+        groups_note = models_note or "request energy (active J), not the hosts' whole energy"
+    else:
+        groups = _group_rows(now, previous, by)
+        models, models_note = _model_rows(store, series, since_ns, until_ns, done)
+    if requests_note and not models_note:
+        models_note = requests_note
+
+    phases = _group_rows(now, previous, "phase")
+    workload_rows = [
+        GroupRow(f"{key[1]}", _amount(now.rates, energy), None, phase=_phase_label(key[1], key[2]))
+        for key, energy in now.workloads.items()
+        if key[2]  # real workloads, not idle/system/other
+    ]
+    merged: dict[tuple[str, str], list[Amount]] = defaultdict(list)
+    for row in workload_rows:
+        merged[(row.name, row.phase)].append(row.now)
+    top = sorted(
+        (
+            GroupRow(name, Amount(sum(a.kwh for a in parts), sum(a.kg for a in parts), _sum_cost(parts)), None, phase)
+            for (name, phase), parts in merged.items()
+        ),
+        key=lambda row: -row.now.kwh,
+    )[:TOP_WORKLOADS]
+
+    patterns = [re.compile(p) for p in flexible]
+    flexible_energy = {
+        "/".join(key): energy
+        for key, energy in now.workloads.items()
+        if key[2] == "training" or any(p.search(key[1]) for p in patterns)
+    }
+    shift = advise(series, now.hour_starts, flexible_energy, window_s)
+
+    power_note = "" if done else (requests_note or "no request data")
+    return Report(
+        since_ns,
+        until_ns,
+        by,
+        series.currency,
+        intensity,
+        series.pue,
+        total,
+        _amount(previous.rates, _sum(list(previous.hosts.values()), len(previous.hour_starts))),
+        groups,
+        groups_note,
+        phases,
+        top,
+        models,
+        models_note,
+        shift,
+        _power_bins(done),
+        _training_power(now),
+        power_note,
+        (hosts_now / J_PER_KWH).tolist(),
+        now.rates.grams_per_kwh.tolist(),
+        notes,
+    )
+
+
+def _sum_cost(parts: Sequence[Amount]) -> float | None:
+    costs = [a.cost for a in parts]
+    return None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
