@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
+from collector.carbon.series import CarbonSeriesSource
+from collector.carbon.workload_metrics import WorkloadCarbon
 from collector.config import AgentConfig
 from collector.errors import RegistrationSocketError, SourceError, SourceUnavailable
 from collector.exporters.exposition import Family
@@ -143,6 +145,10 @@ class Agent:
             self.stream = StreamExporter(
                 config.stream, self.sampler, self.workloads, bindings_interval_s=config.workloads.interval_s
             )
+        self.carbon: WorkloadCarbon | None = None
+        if config.carbon is not None and self.workloads is not None:
+            self.carbon = WorkloadCarbon(CarbonSeriesSource(config.carbon))
+            self.workloads.add_split_listener(self.carbon.on_split)
         self.exporter.cache.providers = self._providers()
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, SamplerProgress(self.sampler))
@@ -157,6 +163,8 @@ class Agent:
             providers.append(lambda: stream_families(stream))
         if self.registration is not None:
             providers.append(self._span_families)
+        if self.carbon is not None:
+            providers.append(self.carbon.families)
         return providers
 
     def _span_families(self) -> list[Family]:

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
+from collector.carbon.config import CarbonConfig
 from collector.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -249,6 +250,7 @@ class AgentConfig(_Section):
     workloads: WorkloadsConfig = WorkloadsConfig()
     api: ApiConfig = ApiConfig()
     stream: StreamConfig = StreamConfig()
+    carbon: CarbonConfig | None = Field(None, description="[carbon]: intensity and price; absent: no CO2/cost metrics")
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
