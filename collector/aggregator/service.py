@@ -67,6 +67,12 @@ class Aggregator:
             if self._owns_store:
                 self.store.close()
             raise
+        if config.carbon is not None:  # fleet CO2 and cost beside the fleet energy
+            from collector.carbon.fleet_metrics import FleetCarbon
+            from collector.carbon.series import CarbonSeriesSource
+
+            fleet = FleetCarbon(CarbonSeriesSource(config.carbon), lambda: dict(self.metrics.fleet_energy))
+            self.metrics.providers.append(fleet.families)
         self.http_api = HttpApi(self.store)
         self.http.routes = self.http_api.routes()
         self.executor = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="store-read")
