@@ -49,6 +49,7 @@ def parse_time(value: str, now_ns: int) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from collector.aggregator.config import load_aggregator_config, parse_duration
     from collector.carbon.series import series_from_config
+    from collector.config import env_config_path
     from collector.errors import ConfigError
     from collector.report.data import build_report
     from collector.report.html import render_html
@@ -68,7 +69,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("wattmeter report: --until must be after --since", file=sys.stderr)
         return EXIT_USAGE
     try:
-        config = load_aggregator_config(args.config, {"grpc": {"listen": "127.0.0.1:0"}})
+        # the report serves nothing: a loopback listen keeps a file without [grpc] TLS valid here
+        config = load_aggregator_config(args.config or env_config_path(), {"grpc": {"listen": "127.0.0.1:0"}})
         series = series_from_config(config.carbon or CarbonConfig())
     except ConfigError as exc:
         print(f"wattmeter report: {exc}", file=sys.stderr)
