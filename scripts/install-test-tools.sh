@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System tools run for real: promtool (Debian `prometheus`) and a PostgreSQL server (Debian `postgresql`, for the
-# aggregator's store tests) for the tests; with --bench, node_exporter too.
+# System tools run for real: promtool (Debian `prometheus`), systemd-analyze (Debian `systemd`, for the units in
+# deploy/systemd) and a PostgreSQL server (Debian `postgresql`, for the aggregator's store tests) for the tests; with
+# --bench, node_exporter too.
 #
 # PostgreSQL: unless WATTMETER_TEST_POSTGRES_URL points elsewhere, a local Debian cluster is created if there is none,
 # started, and given the role and database `wattmeter_test` (password `wattmeter_test`) that the tests' default URL
@@ -16,6 +17,7 @@ postgres_server_installed() {
 
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
+command -v systemd-analyze >/dev/null || need+=(systemd)  # verify and security-review the units in deploy/systemd
 if [ "${1:-}" = "--bench" ]; then
   command -v prometheus-node-exporter >/dev/null || need+=(prometheus-node-exporter)
 fi
