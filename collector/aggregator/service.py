@@ -18,6 +18,8 @@ from collector.aggregator.http_api import HttpApi
 from collector.aggregator.ingest import Ingest
 from collector.aggregator.metrics import AggregatorMetrics, ScrapeRenderer
 from collector.aggregator.processes import ProcessChecker
+from collector.aggregator.request_engine import RequestEngine
+from collector.aggregator.request_metrics import RequestMetrics
 from collector.aggregator.writer import GroupWriter
 from collector.config import parse_listen
 from collector.exporters.prometheus import MetricsHTTPServer, server_ssl_context
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 GRPC_GRACE_S = 1.0  # in-flight batches get this long to be stored and acknowledged; SIGTERM to exit stays under 2 s
 HTTP_POLL_S = 0.1  # bounds how long the HTTP server's shutdown waits
 WRITER_CLOSE_S = 0.5  # what is queued when gRPC has stopped is written within this (else left to the store's close)
+ENGINE_STOP_S = 0.5
 READ_THREADS = 4  # store reads off the event loop: an instance's state after a restart, pruning
 
 
@@ -80,6 +83,9 @@ class Aggregator:
         self.checker = self._checker()
         self.ingest = Ingest(self.store, self.checker, self.writer, self.metrics, self.executor)
         self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, config.ingest)
+        self.request_metrics = RequestMetrics(config.requests.max_label_values)
+        self.metrics.providers.append(self.request_metrics.families)
+        self.requests = RequestEngine(self.store, config.requests, self.request_metrics)
         self._http_thread: threading.Thread | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._serving = False
@@ -120,6 +126,7 @@ class Aggregator:
         )
         self._http_thread.start()
         self._prune_task = asyncio.create_task(self._prune_loop())
+        self.requests.start()
         self._serving = True
         log.info(
             "aggregator up: gRPC on %s (port %d), HTTP on %s (port %d), storage %s",
@@ -166,6 +173,8 @@ class Aggregator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prune_task
         await self.grpc.stop(GRPC_GRACE_S)
+        # a pass in progress gets this long; one stuck in the store is left to its daemon thread and the store's close
+        await asyncio.get_running_loop().run_in_executor(None, self.requests.stop, ENGINE_STOP_S)
         if self._http_thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.http.shutdown)
             self._http_thread = None

@@ -14,6 +14,8 @@ from collector.store.base import ProcessBindingRow, SpanRow
 
 MAX_TEXT = 256  # characters in an id or name; more is not a name but garbage
 MAX_LABELS = 64  # labels on one span (the client library sends at most 16)
+# tokens in one span: token weights stay exact integers (summed over a million concurrent spans, under 2**53)
+MAX_TOKENS = 2**31
 
 
 def span_error(span: pb.RequestSpan, hostname: str, latest_ns: int) -> str | None:
@@ -31,6 +33,8 @@ def span_error(span: pb.RequestSpan, hostname: str, latest_ns: int) -> str | Non
         return f"request {span.request_id!r}: start_ns {span.start_ns} and end_ns {span.end_ns} are not a time span"
     if span.end_ns > latest_ns:
         return f"request {span.request_id!r}: end_ns {span.end_ns} is in the future (clock skew?)"
+    if span.input_tokens > MAX_TOKENS or span.output_tokens > MAX_TOKENS:
+        return f"request {span.request_id!r}: more than {MAX_TOKENS} tokens (a unit or counter error)"
     if len(span.labels) > MAX_LABELS:
         return f"request {span.request_id!r}: {len(span.labels)} labels, more than {MAX_LABELS}"
     for key, value in span.labels.items():

@@ -18,7 +18,9 @@ import pytest
 from collector.aggregator.config import AggregatorConfig
 from collector.aggregator.service import Aggregator
 from collector.proto import wattmeter_pb2 as pb
-from tests.fakes.databases import postgres_url  # noqa: F401 (a fixture: a fresh PostgreSQL schema)
+
+# fixtures: a fresh PostgreSQL schema; a migrated store on each backend in turn
+from tests.fakes.databases import postgres_url, store, store_url  # noqa: F401
 
 WAIT_S = 30.0  # generous: a loaded 2-core VM
 STREAM = "/wattmeter.v1.Telemetry/Stream"

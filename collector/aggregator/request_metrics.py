@@ -1,0 +1,168 @@
+"""Energy-per-request metrics on the aggregator's /metrics, fed by the request engine; thread-safe, rendered fresh at
+each scrape (a provider of ``AggregatorMetrics``).
+
+A request counts once, when it first becomes final or approximate (a later revision of its energy changes the
+stored result, not these counters, and counts in ``wattmeter_request_revisions_total``). ``no_samples`` requests
+have no energy: they count in ``wattmeter_requests_no_samples_total`` only. Counters start from 0 when the
+aggregator starts (Prometheus' ``rate`` and ``increase`` handle the reset).
+
+Label cardinality is bounded: the first ``max_label_values`` distinct models, and as many tenants, get their own
+label value; later ones are counted under ``"other"``. An empty model or tenant is ``""``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+
+from collector.exporters.exposition import Family
+
+# 1 J to 100 kJ: a short chat completion on one GPU is tens of J, a long agentic one on 8 GPUs tens of kJ
+ENERGY_BUCKETS_J = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5)
+VIEWS = ("active", "full")
+OTHER = "other"
+
+
+class LabelCap:
+    """The first ``limit`` distinct values pass; the rest become ``OTHER``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.limit:
+            self._seen.add(value)
+            return value
+        return OTHER
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(ENERGY_BUCKETS_J) + 1)  # the last: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(ENERGY_BUCKETS_J, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, count in zip((*map(repr, ENERGY_BUCKETS_J), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class RequestMetrics:
+    def __init__(self, max_label_values: int = 100) -> None:
+        self._lock = threading.Lock()
+        self._model = LabelCap(max_label_values)
+        self._tenant = LabelCap(max_label_values)
+        self._energy: dict[tuple[str, str], _Histogram] = {}  # (model, view)
+        self._energy_total: dict[tuple[str, str], float] = {}  # (model, tenant) -> active J
+        self._requests: Counter[tuple[str, str]] = Counter()
+        self._output_tokens: dict[str, int] = {}
+        self._no_samples = 0
+        self._revisions = 0
+        self._pending = 0
+        self._pass_errors = 0
+
+    def finished(
+        self, model: str, tenant: str, active_j: float | None, full_j: float | None, output_tokens: int
+    ) -> None:
+        """A request that became final or approximate for the first time (energies None: ``no_samples``)."""
+        with self._lock:
+            if active_j is None or full_j is None:
+                self._no_samples += 1
+                return
+            model = self._model(model)
+            key = (model, self._tenant(tenant))
+            for view, joules in (("active", active_j), ("full", full_j)):
+                histogram = self._energy.get((model, view))
+                if histogram is None:
+                    histogram = self._energy[(model, view)] = _Histogram()
+                histogram.observe(joules)
+            self._energy_total[key] = self._energy_total.get(key, 0.0) + active_j
+            self._requests[key] += 1
+            self._output_tokens[model] = self._output_tokens.get(model, 0) + output_tokens
+
+    def revised(self, count: int) -> None:
+        with self._lock:
+            self._revisions += count
+
+    def set_pending(self, count: int) -> None:
+        with self._lock:
+            self._pending = count
+
+    def pass_failed(self) -> None:
+        with self._lock:
+            self._pass_errors += 1
+
+    def families(self) -> list[Family]:
+        with self._lock:
+            energy = Family(
+                "wattmeter_request_energy_joules",
+                "histogram",
+                "Energy per request (J) when it is first final or approximate, by model and view: active (the "
+                "workload's measured energy while it ran) or full (plus its idle share, times the PUE).",
+                ("model", "view"),
+            )
+            for (model, view), histogram in sorted(self._energy.items()):
+                energy.add_histogram((model, view), histogram.cumulative(), histogram.sum)
+            energy_total = Family(
+                "wattmeter_request_energy_joules",
+                "counter",
+                "Active energy of finished requests (J), by model and tenant.",
+                ("model", "tenant"),
+            )
+            requests = Family(
+                "wattmeter_requests",
+                "counter",
+                "Requests finished with an energy, by model and tenant.",
+                ("model", "tenant"),
+            )
+            for key in sorted(self._requests):
+                energy_total.add(key, self._energy_total[key])
+                requests.add(key, float(self._requests[key]))
+            tokens = Family(
+                "wattmeter_output_tokens",
+                "counter",
+                "Output tokens of finished requests, by model (J per token: divide the energy counter by this).",
+                ("model",),
+            )
+            for model in sorted(self._output_tokens):
+                tokens.add((model,), float(self._output_tokens[model]))
+            no_samples = Family(
+                "wattmeter_requests_no_samples",
+                "counter",
+                "Requests whose hosts sent no samples for their time by the end of the grace period (no energy).",
+                (),
+            )
+            no_samples.add((), float(self._no_samples))
+            revisions = Family(
+                "wattmeter_request_revisions",
+                "counter",
+                "Stored results rewritten because a late span or late samples changed them.",
+                (),
+            )
+            revisions.add((), float(self._revisions))
+            pending = Family(
+                "wattmeter_requests_pending",
+                "gauge",
+                "Requests waiting for samples (at the last pass; a lower bound when the pass was full).",
+                (),
+            )
+            pending.add((), float(self._pending))
+            errors = Family(
+                "wattmeter_request_engine_errors",
+                "counter",
+                "Attribution passes, or parts of one, that failed (logged; retried at the next pass).",
+                (),
+            )
+            errors.add((), float(self._pass_errors))
+        return [energy, energy_total, requests, tokens, no_samples, revisions, pending, errors]

@@ -1,0 +1,312 @@
+"""The request engine against real stores (SQLite and PostgreSQL): simulated hosts with a known truth, spans in every
+order, statuses, revisions, the views and the metrics."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from collector.aggregator.config import RequestsConfig
+from collector.aggregator.request_engine import RequestEngine
+from collector.aggregator.request_metrics import RequestMetrics
+from collector.exporters.exposition import TextRenderer
+from collector.store.base import ProcessBindingRow, RequestResult, SpanRow, Store
+from tests.fakes.request_world import IDLE, T0, WORKLOAD, HostWriter, S, simulate, spans_of, write_simulation
+
+
+class Clock:
+    def __init__(self, now_ns: int) -> None:
+        self.now_ns = now_ns
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+
+def engine_for(store: Store, clock: Clock, **config: object) -> RequestEngine:
+    return RequestEngine(store, RequestsConfig.model_validate(config), clock_ns=clock)
+
+
+def result(store: Store, request_id: str) -> RequestResult:
+    found = store.request(request_id)
+    assert found is not None, request_id
+    return found
+
+
+def constant_host(
+    store: Store,
+    hostname: str = "host-a",
+    watts: float = 100.0,
+    seconds: int = 20,
+    workloads: dict[tuple[str, str, str], float] | None = None,
+    device_id: str = "gpu0",
+    kind: str = "gpu",
+) -> HostWriter:
+    """``device_id`` at ``watts`` from T0 for ``seconds`` at 10 Hz, split among ``workloads`` by fraction."""
+    writer = HostWriter(store, hostname, instance=f"{hostname}-{device_id}")  # one agent instance per device here
+    shares = workloads if workloads is not None else {WORKLOAD: 1.0}
+    for second in range(seconds):
+        t = T0 + second * S + np.arange(10, dtype=np.int64) * (S // 10)
+        if second == seconds - 1:
+            t = np.append(t, T0 + seconds * S)
+        joules = watts * (t - T0) / S
+        writer.write(
+            device_id,
+            kind,
+            t,
+            1000.0 + joules,
+            np.full(t.size, watts),
+            {identity: share * joules for identity, share in shares.items()},
+        )
+    return writer
+
+
+# -- ground truth
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ground_truth_within_one_percent_for_requests_of_a_second(store: Store, seed: int) -> None:
+    sim = simulate(seed)
+    write_simulation(HostWriter(store, "host-a"), sim)
+    spans = spans_of(sim)
+    store.write_spans(spans)
+    clock = Clock(T0 + 61 * S)
+    engine = engine_for(store, clock)
+    engine.run_pass()
+    got = np.array([result(store, s.request_id).active_j for s in spans], dtype=np.float64)
+    assert all(result(store, s.request_id).status == "final" for s in spans)
+    duration_s = (sim.end_ns - sim.start_ns) / S
+    error = np.abs(got - sim.truth_j)
+    long = duration_s >= 1.0
+    assert np.count_nonzero(long) >= 10
+    assert np.all(error[long] <= 0.01 * sim.truth_j[long]), (error / sim.truth_j)[long].max()
+    # shorter ones: within one sample interval's power range over their time (reported, as the issue asks)
+    assert np.all(error <= sim.bound_j + 1e-9)
+    worst = float(np.max((error / sim.truth_j)[~long])) if np.any(~long) else 0.0
+    longest = float((error / sim.truth_j)[long].max())
+    print(f"seed {seed}: worst relative error, requests < 1 s: {worst:.4f}; >= 1 s: {longest:.5f}")
+
+
+def test_equal_weights_split_overlap_evenly(store: Store) -> None:
+    constant_host(store)  # 100 W
+    store.write_spans(
+        [
+            SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm", model="m"),
+            SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm", model="m"),
+        ]
+    )
+    engine_for(store, Clock(T0 + 30 * S)).run_pass()
+    a, b = result(store, "a"), result(store, "b")
+    assert (a.status, b.status) == ("final", "final")
+    assert a.active_j == pytest.approx(200 + 100, rel=1e-9)
+    assert b.active_j == pytest.approx(100 + 200, rel=1e-9)
+    assert (a.gpu_j, a.cpu_j, a.dram_j) == (a.active_j, 0.0, 0.0)
+    assert a.full_j == pytest.approx(a.active_j, rel=1e-12)  # no idle energy, PUE 1
+
+
+def test_token_weights_prefill_by_input_decode_by_output_queue_gets_nothing(store: Store) -> None:
+    constant_host(store)  # 100 W
+    # a: queue [2, 3] s, prefill [3, 4] s with 300 input tokens, decode [4, 8] s with 100 output tokens
+    # b: no boundary [2, 8] s with 50 + 50 tokens (one stretch of weight 100)
+    store.write_spans(
+        [
+            SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm", input_tokens=300,
+                    output_tokens=100, queue_end_ns=T0 + 3 * S, prefill_end_ns=T0 + 4 * S),
+            SpanRow("b", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm", input_tokens=50, output_tokens=50),
+        ]
+    )  # fmt: skip
+    engine_for(store, Clock(T0 + 30 * S), weight="tokens").run_pass()
+    # [2, 3]: b alone 100 J; [3, 4]: 300 : 100 -> 75 / 25; [4, 8]: 100 : 100 -> 200 / 200
+    assert result(store, "a").active_j == pytest.approx(75 + 200, rel=1e-9)
+    assert result(store, "b").active_j == pytest.approx(100 + 25 + 200, rel=1e-9)
+    assert (result(store, "a").input_tokens, result(store, "a").output_tokens) == (300, 100)
+    assert result(store, "a").joules_per_output_token == pytest.approx(2.75, rel=1e-9)
+
+
+def test_a_request_on_two_hosts_sums_its_spans(store: Store) -> None:
+    constant_host(store, "host-a", watts=100.0)
+    constant_host(store, "host-b", watts=300.0)
+    store.write_spans(
+        [
+            SpanRow("r", "prefill", "host-a", T0 + 2 * S, T0 + 3 * S, workload="vllm", input_tokens=10),
+            SpanRow("r", "decode", "host-b", T0 + 3 * S, T0 + 7 * S, workload="vllm", output_tokens=20),
+            SpanRow("other", "s", "host-b", T0 + 5 * S, T0 + 7 * S, workload="vllm"),
+        ]
+    )
+    engine_for(store, Clock(T0 + 30 * S)).run_pass()
+    r = result(store, "r")
+    assert r.status == "final"
+    assert r.hosts == ("host-a", "host-b")
+    assert r.active_j == pytest.approx(100 + 300 * 2 + 150 * 2, rel=1e-9)
+    assert (r.spans, r.input_tokens, r.output_tokens) == (2, 10, 20)
+
+
+def test_spans_before_their_samples_wait_then_final(store: Store) -> None:
+    sim = simulate(3, seconds=30)
+    spans = spans_of(sim)
+    store.write_spans(spans)
+    clock = Clock(T0 + 10 * S)
+    engine = engine_for(store, clock)
+    writer = HostWriter(store, "host-a")
+    write_simulation(writer, sim, upto_ns=T0 + 10 * S)
+    engine.run_pass()
+    # samples up to 10 s: requests that ended by then are final, the others wait
+    ended_late = [s.request_id for s in spans if s.end_ns > T0 + 10 * S]
+    early = [s.request_id for s in spans if s.end_ns <= T0 + 10 * S - S // 5]
+    assert ended_late and early
+    assert all(result(store, rid).status == "pending" for rid in ended_late)
+    assert all(result(store, rid).status == "final" for rid in early)
+    # the rest of the samples arrive; past every retry backoff the engine finishes them all
+    full = HostWriter(store, "host-a", instance="instance-2")
+    keep = sim.sample_ns > T0 + 10 * S
+    sim_rest = type(sim)(sim.sample_ns[keep], sim.counter_j[keep], sim.power_w[keep], sim.start_ns, sim.end_ns,
+                         sim.truth_j, sim.bound_j, sim.watts_events)  # fmt: skip
+    write_simulation(full, sim_rest)
+    clock.now_ns = T0 + 31 * S
+    engine.run_pass()
+    assert all(result(store, s.request_id).status == "final" for s in spans)
+
+
+def test_spans_after_their_samples(store: Store) -> None:
+    constant_host(store)
+    engine = engine_for(store, Clock(T0 + 30 * S))
+    assert engine.run_pass().pending == 0
+    store.write_spans([SpanRow("late", "s", "host-a", T0 + S, T0 + 3 * S, workload="vllm")])
+    engine.run_pass()
+    assert result(store, "late").active_j == pytest.approx(200.0, rel=1e-9)
+
+
+def test_no_samples_is_never_zero_joules(store: Store) -> None:
+    store.write_spans([SpanRow("r", "s", "silent-host", T0 + S, T0 + 2 * S, workload="vllm")])
+    clock = Clock(T0 + 10 * S)
+    engine = engine_for(store, clock, finalize_grace_s=30)
+    engine.run_pass()
+    assert result(store, "r").status == "pending"
+    clock.now_ns = T0 + 2 * S + 30 * S  # the grace ran out
+    engine.run_pass()
+    r = result(store, "r")
+    assert r.status == "no_samples"
+    assert (r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j) == (None, None, None, None, None)
+
+
+def test_approximate_after_the_grace_when_samples_stop(store: Store) -> None:
+    constant_host(store, seconds=5)  # samples stop at 5 s
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
+    clock = Clock(T0 + 9 * S)
+    engine = engine_for(store, clock, finalize_grace_s=30)
+    engine.run_pass()
+    assert result(store, "r").status == "pending"
+    clock.now_ns = T0 + 8 * S + 30 * S - 1
+    engine.run_pass()
+    assert result(store, "r").status == "pending"
+    clock.now_ns += 1
+    engine.run_pass()
+    r = result(store, "r")
+    assert r.status == "approximate"
+    assert r.active_j == pytest.approx(300.0, rel=1e-9)  # [2, 5] s of 100 W: a lower bound
+
+
+def test_duplicate_spans_are_idempotent(store: Store) -> None:
+    constant_host(store)
+    span = SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 4 * S, workload="vllm")
+    assert store.write_spans([span, span]) == 1
+    engine = engine_for(store, Clock(T0 + 30 * S))
+    engine.run_pass()
+    first = result(store, "r")
+    assert store.write_spans([span]) == 0
+    assert engine.run_pass().pending == 0
+    assert result(store, "r") == first
+    assert first.spans == 1 and first.active_j == pytest.approx(200.0, rel=1e-9)
+
+
+def test_a_late_neighbour_revises_a_final_request(store: Store) -> None:
+    constant_host(store)
+    metrics = RequestMetrics()
+    engine = RequestEngine(store, RequestsConfig(), metrics, clock_ns=Clock(T0 + 30 * S))
+    store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    engine.run_pass()
+    assert result(store, "a").active_j == pytest.approx(400.0, rel=1e-9)
+    store.write_spans([SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm")])
+    stats = engine.run_pass()
+    assert (stats.finished, stats.revised) == (1, 1)
+    assert result(store, "a").active_j == pytest.approx(300.0, rel=1e-9)
+    assert result(store, "b").active_j == pytest.approx(300.0, rel=1e-9)
+    text = TextRenderer().render(metrics.families()).decode()
+    assert "wattmeter_request_revisions_total 1.0" in text
+    assert 'wattmeter_requests_total{model="",tenant=""} 2.0' in text  # counted once each
+
+
+def test_workload_found_by_pid_then_by_service_name(store: Store) -> None:
+    shares = {WORKLOAD: 0.75, ("batch-job", "training", "j1"): 0.25}
+    constant_host(store, workloads=shares)  # vllm 75 W, batch-job 25 W
+    store.write_process_bindings(
+        [
+            ProcessBindingRow("host-a", 4242, "batch-job", "training", "j1", T0),
+            ProcessBindingRow("host-a", 4242, "vllm", "inference", "", T0 + 10 * S),  # pid reused later
+        ]
+    )
+    store.write_spans(
+        [
+            SpanRow("by-pid-early", "s", "host-a", T0 + 2 * S, T0 + 4 * S, pid=4242),
+            SpanRow("by-pid-late", "s", "host-a", T0 + 12 * S, T0 + 14 * S, pid=4242),
+            SpanRow("by-service", "s", "host-a", T0 + 2 * S, T0 + 4 * S, service_name="VLLM"),
+            SpanRow("unknown", "s", "host-a", T0 + 2 * S, T0 + 4 * S, service_name="nothing-here"),
+        ]
+    )
+    clock = Clock(T0 + 30 * S)
+    engine_for(store, clock, finalize_grace_s=10).run_pass()
+    assert result(store, "by-pid-early").active_j == pytest.approx(50.0, rel=1e-9)  # batch-job alone, 2 s x 25 W
+    assert result(store, "by-pid-late").active_j == pytest.approx(150.0, rel=1e-9)  # vllm alone, 2 s x 75 W
+    assert result(store, "by-service").active_j == pytest.approx(150.0, rel=1e-9)
+    assert result(store, "unknown").status == "no_samples"  # no workload of that name: unknown, not 0 J
+
+
+def test_full_view_adds_the_idle_share_and_the_pue(store: Store) -> None:
+    # gpu0 at 100 W: 60 W to vllm and 40 W "idle" (a GPU idle part of each interval, as the agent reports it)
+    constant_host(store, workloads={WORKLOAD: 0.6, IDLE: 0.4})
+    store.write_spans(
+        [
+            SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 4 * S, workload="vllm"),
+            SpanRow("b", "s", "host-a", T0 + 3 * S, T0 + 4 * S, workload="vllm"),
+        ]
+    )
+    engine_for(store, Clock(T0 + 30 * S), pue=1.5).run_pass()
+    a = result(store, "a")
+    assert a.active_j == pytest.approx(60 + 30, rel=1e-9)
+    assert a.full_j == pytest.approx((60 + 30 + 40 + 20) * 1.5, rel=1e-9)
+
+
+def test_cpu_and_dram_parts(store: Store) -> None:
+    constant_host(store, device_id="cpu0", kind="cpu", watts=40.0)
+    constant_host(store, device_id="dram0", kind="dram", watts=10.0)
+    constant_host(store, watts=100.0)
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 4 * S, workload="vllm")])
+    engine_for(store, Clock(T0 + 30 * S)).run_pass()
+    r = result(store, "r")
+    assert (r.gpu_j, r.cpu_j, r.dram_j) == pytest.approx((200.0, 80.0, 20.0), rel=1e-9)
+    assert r.active_j == pytest.approx(300.0, rel=1e-9)
+
+
+def test_metrics_render_and_pass_promtool(store: Store) -> None:
+    constant_host(store)
+    metrics = RequestMetrics(max_label_values=1)
+    engine = RequestEngine(store, RequestsConfig(), metrics, clock_ns=Clock(T0 + 30 * S))
+    store.write_spans(
+        [
+            SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 4 * S, workload="vllm", model="llama", tenant="acme",
+                    output_tokens=10),
+            SpanRow("b", "s", "host-a", T0 + 5 * S, T0 + 6 * S, workload="vllm", model="qwen", tenant="beta",
+                    output_tokens=5),
+        ]
+    )  # fmt: skip
+    engine.run_pass()
+    text = TextRenderer().render(metrics.families()).decode()
+    assert 'wattmeter_request_energy_joules_total{model="llama",tenant="acme"} 200.0' in text
+    assert 'wattmeter_request_energy_joules_total{model="other",tenant="other"} 100.0' in text  # past the cap
+    assert 'wattmeter_request_energy_joules_bucket{le="250.0",model="llama",view="active"} 1.0' in text
+    assert 'wattmeter_request_energy_joules_bucket{le="100.0",model="llama",view="full"} 0.0' in text
+    assert 'wattmeter_output_tokens_total{model="llama"} 10.0' in text
+    assert "wattmeter_requests_pending 0.0" in text
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
