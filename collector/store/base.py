@@ -213,7 +213,7 @@ class RequestResult:
     gpu_j: float | None = None
     cpu_j: float | None = None
     dram_j: float | None = None
-    spans: int = 0
+    spans: int = 0  # the spans it was computed from (a result from fewer than are stored is stale: not written)
     updated_ns: int = 0
 
     @property
@@ -290,58 +290,70 @@ class Store(abc.ABC):
     # Request spans and energy per request (issue 5). The engine (collector.aggregator.request_engine) is the only
     # writer of results; ingest, ReportSpans and OTLP write spans and bindings.
 
+    @abc.abstractmethod
     def write_spans(self, spans: Sequence[SpanRow]) -> int:
         """Store ``spans`` in one transaction, ignoring those whose (request_id, span_id) is stored already; returns
-        how many were new. Each new span's request becomes ``pending`` (again, if it had a result)."""
-        raise NotImplementedError
+        how many were new. Each new span's request becomes ``pending`` (again, if it had a result: its energies are
+        dropped); while pending, its row says what its spans say (model, tenant, hosts, times, summed tokens, the
+        number of spans)."""
 
+    @abc.abstractmethod
     def write_process_bindings(self, bindings: Sequence[ProcessBindingRow]) -> None:
         """Upsert pid -> workload bindings per host, keeping the newest ``seen_ns`` for each (host, pid, workload)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def process_bindings(self, hostname: str, since_ns: int = 0) -> list[ProcessBindingRow]:
         """The host's bindings seen at or after ``since_ns``, oldest first."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pending_requests(self, limit: int) -> list[str]:
         """Up to ``limit`` request ids whose status is ``pending``, oldest span end first."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def request_spans(self, request_ids: Sequence[str]) -> list[SpanRow]:
-        """Every stored span of those requests."""
-        raise NotImplementedError
+        """Every stored span of those requests, by request id and span id."""
 
+    @abc.abstractmethod
     def spans_overlapping(self, hostname: str, since_ns: int, until_ns: int) -> list[SpanRow]:
         """Every span on ``hostname`` with start_ns <= until_ns and end_ns >= since_ns (the neighbours of a request
-        that shared its workloads' energy), whatever their requests' status."""
-        raise NotImplementedError
+        that shared its workloads' energy), whatever their requests' status, by end."""
 
-    def write_request_results(self, results: Sequence[RequestResult]) -> None:
-        """Upsert results by request_id in one transaction."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def write_request_results(self, results: Sequence[RequestResult]) -> int:
+        """Upsert results by request_id in one transaction; returns how many were written. A result whose
+        ``spans`` is fewer than the spans stored for its request now is stale (a span arrived after they were
+        read) and is not written: the request stays ``pending``, to be computed again."""
 
+    @abc.abstractmethod
     def request(self, request_id: str) -> RequestResult | None:
         """The request's current result (``pending`` when only its spans are known); None when unknown."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def requests(
-        self, model: str | None = None, since_ns: int | None = None, until_ns: int | None = None, limit: int = 100
+        self,
+        model: str | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        limit: int = 100,
+        order: Literal["start", "energy"] = "start",
     ) -> list[RequestResult]:
-        """Requests with start_ns in [since_ns, until_ns) (either end open when None), of ``model`` when given,
-        newest start first, at most ``limit``."""
-        raise NotImplementedError
+        """Requests with start_ns in [since_ns, until_ns) (either end open when None), of ``model`` when given, at
+        most ``limit``: newest start first, or (``order="energy"``) most active energy first, those without
+        energy last."""
 
+    @abc.abstractmethod
     def request_summary(
         self, by: Literal["model", "tenant", "host"], since_ns: int, until_ns: int
     ) -> list[RequestSummaryRow]:
         """Per group, the final and approximate requests with start_ns in [since_ns, until_ns), largest energy
-        first. A request on several hosts counts in each of its hosts' groups."""
-        raise NotImplementedError
+        first. A request on several hosts counts in each of its hosts' groups. Percentiles interpolate linearly
+        between the sorted energies (numpy's default)."""
 
     @abc.abstractmethod
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:
-        """Delete raw chunks older than ``raw_retention_s`` and rollups older than ``rollup_retention_s``; returns
-        the number of rows deleted."""
+        """Delete raw chunks, spans and process bindings older than ``raw_retention_s``, rollups and requests
+        (with their spans) older than ``rollup_retention_s``; returns the number of rows deleted. A request still
+        pending once its samples are pruned becomes ``no_samples``."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

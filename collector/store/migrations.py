@@ -113,6 +113,73 @@ MIGRATIONS: tuple[Migration, ...] = (
             ){without_rowid}""",
         ),
     ),
+    Migration(
+        version=2,
+        description="request spans, requests and their energy, process bindings",
+        statements=(
+            # the hosts spans and bindings name: a span's host may never have sent a batch (it is then reported
+            # as having no samples), so these are not rows of hosts, whose readers expect an agent behind each
+            """CREATE TABLE span_hosts (
+                id {id_column},
+                hostname TEXT NOT NULL UNIQUE
+            )""",
+            # a rowid table: rows are appended in arrival order, only the two indexes take random inserts
+            """CREATE TABLE spans (
+                request_id TEXT NOT NULL,
+                span_id TEXT NOT NULL,
+                host_ref {bigint} NOT NULL,
+                start_ns {bigint} NOT NULL,
+                end_ns {bigint} NOT NULL,
+                workload TEXT NOT NULL,
+                pid {bigint} NOT NULL,
+                service_name TEXT NOT NULL,
+                model TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                input_tokens {bigint} NOT NULL,
+                output_tokens {bigint} NOT NULL,
+                queue_end_ns {bigint} NOT NULL,
+                prefill_end_ns {bigint} NOT NULL,
+                labels TEXT NOT NULL,
+                received_ns {bigint} NOT NULL,
+                UNIQUE (request_id, span_id)
+            )""",
+            # "spans on host H overlapping [a, b]": end_ns >= a is the range read, start_ns <= b filtered in the
+            # index; pruning by end_ns reads the same range host by host
+            "CREATE INDEX spans_by_host ON spans (host_ref, end_ns, start_ns)",
+            # hosts: a JSON array of hostnames, sorted; energies NULL while pending or without samples
+            """CREATE TABLE requests (
+                request_id TEXT NOT NULL PRIMARY KEY,
+                status TEXT NOT NULL,
+                model TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                hosts TEXT NOT NULL,
+                start_ns {bigint} NOT NULL,
+                end_ns {bigint} NOT NULL,
+                input_tokens {bigint} NOT NULL,
+                output_tokens {bigint} NOT NULL,
+                active_j {real},
+                full_j {real},
+                gpu_j {real},
+                cpu_j {real},
+                dram_j {real},
+                span_count {bigint} NOT NULL,
+                updated_ns {bigint} NOT NULL
+            )""",
+            # partial: only the few pending requests are in it, so finalised ones cost it nothing
+            "CREATE INDEX requests_pending ON requests (end_ns) WHERE status = 'pending'",
+            "CREATE INDEX requests_by_start ON requests (start_ns)",
+            "CREATE INDEX requests_by_model ON requests (model, start_ns)",
+            """CREATE TABLE process_bindings (
+                host_ref {bigint} NOT NULL,
+                pid {bigint} NOT NULL,
+                workload TEXT NOT NULL,
+                phase TEXT NOT NULL,
+                job TEXT NOT NULL,
+                seen_ns {bigint} NOT NULL,
+                UNIQUE (host_ref, pid, workload, phase, job)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

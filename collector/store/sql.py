@@ -9,7 +9,7 @@ import abc
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -17,6 +17,10 @@ from collector.store.base import (
     DeviceRow,
     HostRow,
     LastSample,
+    ProcessBindingRow,
+    RequestResult,
+    RequestSummaryRow,
+    SpanRow,
     Store,
     StoredBatch,
     StoreError,
@@ -27,6 +31,7 @@ from collector.store.base import (
 from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
 from collector.store.rows import WorkloadKey, pack, unpack_times, unpack_values
+from collector.store.spans import SUMMARY_COLUMN, HostKey, HostRefs, RequestOrder, RequestSql
 from collector.store.writes import Cursor, GroupWrite, WorkloadRefs
 
 __all__ = ["Cursor", "SqlStore", "T"]
@@ -42,6 +47,8 @@ class SqlStore(Store):
         self._dialect = dialect
         self._workloads = WorkloadRefs()
         self._group_write = GroupWrite(dialect)
+        self._hosts = HostRefs()
+        self._requests = RequestSql(dialect)
 
     # -- what backends provide
 
@@ -90,17 +97,54 @@ class SqlStore(Store):
             return []
         packed = [pack(batch) for batch in batches]  # before the transaction: its lock is held for SQL alone
 
-        def work(cursor: Cursor) -> tuple[list[WriteResult], dict[WorkloadKey, int]]:
-            return self._group_write.run(cursor, batches, packed, self._workloads)
+        def work(cursor: Cursor) -> tuple[list[WriteResult], dict[WorkloadKey, int], dict[HostKey, int]]:
+            results, new_refs = self._group_write.run(cursor, batches, packed, self._workloads)
+            # a batch's spans and bindings commit with it (it is acknowledged after this commit), and only when the
+            # batch itself is stored: a replay's are in the database already
+            stored = [batch for batch, result in zip(batches, results, strict=True) if result.stored]
+            spans = [span for batch in stored for span in batch.spans]
+            bindings = [binding for batch in stored for binding in batch.bindings]
+            _, span_hosts = self._requests.write_spans(cursor, spans, self._hosts, time.time_ns())
+            binding_hosts = self._requests.write_bindings(cursor, bindings, self._hosts)
+            return results, new_refs, {**span_hosts, **binding_hosts}
 
-        results, new_refs = self._run(work, write=True)
+        results, new_refs, new_hosts = self._run(work, write=True)
         self._workloads.remember(new_refs)
+        self._hosts.remember(new_hosts)
         return results
+
+    def write_spans(self, spans: Sequence[SpanRow]) -> int:
+        if not spans:
+            return 0
+        now_ns = time.time_ns()
+
+        def work(cursor: Cursor) -> tuple[int, dict[HostKey, int]]:
+            return self._requests.write_spans(cursor, spans, self._hosts, now_ns)
+
+        new, new_hosts = self._run(work, write=True)
+        self._hosts.remember(new_hosts)
+        return new
+
+    def write_process_bindings(self, bindings: Sequence[ProcessBindingRow]) -> None:
+        if not bindings:
+            return
+
+        def work(cursor: Cursor) -> dict[HostKey, int]:
+            return self._requests.write_bindings(cursor, bindings, self._hosts)
+
+        self._hosts.remember(self._run(work, write=True))
+
+    def write_request_results(self, results: Sequence[RequestResult]) -> int:
+        if not results:
+            return 0
+        return self._run(lambda cursor: self._requests.write_results(cursor, results), write=True)
 
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:
         raw_cutoff = now_ns - round(raw_retention_s * 1e9)
         # a minute is older than the cutoff once it has ended by then
         last_old_minute = now_ns - round(rollup_retention_s * 1e9) - MINUTE_NS
+
+        rollup_cutoff = now_ns - round(rollup_retention_s * 1e9)
 
         def work(cursor: Cursor) -> int:
             deleted = 0
@@ -112,6 +156,26 @@ class SqlStore(Store):
                 )
                 deleted += max(cursor.rowcount, 0)
             cursor.execute("DELETE FROM rollups WHERE minute_ns <= ?", (last_old_minute,))
+            deleted += max(cursor.rowcount, 0)
+            # spans go with the raw samples they were measured against; a request's result outlives them
+            cursor.execute(
+                "DELETE FROM spans WHERE host_ref IN (SELECT id FROM span_hosts) AND end_ns < ?", (raw_cutoff,)
+            )
+            deleted += max(cursor.rowcount, 0)
+            # a request still pending whose samples are pruned can never be computed: unknown, never 0 J
+            cursor.execute(
+                "UPDATE requests SET status = 'no_samples', updated_ns = ? WHERE status = 'pending' AND end_ns < ?",
+                (now_ns, raw_cutoff),
+            )
+            cursor.execute(
+                "DELETE FROM spans WHERE request_id IN "
+                "(SELECT request_id FROM requests WHERE start_ns < ? AND end_ns < ?)",
+                (rollup_cutoff, rollup_cutoff),
+            )
+            deleted += max(cursor.rowcount, 0)
+            cursor.execute("DELETE FROM requests WHERE start_ns < ? AND end_ns < ?", (rollup_cutoff, rollup_cutoff))
+            deleted += max(cursor.rowcount, 0)
+            cursor.execute("DELETE FROM process_bindings WHERE seen_ns < ?", (raw_cutoff,))
             deleted += max(cursor.rowcount, 0)
             return deleted
 
@@ -267,3 +331,41 @@ class SqlStore(Store):
         times, energy = continuous_energy((str(row[0]), unpack_times(row[1]), unpack_values(row[2])) for row in rows)
         inside = (times >= since_ns) & (times < until_ns)
         return list(zip(times[inside].tolist(), energy[inside].tolist(), strict=True))
+
+    def process_bindings(self, hostname: str, since_ns: int = 0) -> list[ProcessBindingRow]:
+        return self._run(lambda cursor: self._requests.process_bindings(cursor, hostname, since_ns), write=False)
+
+    def pending_requests(self, limit: int) -> list[str]:
+        return self._run(lambda cursor: self._requests.pending_requests(cursor, limit), write=False)
+
+    def request_spans(self, request_ids: Sequence[str]) -> list[SpanRow]:
+        if not request_ids:
+            return []
+        return self._run(lambda cursor: self._requests.request_spans(cursor, request_ids), write=False)
+
+    def spans_overlapping(self, hostname: str, since_ns: int, until_ns: int) -> list[SpanRow]:
+        return self._run(
+            lambda cursor: self._requests.spans_overlapping(cursor, hostname, since_ns, until_ns), write=False
+        )
+
+    def request(self, request_id: str) -> RequestResult | None:
+        return self._run(lambda cursor: self._requests.request(cursor, request_id), write=False)
+
+    def requests(
+        self,
+        model: str | None = None,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        limit: int = 100,
+        order: RequestOrder = "start",
+    ) -> list[RequestResult]:
+        return self._run(
+            lambda cursor: self._requests.requests(cursor, model, since_ns, until_ns, limit, order), write=False
+        )
+
+    def request_summary(
+        self, by: Literal["model", "tenant", "host"], since_ns: int, until_ns: int
+    ) -> list[RequestSummaryRow]:
+        if by not in SUMMARY_COLUMN:
+            raise ValueError(f"by={by!r} is not one of {', '.join(SUMMARY_COLUMN)}")
+        return self._run(lambda cursor: self._requests.request_summary(cursor, by, since_ns, until_ns), write=False)

@@ -23,15 +23,16 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from collector.store.base import StoredBatch, WriteResult
 from collector.store.dialect import Dialect
 from collector.store.rows import PackedBatch, WorkloadKey
 
-ROWS_PER_STATEMENT = 500  # rows in one multi-row statement: at most 9 parameters a row (SQLite allows 32766)
+ROWS_PER_STATEMENT = 500  # rows in one multi-row statement: at most 16 parameters a row (SQLite allows 32766)
 WATERMARK_PAGE = 256  # stored sequences read per query while advancing the watermark
 T = TypeVar("T")
+K = TypeVar("K", bound=tuple[str, ...])
 _Rollup = tuple[int, int, str, int, float]  # minute, host id, device, workload id, joules
 
 
@@ -65,40 +66,46 @@ def _insert(cursor: Cursor, head: str, row: str, rows: Sequence[Sequence[Any]], 
         cursor.execute(f"{head} VALUES {_marks(len(chunk), row)}{tail}", list(itertools.chain.from_iterable(chunk)))
 
 
-class WorkloadRefs:
-    """Ids of the ``workloads`` rows, cached once their row is committed (a workload row is never deleted)."""
+class Refs(Generic[K]):
+    """Ids of the rows of a table of names (``workloads``, ``span_hosts``), cached once their row is committed (such
+    a row is never deleted)."""
 
-    def __init__(self) -> None:
-        self._refs: dict[WorkloadKey, int] = {}
+    def __init__(self, table: str, columns: tuple[str, ...]) -> None:
+        names = ", ".join(columns)
+        self._insert = (
+            f"INSERT INTO {table} ({names}) VALUES ({_marks(len(columns), '?')}) ON CONFLICT ({names}) DO NOTHING"
+        )
+        self._select = f"SELECT id FROM {table} WHERE " + " AND ".join(f"{column} = ?" for column in columns)
+        self._refs: dict[K, int] = {}
         self._lock = threading.Lock()
 
-    def resolve(
-        self, cursor: Cursor, keys: Sequence[WorkloadKey]
-    ) -> tuple[dict[WorkloadKey, int], dict[WorkloadKey, int]]:
+    def resolve(self, cursor: Cursor, keys: Iterable[K]) -> tuple[dict[K, int], dict[K, int]]:
         """Ids of ``keys`` (all of them, and those not cached), inserting missing rows in sorted order."""
-        refs: dict[WorkloadKey, int] = {}
+        wanted = set(keys)
+        refs: dict[K, int] = {}
         with self._lock:
-            for key in keys:
+            for key in wanted:
                 ref = self._refs.get(key)
                 if ref is not None:
                     refs[key] = ref
-        new_refs: dict[WorkloadKey, int] = {}
-        for key in sorted(set(keys) - refs.keys()):
-            cursor.execute(
-                "INSERT INTO workloads (workload, phase, job) VALUES (?, ?, ?) "
-                "ON CONFLICT (workload, phase, job) DO NOTHING",
-                key,
-            )
-            cursor.execute("SELECT id FROM workloads WHERE workload = ? AND phase = ? AND job = ?", key)
+        new_refs: dict[K, int] = {}
+        for key in sorted(wanted - refs.keys()):
+            cursor.execute(self._insert, key)
+            cursor.execute(self._select, key)
             new_refs[key] = int(cursor.fetchone()[0])
         refs.update(new_refs)
         return refs, new_refs
 
-    def remember(self, refs: dict[WorkloadKey, int]) -> None:
+    def remember(self, refs: dict[K, int]) -> None:
         """After the transaction that inserted them committed."""
         if refs:
             with self._lock:
                 self._refs.update(refs)
+
+
+class WorkloadRefs(Refs[WorkloadKey]):
+    def __init__(self) -> None:
+        super().__init__("workloads", ("workload", "phase", "job"))
 
 
 @dataclass

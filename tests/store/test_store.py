@@ -54,28 +54,32 @@ def test_migrate_applies_only_the_missing_steps_in_order(
     store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.write_batch(batch(1))
-    step2 = Migration(2, "a table of notes", ("CREATE TABLE notes (id {bigint} PRIMARY KEY, body TEXT NOT NULL)",))
-    step3 = Migration(3, "a row in it", ("INSERT INTO notes (id, body) VALUES (1, 'step 3 ran after step 2')",))
-    monkeypatch.setattr("collector.store.sql.MIGRATIONS", (*MIGRATIONS, step2, step3))
-    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", 3)
+    first, second = LATEST_VERSION + 1, LATEST_VERSION + 2
+    notes = Migration(first, "a table of notes", ("CREATE TABLE notes (id {bigint} PRIMARY KEY, body TEXT NOT NULL)",))
+    row = Migration(second, "a row in it", ("INSERT INTO notes (id, body) VALUES (1, 'ran after the table')",))
+    monkeypatch.setattr("collector.store.sql.MIGRATIONS", (*MIGRATIONS, notes, row))
+    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", second)
     upgraded = open_store(store_url)
     try:
-        assert upgraded.migrate() == 3
-        assert upgraded.migrate() == 3  # step 3 would fail on a duplicate id if it ran twice
+        assert upgraded.migrate() == second
+        assert upgraded.migrate() == second  # the row's step would fail on a duplicate id if it ran twice
         assert len(device_energy(upgraded)) == SAMPLES
     finally:
         upgraded.close()
 
 
 def test_a_schema_newer_than_the_code_is_refused(store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    step2 = Migration(2, "from the future", ("CREATE TABLE future (id {bigint})",))
-    monkeypatch.setattr("collector.store.sql.MIGRATIONS", (*MIGRATIONS, step2))
-    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", 2)
-    assert store.migrate() == 2
+    future = LATEST_VERSION + 1
+    step = Migration(future, "from the future", ("CREATE TABLE future (id {bigint})",))
+    monkeypatch.setattr("collector.store.sql.MIGRATIONS", (*MIGRATIONS, step))
+    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", future)
+    assert store.migrate() == future
     monkeypatch.undo()
     older = open_store(store_url)
     try:
-        with pytest.raises(StoreError, match=r"schema is version 2, newer than this wattmeter's 1"):
+        with pytest.raises(
+            StoreError, match=rf"schema is version {future}, newer than this wattmeter's {LATEST_VERSION}"
+        ):
             older.migrate()
     finally:
         older.close()
