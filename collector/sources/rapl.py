@@ -33,7 +33,9 @@ _FALLBACK_MAX_POWER_W = 1000.0
 
 PERMISSION_FIX = (
     "RAPL energy_uj is readable by root only since CVE-2020-8694. Fix: run the agent as root, or give a group "
-    "read access and run the agent in it (deploy/udev/ ships a rule: chgrp powercap + chmod g+r on energy_uj)"
+    "read access and run the agent in it: deploy/systemd/wattmeter-agent.service does this at each start (its "
+    "ExecStartPre=+ runs deploy/systemd/rapl-access: chgrp powercap + chmod g+r on energy_uj), or install the "
+    "udev rule in deploy/udev/"
 )
 
 
