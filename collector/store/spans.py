@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from operator import attrgetter
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
@@ -63,12 +63,40 @@ class HostRefs(Refs[HostKey]):
         super().__init__("span_hosts", ("hostname",))
 
 
+def text(value: str) -> str:
+    """``value`` storable on both backends: PostgreSQL cannot hold NUL in text, so NUL becomes U+FFFD everywhere (a
+    span that failed its transaction would fail its batch's, and the agent would send that batch forever)."""
+    return value.replace("\0", "\ufffd") if "\0" in value else value
+
+
+def _has_nul(span: SpanRow) -> bool:
+    # spelled out: 0.16 us a span, against 1.5 for any() over the fields
+    return (
+        "\0" in span.request_id
+        or "\0" in span.span_id
+        or "\0" in span.hostname
+        or "\0" in span.workload
+        or "\0" in span.service_name
+        or "\0" in span.model
+        or "\0" in span.tenant
+    )
+
+
+_Row = TypeVar("_Row", SpanRow, ProcessBindingRow)
+
+
+def _without_nul(row: _Row) -> _Row:
+    """``row`` with every text field through ``text`` (labels are JSON, which escapes NUL itself)."""
+    changes: dict[str, Any] = {f.name: text(getattr(row, f.name)) for f in fields(row) if f.type == "str"}
+    return replace(row, **changes)
+
+
 def labels_text(labels: dict[str, str]) -> str:
     return json.dumps(labels, sort_keys=True, ensure_ascii=False, separators=(",", ":")) if labels else "{}"
 
 
 def hosts_text(hosts: Iterable[str]) -> str:
-    return json.dumps(sorted(set(hosts)), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(sorted({text(host) for host in hosts}), ensure_ascii=False, separators=(",", ":"))
 
 
 class RequestSql:
@@ -117,6 +145,7 @@ class RequestSql:
         ids inserted (for ``HostRefs.remember`` once committed)."""
         if not spans:
             return 0, {}
+        spans = [_without_nul(span) if _has_nul(span) else span for span in spans]
         refs, new_refs = hosts.resolve(cursor, {(span.hostname,) for span in spans})
         host_ref = {name: ref for (name,), ref in refs.items()}
         first: dict[SpanKey, SpanRow] = {}
@@ -197,6 +226,7 @@ class RequestSql:
         """Upsert ``bindings``, the newest ``seen_ns`` of each kept; returns the host ids inserted."""
         if not bindings:
             return {}
+        bindings = [_without_nul(b) if "\0" in b.hostname + b.workload + b.phase + b.job else b for b in bindings]
         refs, new_refs = hosts.resolve(cursor, [(binding.hostname,) for binding in bindings])
         newest: dict[tuple[int, int, str, str, str], int] = {}
         for b in bindings:  # an upsert statement may name a row once (PostgreSQL)
@@ -384,7 +414,7 @@ def _span(row: Sequence[Any]) -> SpanRow:
 
 def _result_row(r: RequestResult) -> tuple[Any, ...]:
     return (
-        r.request_id, r.status, r.model, r.tenant, hosts_text(r.hosts), r.start_ns, r.end_ns, r.input_tokens,
+        text(r.request_id), r.status, text(r.model), text(r.tenant), hosts_text(r.hosts), r.start_ns, r.end_ns, r.input_tokens,
         r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns,
     )  # fmt: skip
 

@@ -31,7 +31,7 @@ from collector.store.base import (
 from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
 from collector.store.rows import WorkloadKey, pack, unpack_times, unpack_values
-from collector.store.spans import SUMMARY_COLUMN, HostKey, HostRefs, RequestOrder, RequestSql
+from collector.store.spans import SUMMARY_COLUMN, HostKey, HostRefs, RequestOrder, RequestSql, text
 from collector.store.writes import Cursor, GroupWrite, WorkloadRefs
 
 __all__ = ["Cursor", "SqlStore", "T"]
@@ -332,8 +332,10 @@ class SqlStore(Store):
         inside = (times >= since_ns) & (times < until_ns)
         return list(zip(times[inside].tolist(), energy[inside].tolist(), strict=True))
 
+    # names looked up go through ``text`` as stored ones did (NUL, which PostgreSQL refuses, as U+FFFD)
+
     def process_bindings(self, hostname: str, since_ns: int = 0) -> list[ProcessBindingRow]:
-        return self._run(lambda cursor: self._requests.process_bindings(cursor, hostname, since_ns), write=False)
+        return self._run(lambda cursor: self._requests.process_bindings(cursor, text(hostname), since_ns), write=False)
 
     def pending_requests(self, limit: int) -> list[str]:
         return self._run(lambda cursor: self._requests.pending_requests(cursor, limit), write=False)
@@ -341,15 +343,16 @@ class SqlStore(Store):
     def request_spans(self, request_ids: Sequence[str]) -> list[SpanRow]:
         if not request_ids:
             return []
-        return self._run(lambda cursor: self._requests.request_spans(cursor, request_ids), write=False)
+        ids = [text(request_id) for request_id in request_ids]
+        return self._run(lambda cursor: self._requests.request_spans(cursor, ids), write=False)
 
     def spans_overlapping(self, hostname: str, since_ns: int, until_ns: int) -> list[SpanRow]:
         return self._run(
-            lambda cursor: self._requests.spans_overlapping(cursor, hostname, since_ns, until_ns), write=False
+            lambda cursor: self._requests.spans_overlapping(cursor, text(hostname), since_ns, until_ns), write=False
         )
 
     def request(self, request_id: str) -> RequestResult | None:
-        return self._run(lambda cursor: self._requests.request(cursor, request_id), write=False)
+        return self._run(lambda cursor: self._requests.request(cursor, text(request_id)), write=False)
 
     def requests(
         self,
@@ -359,6 +362,7 @@ class SqlStore(Store):
         limit: int = 100,
         order: RequestOrder = "start",
     ) -> list[RequestResult]:
+        model = None if model is None else text(model)
         return self._run(
             lambda cursor: self._requests.requests(cursor, model, since_ns, until_ns, limit, order), write=False
         )
