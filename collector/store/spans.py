@@ -414,8 +414,8 @@ def _span(row: Sequence[Any]) -> SpanRow:
 
 def _result_row(r: RequestResult) -> tuple[Any, ...]:
     return (
-        text(r.request_id), r.status, text(r.model), text(r.tenant), hosts_text(r.hosts), r.start_ns, r.end_ns, r.input_tokens,
-        r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns,
+        text(r.request_id), r.status, text(r.model), text(r.tenant), hosts_text(r.hosts), r.start_ns, r.end_ns,
+        r.input_tokens, r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns,
     )  # fmt: skip
 
 
