@@ -1,5 +1,5 @@
 """The agent's side of workload registration: a Unix socket where processes say which workload they are, and
-report the request spans they served.
+report the request spans they served and the training steps (or work units) they completed.
 
 The protocol is documented in ``collector.client`` (newline-delimited JSON, version 1). The pid, uid and gid of each
 event come from the kernel (``SO_PEERCRED``, taken when the client connected), never from the message, so a process
@@ -13,11 +13,14 @@ Everything is bounded, because any local user allowed on the socket can send any
 - at most ``max_connections`` connections; further ones are closed at once (``connection_limit``);
 - bytes that are not a JSON object with an integer ``v`` and a string ``type`` (``garbage``), an unknown ``type``
   (``unknown_type``), a phase message before any register (``not_registered``) or a refused field (``workload``,
-  ``phase``, ``field``; for a span also ``request_id`` and ``time``) are counted and ignored; an unsupported ``v``
-  (``version``) also closes the connection. A refused span is also counted in ``spans_refused``.
+  ``phase``, ``field``; for a span also ``request_id`` and ``time``; for steps ``count``) are counted and ignored;
+  an unsupported ``v`` (``version``) also closes the connection. A refused span is also counted in
+  ``spans_refused``, a refused steps message in ``steps_refused``.
 
 A span message needs no registration: its pid (from ``SO_PEERCRED``) is what lets the aggregator find its workload
-when it names none. It goes to ``on_span`` and never changes the connection's registration.
+when it names none. It goes to ``on_span`` and never changes the connection's registration. A steps message
+(``count``: an integer 1..2**40, the steps done since the process's previous one) needs no registration either; it
+goes to ``on_steps`` with the connection's registration as it stood when it arrived (None when there was none).
 
 One daemon thread serves every connection through ``selectors``; callbacks run on it, so they should be quick. Nothing
 raises out of it: an error in a callback is logged and counted in ``callback_errors``.
@@ -58,6 +61,7 @@ MAX_REQUEST_ID_CHARS = 256
 MAX_MODEL_CHARS = 256
 MAX_TENANT_CHARS = 256
 MAX_TOKENS = 2**40
+MAX_STEPS = 2**40  # per message; the client sends about one a second, so no real loop comes near it
 # Span times: Unix ns. Earlier than 2001-09-09 (1e18 ns) is a clock that was never set, or seconds sent for ns.
 MIN_SPAN_TIME_NS = 10**18
 MAX_SPAN_NS = 24 * 3600 * 10**9  # a request longer than a day is a bug (a start never reset), not a request
@@ -86,6 +90,7 @@ ERROR_REASONS = (
     "request_id",
     "span_id",
     "time",
+    "count",
 )
 
 EventKind = Literal["register", "phase"]
@@ -129,6 +134,20 @@ class SpanEvent:
     span_id: str = ""
 
 
+@dataclass(frozen=True)
+class StepsEvent:
+    """``count`` training steps (or work units) a process completed since its previous steps message; pid/uid/gid
+    are from ``SO_PEERCRED``. ``registration``: the connection's registration when the message arrived, so steps
+    done before a phase change (sent before it) are told from those after; None for a process that did not
+    register (its workload is found by the pid)."""
+
+    pid: int
+    uid: int
+    gid: int
+    count: int
+    registration: RegistrationEvent | None = None
+
+
 class _TokenBucket:
     def __init__(self, rate_per_s: float, now: float) -> None:
         self.rate = rate_per_s
@@ -162,12 +181,14 @@ class _Refused(Exception):
         self.reason = reason
         self.close = close
         self.span = False  # a span message: also counted in spans_refused
+        self.steps = False  # a steps message: also counted in steps_refused
 
 
 class RegistrationServer:
     """Serves the registration socket on a daemon thread; ``on_register`` gets a ``RegistrationEvent`` per accepted
     register or phase message, ``on_span`` a ``SpanEvent`` per accepted span (without it, accepted spans are only
-    counted), ``on_disconnect`` the pid of each registered connection that closes."""
+    counted), ``on_steps`` a ``StepsEvent`` per accepted steps message (likewise), ``on_disconnect`` the pid of
+    each registered connection that closes."""
 
     def __init__(
         self,
@@ -179,6 +200,7 @@ class RegistrationServer:
         on_register: Callable[[RegistrationEvent], None],
         on_disconnect: Callable[[int], None] | None = None,
         on_span: Callable[[SpanEvent], None] | None = None,
+        on_steps: Callable[[StepsEvent], None] | None = None,
         max_connections: int = 1024,
     ) -> None:
         self.socket_path = Path(socket_path)
@@ -189,15 +211,20 @@ class RegistrationServer:
         self._on_register = on_register
         self._on_disconnect = on_disconnect
         self._on_span = on_span
+        self._on_steps = on_steps
         self.errors = 0
         """Messages and connections refused, all reasons together; ``error_counts`` has them by reason."""
         self.error_counts: dict[str, int] = dict.fromkeys(ERROR_REASONS, 0)  # fixed keys: safe to read from any thread
         self.accepted = 0
-        """Messages accepted (register, phase and span)."""
+        """Messages accepted (register, phase, span and steps)."""
         self.spans_accepted = 0
         self.spans_refused = 0
         """Span messages refused for what they held (also in ``errors`` by reason); rate-limited lines are not
         parsed, so they are only in ``error_counts["rate_limited"]``."""
+        self.steps_accepted = 0
+        """Steps messages accepted (not steps: a message carries many)."""
+        self.steps_refused = 0
+        """Steps messages refused for what they held (also in ``errors`` by reason)."""
         self.callback_errors = 0
         self._connections: dict[int, _Connection] = {}
         self._selector: selectors.BaseSelector | None = None
@@ -217,6 +244,7 @@ class RegistrationServer:
         on_register: Callable[[RegistrationEvent], None],
         on_disconnect: Callable[[int], None] | None = None,
         on_span: Callable[[SpanEvent], None] | None = None,
+        on_steps: Callable[[StepsEvent], None] | None = None,
     ) -> RegistrationServer:
         return cls(
             api.socket,
@@ -226,6 +254,7 @@ class RegistrationServer:
             on_register=on_register,
             on_disconnect=on_disconnect,
             on_span=on_span,
+            on_steps=on_steps,
         )
 
     @property
@@ -456,6 +485,8 @@ class RegistrationServer:
             self._count(refused.reason)
             if refused.span:
                 self.spans_refused += 1
+            if refused.steps:
+                self.steps_refused += 1
             if refused.close:
                 self._close(conn)
                 return False
@@ -466,11 +497,16 @@ class RegistrationServer:
             if self._on_span is not None:
                 self._call(self._on_span, event)
             return True
+        if isinstance(event, StepsEvent):
+            self.steps_accepted += 1
+            if self._on_steps is not None:
+                self._call(self._on_steps, event)
+            return True
         conn.current = event
         self._call(self._on_register, event)
         return True
 
-    def _parse(self, conn: _Connection, line: bytes) -> RegistrationEvent | SpanEvent:
+    def _parse(self, conn: _Connection, line: bytes) -> RegistrationEvent | SpanEvent | StepsEvent:
         try:
             message = json.loads(line)
         except (ValueError, RecursionError):  # ValueError covers bad UTF-8; RecursionError, deeply nested arrays
@@ -514,6 +550,13 @@ class RegistrationServer:
             except _Refused as refused:
                 refused.span = True
                 raise
+        if kind == "steps":
+            count = message.get("count")
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_STEPS:
+                bad_count = _Refused("count")
+                bad_count.steps = True
+                raise bad_count
+            return StepsEvent(pid=conn.pid, uid=conn.uid, gid=conn.gid, count=count, registration=conn.current)
         raise _Refused("unknown_type")
 
     def _close(self, conn: _Connection) -> None:
