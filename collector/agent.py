@@ -26,6 +26,7 @@ from collector.sources.base import Source
 from collector.sources.cpu_model import CpuModelSource
 from collector.sources.simulated import SimulatedSource
 from collector.workloads.identity import WorkloadIdentity
+from collector.workloads.steps import WorkloadSteps
 from collector.workloads.tracker import WorkloadTracker
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,17 @@ class Agent:
         self.workloads: WorkloadTracker | None = None
         self.registration: RegistrationServer | None = None
         self._registration_up = False
+        self.steps: WorkloadSteps | None = None
         if config.workloads.enabled:
             tracker = WorkloadTracker(config.workloads, self.sampler)
             self.workloads = tracker
+            self.steps = WorkloadSteps.from_config(config.workloads, tracker.process_bindings)
             self.registration = RegistrationServer.from_config(
-                config.api, on_register=self._on_register, on_disconnect=tracker.unregister, on_span=self._on_span
+                config.api,
+                on_register=self._on_register,
+                on_disconnect=tracker.unregister,
+                on_span=self._on_span,
+                on_steps=self.steps.on_steps,
             )
         self.spans_unsent = 0  # request spans accepted with no [stream] target to send them to
         self.stream: StreamExporter | None = None
@@ -165,6 +172,8 @@ class Agent:
             providers.append(self._span_families)
         if self.carbon is not None:
             providers.append(self.carbon.families)
+        if self.steps is not None:
+            providers.append(self.steps.families)
         return providers
 
     def _span_families(self) -> list[Family]:

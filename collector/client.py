@@ -27,6 +27,16 @@ or, for servers that are not shaped for a ``with``, ``report_span(request_id, st
 ``EnergyMiddleware`` wraps an ASGI app (FastAPI, Starlette) so that each HTTP request is one span. A process need not
 register to report spans: the agent knows its pid from the socket and finds its workload by it.
 
+Training loops report the steps (or any unit of work) they complete, so energy per step can be told::
+
+    for batch in loader:
+        train_step(batch)
+        collector.client.step()       # or step(n) for n units at once
+
+``step()`` only adds to an in-process counter (about a microsecond); the watcher thread sends the count
+accumulated since its last send at most once a second, before a phase change or a new ``register()`` (so steps
+count under the phase they were done in), and at exit. Like spans, steps need no registration.
+
 This module runs inside other people's processes, so it imports only the standard library (nothing from
 ``collector``), never blocks the caller and never raises into it:
 
@@ -38,9 +48,15 @@ This module runs inside other people's processes, so it imports only the standar
   agent ends up with the latest phase even when some changes were dropped.
 - A span is sent once, when its request ends, on the same connection (opened on demand). With no agent, or the socket
   buffer full, it is dropped and counted in ``spans_dropped`` (and ``dropped``); nothing is queued in the process.
-- A daemon thread (``wattmeter-client``, one per process, running only while something is registered) notices when
-  the agent goes away, reconnects and registers again, so an agent restart loses nothing.
-- One lock guards the socket; it is held only around non-blocking system calls.
+- Steps are sent as one count per flush. With no agent (or the connection broken) the count is dropped and added to
+  ``steps_dropped`` (the agent measured no energy then either); when the socket buffer is full it waits for the next
+  flush, so a slow agent loses none. ``steps_sent`` counts the steps handed to the socket.
+- A daemon thread (``wattmeter-client``, one per process, running while something is registered, and from the
+  first ``step()`` for the rest of the process's life) notices when the agent goes away, reconnects and registers
+  again, so an agent restart loses nothing; it also flushes the step count.
+- One lock guards the socket; it is held only around non-blocking system calls. The step counter has a lock of its
+  own, held only to add or take the count, so ``step()`` never waits for a send.
+- A forked child starts with no connection and a step count of 0: what the parent counted is the parent's to send.
 
 One process is one workload at a time: ``register()`` replaces the process's registration. Leaving a
 ``with register(...)`` block restores the registration made before it, or, if there was none, closes the
@@ -57,6 +73,7 @@ agent writes nothing back. Every message carries the protocol's major version ``
     {"v": 1, "type": "span", "request_id": "req-1", "start_ns": 1767225600000000000, "end_ns": 1767225601500000000,
      "model": "llama-70b", "tenant": "acme", "input_tokens": 512, "output_tokens": 128,
      "queue_end_ns": 1767225600020000000, "prefill_end_ns": 1767225600200000000}
+    {"v": 1, "type": "steps", "count": 250}
 
 - ``register`` sets everything the agent knows about the connection's process; ``phase`` changes only the phase and
   is ignored before a ``register``. Sending ``register`` again is always allowed (the client re-sends it after a
@@ -74,6 +91,9 @@ agent writes nothing back. Every message carries the protocol's major version ``
   ``register``; ``labels``: at most 16, named like Prometheus labels, string values up to 256 characters (the bounds
   of ``register``'s labels too). A span with any field out of bounds is refused whole. Every line counts against
   the agent's per-connection rate limit (``[api] max_messages_per_s``, 1000 by default).
+- ``steps`` reports ``count`` (an integer 1..2**40) training steps or work units completed since the process's
+  previous steps message; it needs no ``register`` first and changes no registration. The agent books them under
+  the workload of the connection's registration when the message arrives, else the one it finds for the pid.
 - The pid is not in the message: the agent takes pid, uid and gid from the socket (``SO_PEERCRED``), so a process
   can only speak for itself. Closing the connection (or exiting) ends the registration.
 - Within a major version, fields are only ever added; the agent ignores fields it does not know. A message with an
@@ -82,10 +102,12 @@ agent writes nothing back. Every message carries the protocol's major version ``
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import json
 import logging
+import operator
 import os
 import re
 import select
@@ -114,6 +136,9 @@ __all__ = [
     "request",
     "spans_dropped",
     "spans_sent",
+    "step",
+    "steps_dropped",
+    "steps_sent",
 ]
 
 DEFAULT_SOCKET = "/run/wattmeter/agent.sock"
@@ -133,6 +158,10 @@ MAX_TENANT_CHARS = 256
 MAX_TOKENS = 2**40
 MAX_LABELS = 16
 MAX_LABEL_VALUE_CHARS = 256
+MAX_STEPS = 2**40
+"""The most steps one ``step()`` call (and one message) may carry."""
+STEPS_FLUSH_INTERVAL_S = 1.0
+"""Seconds between two sends of the step count (the agent's series move once a second at most)."""
 
 dropped = 0
 """Messages not handed to the socket (no agent, socket buffer full, connection broken), since the process started."""
@@ -140,6 +169,10 @@ spans_sent = 0
 """Request spans handed to the socket, since the process started."""
 spans_dropped = 0
 """Request spans not handed to the socket (no agent, socket buffer full, unusable times); also in ``dropped``."""
+steps_sent = 0
+"""Steps (not messages) handed to the socket, since the process started."""
+steps_dropped = 0
+"""Steps counted by ``step()`` but dropped (no agent, connection broken); each dropped message is in ``dropped``."""
 
 log = logging.getLogger("wattmeter.client")
 
@@ -162,6 +195,14 @@ def _count_span(sent: bool) -> None:
         spans_sent += 1
     else:
         spans_dropped += 1
+        _count_drop()
+
+
+def _count_steps(sent: int, lost: int) -> None:
+    global steps_sent, steps_dropped
+    steps_sent += sent
+    if lost:
+        steps_dropped += lost
         _count_drop()
 
 
@@ -241,6 +282,10 @@ class _Client:
         self._stack: list[Registration] = []
         self._watcher: threading.Thread | None = None
         self._warned_once: set[str] = set()
+        self._steps_lock = threading.Lock()  # only around the count: step() never waits for a send
+        self._steps = 0  # counted by step(), not yet handed to the socket
+        self.steps_used = False  # step() was called: the watcher flushes the count for the rest of the process
+        self._next_steps_flush = 0.0
 
     @property
     def connected(self) -> bool:
@@ -259,6 +304,7 @@ class _Client:
                 if not superseded:
                     kept.append(entry)
             self._stack = [*kept, registration]
+            self._flush_steps_before_change_locked()
             warning = self._send_locked(full=True)
         self._log_unreachable(warning)
 
@@ -268,6 +314,8 @@ class _Client:
             if registration not in self._stack:
                 return
             was_current = self._stack[-1] is registration
+            if was_current:
+                self._flush_steps_before_change_locked()
             self._stack.remove(registration)
             if not self._stack:
                 self._close_on_purpose_locked()
@@ -281,6 +329,7 @@ class _Client:
             changed = registration._phase != phase
             registration._phase = phase
             if changed and self._stack and self._stack[-1] is registration:
+                self._flush_steps_before_change_locked()
                 warning = self._send_locked(full=False)
         self._log_unreachable(warning)
 
@@ -314,6 +363,8 @@ class _Client:
 
     def close(self) -> None:
         with self._lock:
+            if self._stack:
+                self._flush_steps_before_change_locked()
             self._stack.clear()
             self._close_on_purpose_locked()
 
@@ -323,6 +374,70 @@ class _Client:
         if self._sock is not None:
             self._next_attempt = 0.0
         self._disconnect_locked()
+
+    def add_steps(self, count: int) -> None:
+        with self._steps_lock:
+            self._steps += count
+        if not self.steps_used or self._watcher is None:  # the first step, or the watcher ended: (re)start it
+            with self._lock:
+                self.steps_used = True
+                self._ensure_watcher_locked()
+
+    @property
+    def steps_pending(self) -> int:
+        """Steps counted and not yet handed to the socket."""
+        return self._steps
+
+    def flush_steps(self, timeout_s: float = 0.2) -> None:
+        """Send the step count now (at exit); gives up rather than wait ``timeout_s`` for the socket's lock."""
+        if not self._lock.acquire(timeout=timeout_s):
+            return
+        try:
+            warning = self._flush_steps_locked()
+        finally:
+            self._lock.release()
+        self._log_unreachable(warning)
+
+    def _flush_steps_before_change_locked(self) -> None:
+        """Before the process's registration or phase changes: its steps so far go under the registration they were
+        done in. Only on a connection the agent already knows the process on (a new one is a pid lookup anyway)."""
+        if self.steps_used and self._sock is not None and not self._resync:
+            self._flush_steps_locked()
+
+    def _flush_steps_locked(self) -> str | None:
+        """Hand the step count to the socket, connecting if need be; returns the warning to log (outside the lock).
+
+        A full socket buffer keeps the count for the next flush; no agent, or a broken connection, drops it."""
+        with self._steps_lock:
+            count = min(self._steps, MAX_STEPS)
+            self._steps -= count
+        if count == 0:
+            return None
+        warning = None
+        for _ in range(2):  # a connection found broken (agent restarted) gets one immediate reconnect
+            if self._sock is None:
+                warning = self._connect_locked() or warning
+                if self._sock is None:
+                    break
+            if self._send_steps_locked(count):
+                _count_steps(count, 0)
+                return warning
+            if self._sock is not None:  # the buffer is full: the agent is there, just slow
+                with self._steps_lock:
+                    self._steps += count
+                self._ensure_watcher_locked()
+                return warning
+        _count_steps(0, count)
+        return warning
+
+    def _send_steps_locked(self, count: int) -> bool:
+        if self._stack and self._resync and not self._pending:
+            # a new connection: the agent hears who this process is before anything else
+            if self._write_locked(self._register_message(self._stack[-1])):
+                self._resync = False
+            elif self._sock is None:
+                return False
+        return self._write_locked(_encode({"v": PROTOCOL_VERSION, "type": "steps", "count": count}))
 
     def reset_after_fork(self) -> None:
         """In a forked child: the inherited connection speaks for the parent's pid (SO_PEERCRED is taken at
@@ -336,6 +451,10 @@ class _Client:
         self._resync = False
         self._next_attempt = 0.0
         self._watcher = None
+        self._steps_lock = threading.Lock()
+        self._steps = 0
+        self.steps_used = False
+        self._next_steps_flush = 0.0
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
         if key in self._warned_once:
@@ -487,21 +606,30 @@ class _Client:
                     self._watcher = None
 
     def _watch_once(self) -> bool:
-        warning = None
+        warning = steps_warning = None
         wait_s = 0.0
         with self._lock:
-            if not self._stack and not (self._sock is not None and self._pending):
-                # Nothing registered and no span half sent. Give up the watcher role under the lock, so a
-                # register() from now on starts a new watcher rather than relying on this exiting one.
+            if not self._stack and not (self._sock is not None and self._pending) and not self.steps_used:
+                # Nothing registered, no span half sent, no steps to count. Give up the watcher role under the
+                # lock, so a register() from now on starts a new watcher rather than relying on this exiting one.
                 if self._watcher is threading.current_thread():
                     self._watcher = None
                 return False
+            now = time.monotonic()
+            if self.steps_used and now >= self._next_steps_flush:
+                self._next_steps_flush = now + STEPS_FLUSH_INTERVAL_S
+                steps_warning = self._flush_steps_locked()
+            # never past the next step flush: sleep, or poll the connection, until then at the latest
+            until_flush_s = self._next_steps_flush - now if self.steps_used else _POLL_S
             sock = self._sock
-            wants_write = bool(self._pending) or self._resync
+            # a resync without a registration has nothing to send (a connection opened for spans or steps)
+            wants_write = bool(self._pending) or (self._resync and bool(self._stack))
             if sock is None:
-                wait_s = self._next_attempt - time.monotonic()
-                if wait_s <= 0:
+                wait_s = self._next_attempt - now
+                if wait_s <= 0 and self._stack:
                     warning = self._send_locked(full=True, retry=True)
+                wait_s = max(0.0, min(wait_s, until_flush_s)) if self._stack else until_flush_s
+        self._log_unreachable(steps_warning)
         self._log_unreachable(warning)
         if sock is None:
             if wait_s > 0:
@@ -510,7 +638,7 @@ class _Client:
         try:
             poller = select.poll()
             poller.register(sock, select.POLLIN | (select.POLLOUT if wants_write else 0))
-            events = poller.poll(_POLL_S * 1000)
+            events = poller.poll(max(0.0, min(_POLL_S, until_flush_s)) * 1000)
         except (OSError, ValueError):  # closed by another thread meanwhile: look again
             return True
         for _, mask in events:
@@ -610,6 +738,47 @@ def close() -> None:
         _client.close()
     except Exception:
         log.debug("wattmeter client: close failed", exc_info=True)
+
+
+# --- training steps -----------------------------------------------------------------------------------------------
+
+
+def step(n: int = 1) -> None:
+    """Count ``n`` (default 1) training steps, or units of work, done by this process. Cheap enough for every step
+    of a loop: it adds to a counter that a background thread sends to the agent about once a second and at exit.
+    ``n`` is an integer 0..2**40; anything else is ignored with one warning. Never raises, never blocks."""
+    try:
+        if type(n) is not int:
+            n = _step_count(n)
+        elif not 0 < n <= MAX_STEPS:
+            n = 0 if n == 0 else _step_count(n)
+        if n:
+            _client.add_steps(n)
+    except Exception:
+        _log_error_once("step")
+
+
+def _step_count(n: object) -> int:
+    """The count ``n`` stands for (numpy integers and the like), or 0 with one warning."""
+    count = None
+    if not isinstance(n, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            count = operator.index(n)  # type: ignore[arg-type]
+    if count is not None and 0 <= count <= MAX_STEPS:
+        return count
+    _client.warn_once("step-count", "wattmeter: step(n) takes an integer 0..2**40 (got %r); such calls are ignored", n)
+    return 0
+
+
+def _flush_steps_at_exit() -> None:
+    try:
+        if _client.steps_used:
+            _client.flush_steps()
+    except Exception:
+        pass
+
+
+atexit.register(_flush_steps_at_exit)
 
 
 # --- request spans ------------------------------------------------------------------------------------------------
