@@ -4,9 +4,11 @@ fixture is parametrized)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from bench import store_requests as bench_store_requests
 from collector.aggregator.spans import MAX_TEXT
 from collector.store import Store
 from collector.store.base import ProcessBindingRow, RequestResult, RequestSummaryRow, SpanRow
@@ -382,3 +384,14 @@ def test_a_nul_in_a_name_is_stored_as_a_replacement_character_on_both_backends(s
     assert store.spans_overlapping("host\0one", 0, 2**62) == [stored]
     store.write_process_bindings([ProcessBindingRow("host\0one", 1, "w\0", "", "", T0_NS)])
     assert [b.workload for b in store.process_bindings("host\0one")] == ["w\ufffd"]
+
+
+# -- the benchmark
+
+
+def test_the_request_store_benchmark_writes_reads_and_settles_every_span(tmp_path: Path) -> None:
+    figures = bench_store_requests.run(spans=2_500, batch=1_000, hosts=3, directory=tmp_path)
+    assert figures["spans"] == 2_500
+    assert figures["write_spans_per_s"] > 0 and figures["write_results_per_s"] > 0
+    assert 100 < figures["bytes_per_span"] < 10_000  # at least the ids, at most a page each
+    assert list(tmp_path.iterdir()) == []  # its database is removed
