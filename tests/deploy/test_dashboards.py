@@ -188,6 +188,13 @@ def query(base: str, expr: str, at: float | None = None) -> list[dict[str, Any]]
     return result
 
 
+def ready(url: str) -> bool:
+    try:
+        return http_get(url, timeout_s=2.0)[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
 def exported_families(url: str) -> set[str]:
     status, body = http_get(url + "/metrics")
     assert status == 200
@@ -361,6 +368,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             f"http://127.0.0.1:{agent_port}",
         )
         processes.append(agent)
+        for process in (aggregator, agent):
+            process.wait_healthy()
+        # Prometheus starts once the stream is acknowledging: a scrape before would see a target or stream down,
+        # and the test asserts that no alert is even pending
+        poll(
+            lambda: b"\nwattmeter_stream_connected 1.0\n" in http_get(agent.http_url + "/metrics")[1],
+            "the agent's stream acknowledged",
+            aggregator,
+            agent,
+        )
         rules, rule_count = fast_rules(tmp)
         config = prometheus_config(tmp, f"127.0.0.1:{agent_port}", f"127.0.0.1:{http_port}", rules)
         prometheus = PrometheusProcess(
@@ -375,9 +392,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             f"http://127.0.0.1:{prometheus_port}",
         )
         processes.append(prometheus)
-        for process in (aggregator, agent):
-            process.wait_healthy()
-        poll(lambda: http_get(prometheus.http_url + "/-/ready")[0] == 200, "prometheus ready", prometheus)
+        poll(lambda: ready(prometheus.http_url + "/-/ready"), "prometheus ready", prometheus)
         env = {k: v for k, v in os.environ.items() if not k.startswith("WATTMETER_")}
         env.update({"WATTMETER_SOCKET": str(tmp / "agent.sock"), "PYTHONPATH": str(REPO)})
         load = subprocess.Popen([sys.executable, "-c", LOAD, "600"], cwd=REPO, env=env)
