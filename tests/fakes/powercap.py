@@ -59,9 +59,15 @@ class FakePowercap:
 
     def set_energy(self, zone: FakeZone, energy_uj: int) -> None:
         zone.energy_uj = energy_uj
-        # rewrite in place (same inode), as a sysfs attribute changes under an open reader
-        with open(zone.path / "energy_uj", "w") as handle:
-            handle.write(f"{energy_uj}\n")
+        # rewrite in place (same inode), as a sysfs attribute changes under an open reader; overwrite, then cut the
+        # tail, so that a reader in between never sees the empty file that truncating first would show it
+        data = f"{energy_uj}\n".encode()
+        fd = os.open(zone.path / "energy_uj", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
 
     def remove_zone(self, zone: FakeZone) -> None:
         for child in zone.path.iterdir():
