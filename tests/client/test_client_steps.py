@@ -57,9 +57,11 @@ def steps_server(socket_path: Path, steps_recorder: StepsRecorder) -> Iterator[R
 
 
 @pytest.fixture(autouse=True)
-def step_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+def step_counters(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for counter in ("steps_sent", "steps_dropped"):
         monkeypatch.setattr(client, counter, 0)
+    yield
+    client._client.steps_used = False  # the test's client state is closed: let its watcher thread end
 
 
 def client_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
