@@ -31,7 +31,7 @@ class RequestLine:
     model: str
     input_tokens: int
     output_tokens: int
-    status: str  # pending | final | approximate | no_samples, or "sent" while the aggregator has no request API
+    status: str  # pending | final | approximate | no_samples; "sent" when the aggregator answers no request API
     energy_j: float | None = None  # active
     joules_per_output_token: float | None = None
 
@@ -129,9 +129,9 @@ def _number(value: Any) -> float | None:
 
 
 def request_line(item: dict[str, Any]) -> RequestLine:
-    """One request of the aggregator's API (``/api/v1/requests/{id}`` shape)."""
+    """One request of the aggregator's API (``/api/v1/requests/{id}`` shape); its energy is the ``active`` view."""
     energy = item.get("energy_j")
-    active = _number(energy.get("active")) if isinstance(energy, dict) else _number(energy)
+    active = _number(energy.get("active")) if isinstance(energy, dict) else None
     return RequestLine(
         str(item.get("request_id", "")),
         str(item.get("model", "")),
@@ -145,18 +145,16 @@ def request_line(item: dict[str, Any]) -> RequestLine:
 
 def model_line(item: dict[str, Any]) -> ModelLine:
     """One group of ``/api/v1/summary?by=model``."""
-    energy = item.get("energy_j", item.get("total_j"))
-    if isinstance(energy, dict):
-        energy = energy.get("total", energy.get("active"))
     return ModelLine(
-        str(item.get("group", item.get("model", ""))),
+        str(item.get("group", "")),
         int(item.get("count") or 0),
-        _number(energy) or 0.0,
+        _number(item.get("energy_j")) or 0.0,
         _number(item.get("joules_per_output_token")),
     )
 
 
 def _items(payload: Any, key: str) -> list[dict[str, Any]] | None:
+    """The objects listed under ``key`` of an API answer; None when the answer is not there or not that shape."""
     if isinstance(payload, dict):
         payload = payload.get(key)
     if isinstance(payload, list):
