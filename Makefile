@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
-# The main job: the agent on this host's real sensors (NVML, RAPL; a labelled CPU estimate where there is none),
-# serving http://localhost:9750/metrics. Pass ARGS="--simulate-gpus 2" on a host without GPUs for a demo.
+# The main job: `wattmeter demo`, the whole pipeline on this machine (an aggregator, an agent on this host's real
+# sensors plus simulated GPUs, a synthetic inference server and training job on them) with a live view of energy
+# per GPU, phase and request; Ctrl-C stops it. ARGS="--duration 60 --data-dir DIR" and more: wattmeter demo --help.
 run: venv
-	$(BIN)/wattmeter agent $(ARGS)
+	$(BIN)/wattmeter demo $(ARGS)
 
 tools:
 	bash scripts/install-test-tools.sh
