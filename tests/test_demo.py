@@ -194,13 +194,22 @@ class Recorder:
 
 def test_live_screen_redraws_in_place() -> None:
     out = Recorder()
-    screen = LiveScreen(out)  # type: ignore[arg-type]
+    screen = LiveScreen(out, size=lambda: (80, 24))  # type: ignore[arg-type]
     screen.draw(["a", "b", "c"])
     assert "\x1b[" + "3F" not in out.text
     screen.draw(["d"])
     assert out.text.endswith("\x1b[3Fd\x1b[K\n\x1b[J")  # back over the 3 lines, rewrite, erase the rest
     screen.close()
     assert out.text.endswith("\x1b[?25h")
+
+
+def test_live_screen_fits_lines_to_the_terminal() -> None:
+    out = Recorder()
+    screen = LiveScreen(out, size=lambda: (10, 4))  # type: ignore[arg-type]
+    screen.draw(["\x1b[1mshort\x1b[0m", "a line longer than ten", "3", "4", "5"])
+    assert out.text.endswith("\x1b[1mshort\x1b[0m\x1b[K\na line lo…\x1b[K\n3\x1b[K\n\x1b[J")  # 3 rows of 4
+    screen.draw(["x"])
+    assert "\x1b[3Fx" in out.text
 
 
 # --------------------------------------------------------------------------------------------------------------

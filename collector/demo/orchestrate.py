@@ -104,7 +104,7 @@ class Demo:
         self.layout = self._layout()
         self.agent_url = files.url(options.agent_listen)
         self.api_url = files.url(options.http_listen)
-        self.telemetry = Telemetry(self.agent_url, self.api_url, self.layout.requests_log)
+        self.telemetry = Telemetry(self.agent_url, self.api_url, self.layout.requests_log, time.time_ns())
         self.started = time.monotonic()
 
     def _layout(self) -> Layout:

@@ -196,9 +196,11 @@ class RequestsLog:
 class Telemetry:
     """Takes a ``Snapshot`` from the agent at ``agent_url`` and the aggregator at ``api_url`` (``http://host:port``)."""
 
-    def __init__(self, agent_url: str, api_url: str, requests_log: Path) -> None:
+    def __init__(self, agent_url: str, api_url: str, requests_log: Path, since_ns: int) -> None:
+        """``since_ns``: this run's start (Unix ns); a kept data dir holds earlier runs' requests too."""
         self.agent_url = agent_url
         self.api_url = api_url
+        self.since_ns = since_ns
         self.log = RequestsLog(requests_log)
 
     def snapshot(self) -> Snapshot:
@@ -212,11 +214,12 @@ class Telemetry:
                 pass
         self.log.read_new()
         snap.served = self.log.count
-        answered = _items(get_json(f"{self.api_url}/api/v1/requests?limit={LAST_REQUESTS}"), "requests")
+        window = f"since={self.since_ns}"
+        answered = _items(get_json(f"{self.api_url}/api/v1/requests?{window}&limit={LAST_REQUESTS}"), "requests")
         if answered is not None:
             snap.request_api = True
             snap.requests = [request_line(item) for item in answered]
-            models = _items(get_json(f"{self.api_url}/api/v1/summary?by=model"), "groups")
+            models = _items(get_json(f"{self.api_url}/api/v1/summary?by=model&{window}"), "groups")
             snap.models = [model_line(item) for item in models or []]
         else:
             snap.requests = [

@@ -3,6 +3,9 @@ otherwise (a pipe, a log, CI). Pure functions of a ``Snapshot`` to text, plus th
 
 from __future__ import annotations
 
+import re
+import shutil
+from collections.abc import Callable
 from typing import TextIO
 
 from collector.demo.telemetry import DeviceLine, Snapshot
@@ -16,6 +19,7 @@ DIM = "\x1b[2m"
 RESET = "\x1b[0m"
 PHASE_ORDER = ("training", "inference", "unknown", "idle")
 WAITING = "waiting for the aggregator's request engine"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def joules(value: float | None) -> str:
@@ -111,14 +115,33 @@ def plain_line(snap: Snapshot, elapsed_s: float, duration_s: float | None, final
     return " | ".join(parts)
 
 
-class LiveScreen:
-    """Redraws a frame in place: back up over the previous frame, rewrite each line, erase what is left below."""
+def fit(line: str, width: int) -> str:
+    """``line`` cut to ``width`` visible characters (a cut line loses its styles): a line the terminal wrapped would
+    take two rows, and the next redraw would back up one row short."""
+    visible = ANSI.sub("", line)
+    if len(visible) <= width:
+        return line
+    return visible[: max(0, width - 1)] + "…"
 
-    def __init__(self, out: TextIO) -> None:
+
+def terminal_size() -> tuple[int, int]:
+    """(columns, rows)."""
+    size = shutil.get_terminal_size()
+    return size.columns, size.lines
+
+
+class LiveScreen:
+    """Redraws a frame in place: back up over the previous frame, rewrite each line, erase what is left below.
+    Lines are cut to the terminal's width and the frame to its height, so every line is one row."""
+
+    def __init__(self, out: TextIO, size: Callable[[], tuple[int, int]] = terminal_size) -> None:
         self.out = out
+        self.size = size
         self._height = 0
 
     def draw(self, lines: list[str]) -> None:
+        columns, rows = self.size()
+        lines = [fit(line, columns) for line in lines[: max(1, rows - 1)]]
         up = f"\x1b[{self._height}F" if self._height else ""
         body = "".join(f"{line}{ERASE_LINE_END}\n" for line in lines)
         self.out.write(f"{HIDE_CURSOR}{up}{body}{ERASE_BELOW}")
