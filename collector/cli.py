@@ -145,7 +145,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 # Commands that live in their own modules, each with ``add_parser(sub)`` adding its subcommand (keep their heavy
 # imports inside the command functions: every command, ``wattmeter agent`` included, builds the whole parser).
-COMMAND_MODULES: tuple[str, ...] = ("collector.report.command", "collector.cli_requests")
+COMMAND_MODULES: tuple[str, ...] = ("collector.demo.cli", "collector.report.command", "collector.cli_requests")
 
 
 def build_parser() -> argparse.ArgumentParser:
