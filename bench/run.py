@@ -17,7 +17,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import adapters, ingest, latency, overhead, render, rss, store_requests, versus, workloads
+from bench import (
+    adapters,
+    ingest,
+    latency,
+    overhead,
+    render,
+    request_kernel,
+    requests_e2e,
+    rss,
+    store_requests,
+    versus,
+    workloads,
+)
 from bench.common import BenchError, Context, Result, machine_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -40,6 +52,8 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], list[Result]], str]] = {
     "stream": (adapters.stream_run, "agent spool bytes per hour per GPU and the extra agent CPU of [stream]"),
     "spool": (adapters.spool_run, "(informational) spool append per fsync policy, replay, bytes per record"),
     "store": (adapters.store_run, "(informational) the SQLite store alone: samples/s from 8 threads, write latency"),
+    "request_kernel": (request_kernel.bench_run, "request attribution kernel: spans/s, 1,000,000 at 1,000 concurrent"),
+    "requests": (requests_e2e.run, "energy per request end to end: spans/s through ReportSpans into SQLite, finalised"),
     "store_requests": (
         store_requests.bench_run,
         "(informational) SQLite request store: spans/s written, results/s written, the engine's reads between",

@@ -30,7 +30,8 @@ neighbour known not pending (it is in the engine's memory of results it wrote, o
 request) is recomputed with the pass, and rewritten when it comes out final and differs from what the engine last
 wrote (``wattmeter_request_revisions_total``); a neighbour that is final and comes out less than final (its raw
 samples pruned) keeps its stored result. Late samples cannot change a final request: it is final only once the
-samples past its end are there with no gap before.
+samples past its end are there with no gap before. The metrics count a request the first time this engine writes
+it final or approximate; after a restart, a neighbour finished before it and revised after counts again.
 """
 
 from __future__ import annotations
@@ -387,11 +388,11 @@ class RequestEngine:
                     or _differs(before.full_j, result.full_j)
                 ):
                     continue
-            if before is not None and before.status != "pending":
-                if rid in pending or before.status != status or _differs(before.active_j, result.active_j):
-                    revised += 1
-            elif rid in pending:
+            if before is None:
+                # first time (a neighbour too: pending when the pass began is not known of spans written since)
                 firsts.append(result)
+            elif rid in pending or before.status != status or _differs(before.active_j, result.active_j):
+                revised += 1
             results.append(result)
         if results:
             self.store.write_request_results(results)
