@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Literal, TypeVar
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from collector.aggregator.config import parse_duration
-from collector.exporters.prometheus import Route
+from collector.exporters.prometheus import PrefixRoute, Route
 from collector.store.base import RequestResult, RequestSummaryRow, Store
 
 JSON = "application/json"
@@ -163,45 +163,23 @@ def summary_json(row: RequestSummaryRow) -> dict[str, Any]:
     }
 
 
-class Routes(dict[str, Route]):
-    """The API's paths as the HTTP server looks them up (``path in routes``, ``routes[path]``): the fixed ones, and
-    ``/api/v1/requests/{id}`` for any percent-encoded id. Give it to the server as it is: a copy into a plain dict
-    keeps only the fixed paths."""
-
-    def __init__(self, fixed: dict[str, Route], by_id: Callable[[str], Route]) -> None:
-        super().__init__(fixed)
-        self._by_id = by_id
-
-    def __missing__(self, path: str) -> Route:
-        request_id = _request_id(path)
-        if request_id is None:
-            raise KeyError(path)
-        return self._by_id(request_id)
-
-    def __contains__(self, path: object) -> bool:
-        return super().__contains__(path) or (isinstance(path, str) and _request_id(path) is not None)
-
-
-def _request_id(path: str) -> str | None:
-    if path.startswith(REQUEST_PREFIX) and len(path) > len(REQUEST_PREFIX):
-        return unquote(path[len(REQUEST_PREFIX) :])
-    return None
-
-
 class HttpApi:
     def __init__(self, store: Store, clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.store = store
         self.clock_ns = clock_ns
 
-    def routes(self) -> Routes:
-        fixed = {
+    def routes(self) -> dict[str, Route]:
+        return {
             "/api/v1/hosts": self._guard(self.hosts),
             "/api/v1/workloads": self._guard(self.workloads),
             "/api/v1/samples": self._guard(self.samples),
             "/api/v1/requests": self._guard(self.requests),
             "/api/v1/summary": self._guard(self.summary),
         }
-        return Routes(fixed, lambda request_id: self._guard(lambda query: self.request(request_id, query)))
+
+    def prefix_routes(self) -> dict[str, PrefixRoute]:
+        """``/api/v1/requests/{id}``, the id percent-decoded."""
+        return {REQUEST_PREFIX: lambda request_id, query: self._guard(lambda q: self.request(request_id, q))(query)}
 
     @staticmethod
     def _guard(route: Callable[[str], Any]) -> Route:

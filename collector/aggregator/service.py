@@ -78,6 +78,7 @@ class Aggregator:
             self.metrics.providers.append(fleet.families)
         self.http_api = HttpApi(self.store)
         self.http.routes = self.http_api.routes()
+        self.http.prefix_routes = self.http_api.prefix_routes()
         self.executor = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="store-read")
         self.writer = GroupWriter(self.store, on_commit=self.metrics.count_commit)
         self.checker = self._checker()

@@ -23,6 +23,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -56,6 +57,7 @@ class SamplerCollector(Collector):
 FamiliesProvider = Callable[[], Iterable[Family]]
 # A GET route: the query string (without "?") -> status, body, content type.
 Route = Callable[[str], tuple[HTTPStatus, bytes, str]]
+PrefixRoute = Callable[[str, str], tuple[HTTPStatus, bytes, str]]  # (rest of the path, query)
 # A health check: (healthy, why not).
 HealthCheck = Callable[[], tuple[bool, str]]
 
@@ -196,11 +198,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
             else:
                 self._send(HTTPStatus.SERVICE_UNAVAILABLE, why.encode() + b"\n", "text/plain; charset=utf-8")
-        elif path in self.server.routes:
+        elif (route := self.server.route(path)) is not None:
             if not self._authorised():
                 return
             try:
-                status, body, content_type = self.server.routes[path](query)
+                status, body, content_type = route(query)
             except Exception:  # one failing route never takes the server down; the log has the traceback
                 log.exception("GET %s failed", self.path)
                 status, body, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain"
@@ -245,11 +247,25 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self.cache = cache
         self.health = health
         self.routes = dict(routes or {})
+        self.prefix_routes: dict[str, PrefixRoute] = {}
+        """Paths ending in "/" whose route takes the rest of the path (percent-decoded) too: ``/api/v1/requests/``
+        answers ``/api/v1/requests/{id}``."""
         self.basic_auth = basic_auth
         self.auth_cache = AuthCache()
         if ssl_context is not None:
             # handshake in the request thread, so a slow client cannot stall accept()
             self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def route(self, path: str) -> Route | None:
+        """The route answering ``path``: an exact one, else the prefix route it lies under (with a non-empty rest)."""
+        exact = self.routes.get(path)
+        if exact is not None:
+            return exact
+        for prefix, prefix_route in self.prefix_routes.items():
+            if path.startswith(prefix) and len(path) > len(prefix):
+                rest = unquote(path[len(prefix) :])
+                return lambda query: prefix_route(rest, query)
+        return None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client speaking plain HTTP to the TLS port, or hanging up mid-request: its problem, not a traceback
