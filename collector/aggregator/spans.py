@@ -25,8 +25,11 @@ def span_error(span: pb.RequestSpan, hostname: str, latest_ns: int) -> str | Non
     if not hostname:
         return f"request {span.request_id[:MAX_TEXT]!r}: hostname is empty (set it on every span of a SpanReport)"
     for name in ("request_id", "span_id", "workload", "service_name", "model", "tenant"):
-        if len(getattr(span, name)) > MAX_TEXT:
+        text = getattr(span, name)
+        if len(text) > MAX_TEXT:
             return f"request {span.request_id[:64]!r}: {name} is longer than {MAX_TEXT} characters"
+        if "\0" in text:
+            return f"request {span.request_id[:64]!r}: {name} contains a NUL character"
     if len(hostname) > MAX_TEXT:
         return f"request {span.request_id!r}: hostname is longer than {MAX_TEXT} characters"
     if span.start_ns == 0 or span.end_ns < span.start_ns:
