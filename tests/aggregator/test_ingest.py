@@ -306,9 +306,7 @@ def test_agents_connected_counts_open_streams(aggregator: RunningAggregator, cha
     assert aggregator.aggregator.metrics.agents_connected == 0
 
 
-def test_spans_and_bindings_in_a_batch_are_stored_with_it(
-    aggregator: RunningAggregator, channel: grpc.Channel
-) -> None:
+def test_spans_and_bindings_in_a_batch_are_stored_with_it(aggregator: RunningAggregator, channel: grpc.Channel) -> None:
     start = now_ns() - 5 * SECOND
     with_spans = simple_batch(1, start)
     with_spans.spans.append(pb.RequestSpan(request_id="r1", start_ns=start, end_ns=start + SECOND, workload="train"))
