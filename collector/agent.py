@@ -150,7 +150,11 @@ class Agent:
         self.stream: StreamExporter | None = None
         if config.stream.enabled:
             self.stream = StreamExporter(
-                config.stream, self.sampler, self.workloads, bindings_interval_s=config.workloads.interval_s
+                config.stream,
+                self.sampler,
+                self.workloads,
+                steps=self.steps,
+                bindings_interval_s=config.workloads.interval_s,
             )
         self.carbon: WorkloadCarbon | None = None
         if config.carbon is not None and self.workloads is not None:

@@ -19,7 +19,9 @@ from google.protobuf.message import DecodeError
 from collector.aggregator import columns, wire
 from collector.aggregator.columns import Columns, InvalidBatch
 from collector.aggregator.rules import (
+    PHASES,
     PROTOCOL_MAJOR,
+    SPECIAL_WORKLOADS,
     STAGE_HEADER,
     STAGE_POWER,
     STAGE_SAMPLES,
@@ -35,10 +37,26 @@ from collector.aggregator.rules import (
 from collector.aggregator.shape import SeriesKey, Shape, Shapes
 from collector.aggregator.spans import binding_error, binding_row, span_error, span_row
 from collector.proto import wattmeter_pb2 as pb
-from collector.store.base import Float64Array, HostInfo, Int64Array, ProcessBindingRow, SpanRow
+from collector.store.base import (
+    Float64Array,
+    HostInfo,
+    Int64Array,
+    ProcessBindingRow,
+    SpanRow,
+    StepSeriesRow,
+    WorkloadLabelsRow,
+)
 from collector.store.rows import DeviceChunkRow, PackedBatch, RollupRow, WorkloadChunkRow, WorkloadKey
 
 _shapes = Shapes()
+# Training steps and workload labels: an agent sends a point per stepping workload per second and each workload's
+# labels when they change, so these bound garbage, not real use (an agent keeps at most 3,600 points a workload).
+MAX_STEP_SERIES = 4096
+MAX_STEP_POINTS = 4096  # in one series
+MAX_STEP_COUNT = 2**62  # a cumulative count; sums of its differences stay in a 64-bit integer column
+MAX_LABEL_SETS = 4096
+MAX_WORKLOAD_LABELS = 64  # labels of one workload (the registration socket takes 16)
+MAX_LABEL_TEXT = 256
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,8 @@ class Checked:
     spans: list[SpanRow] = field(default_factory=list)  # valid ones (hostname filled in, span_id derived if none)
     rejected_spans: int = 0
     bindings: list[ProcessBindingRow] = field(default_factory=list)
+    steps: list[StepSeriesRow] = field(default_factory=list)  # valid ones
+    labels: list[WorkloadLabelsRow] = field(default_factory=list)
 
     def where(self, series: int) -> str:
         device_id, identity = self.keys[series]
@@ -126,6 +146,8 @@ def to_wire(checked: Checked) -> bytes:
             [_span_tuple(span) for span in checked.spans],
             checked.rejected_spans,
             [(b.hostname, b.pid, b.workload, b.phase, b.job, b.seen_ns) for b in checked.bindings],
+            [(s.workload, s.phase, s.job, s.time_ns, s.count) for s in checked.steps],
+            [(w.workload, w.phase, w.job, w.labels, w.seen_ns) for w in checked.labels],
         )
     )
 
@@ -133,7 +155,7 @@ def to_wire(checked: Checked) -> bytes:
 def from_wire(data: bytes) -> Checked:
     (instance_id, sequence, oldest_pending, host, received_ns, size, unplaceable, refusal, lookups, samples, devices,
      keys, positions, devices_with_samples, first_time, first_energy, last_time, last_energy, first_rollup, rows,
-     power, dropped, notes, spans, rejected_spans, bindings) = marshal.loads(data)  # fmt: skip
+     power, dropped, notes, spans, rejected_spans, bindings, steps, labels) = marshal.loads(data)  # fmt: skip
     return Checked(
         instance_id,
         sequence,
@@ -161,6 +183,8 @@ def from_wire(data: bytes) -> Checked:
         [SpanRow(*span) for span in spans],
         rejected_spans,
         [ProcessBindingRow(*binding) for binding in bindings],
+        [StepSeriesRow(*series) for series in steps],
+        [WorkloadLabelsRow(*labels_row) for labels_row in labels],
     )
 
 
@@ -284,6 +308,10 @@ def _check(batch: pb.Batch, data: bytes, limits: Limits, checked: Checked) -> No
         checked.spans, checked.rejected_spans = _spans(batch, checked, latest_ns)
     if batch.processes:
         checked.bindings = _bindings(batch, checked, latest_ns)
+    if batch.steps:
+        checked.steps = _steps(batch, checked, latest_ns)
+    if batch.labels:
+        checked.labels = _labels(batch, checked, latest_ns)
 
 
 @dataclass(frozen=True)
@@ -468,7 +496,7 @@ def _bindings(batch: pb.Batch, checked: Checked, latest_ns: int) -> list[Process
     """The batch's pid -> workload bindings, seen when the agent made the batch (a batch replayed from the spool
     keeps its time); at its arrival when that time is unset or in the future."""
     hostname = checked.host.hostname
-    seen_ns = batch.created_ns if 0 < batch.created_ns <= latest_ns else checked.received_ns
+    seen_ns = _seen_ns(batch, checked, latest_ns)
     accepted: list[ProcessBindingRow] = []
     for binding in batch.processes:
         error = binding_error(binding)
@@ -477,4 +505,125 @@ def _bindings(batch: pb.Batch, checked: Checked, latest_ns: int) -> list[Process
         else:
             checked.notes.append(f"dropped a process binding from {hostname}: {error}")
             checked.dropped.append("process_binding")
+    return accepted
+
+
+def _seen_ns(batch: pb.Batch, checked: Checked, latest_ns: int) -> int:
+    """When the agent made the batch (a batch replayed from the spool keeps its time); its arrival when that time
+    is unset or in the future."""
+    return batch.created_ns if 0 < batch.created_ns <= latest_ns else checked.received_ns
+
+
+def identity_error(identity: pb.WorkloadIdentity) -> str | None:
+    """Why a workload identity of a steps series or a label set is unusable; None when it is usable."""
+    error = name_error("workload", identity.workload) or name_error("job", identity.job, required=False)
+    if error is not None:
+        return error
+    phase = identity.phase
+    if phase == "" and identity.workload not in SPECIAL_WORKLOADS:
+        return "phase is empty, which only idle, system and other may have"
+    if phase != "" and phase not in PHASES:
+        return f"unknown phase {phase[:64]!r} (training, inference or unknown)"
+    return None
+
+
+def steps_error(series: pb.StepSeries, latest_ns: int) -> str | None:
+    """Why a steps series is unusable; None when it is usable."""
+    error = identity_error(series.workload)
+    if error is not None:
+        return error
+    times, counts = series.time_ns, series.count
+    if len(times) != len(counts):
+        return f"{len(times)} time_ns but {len(counts)} count values"
+    if not times:
+        return "no points"
+    if len(times) > MAX_STEP_POINTS:
+        return f"{len(times)} points, more than {MAX_STEP_POINTS}"
+    previous = 0
+    for t in times:
+        if t <= previous:
+            return f"time_ns {t} is not after the point before it (0 is no time)"
+        previous = t
+    if previous > latest_ns:
+        return f"time_ns {previous} is in the future (clock skew?)"
+    if max(counts) > MAX_STEP_COUNT:
+        return f"count {max(counts)} is more than {MAX_STEP_COUNT} (a counter error)"
+    return None
+
+
+def _where_steps(index: int, identity: pb.WorkloadIdentity) -> str:
+    return f"steps[{index}] ({identity.workload[:64]}/{identity.phase[:64]}/{identity.job[:64]})"
+
+
+def _steps(batch: pb.Batch, checked: Checked, latest_ns: int) -> list[StepSeriesRow]:
+    """The batch's valid steps series; an invalid one (or one past ``MAX_STEP_SERIES``) is dropped and counted,
+    and the rest of the batch stored."""
+    hostname = checked.host.hostname
+    accepted: list[StepSeriesRow] = []
+    seen: set[tuple[str, str, str]] = set()
+    for index, series in enumerate(batch.steps):
+        identity = series.workload
+        key = (identity.workload, identity.phase, identity.job)
+        if index >= MAX_STEP_SERIES:
+            error: str | None = f"more than {MAX_STEP_SERIES} steps series in one batch"
+        elif key in seen:
+            error = "the workload's steps appear twice in the batch"
+        else:
+            error = steps_error(series, latest_ns)
+        if error is None:
+            seen.add(key)
+            accepted.append(StepSeriesRow(*key, tuple(series.time_ns), tuple(series.count)))
+        else:
+            checked.notes.append(f"dropped {_where_steps(index, identity)} from {hostname}: {error}")
+            checked.dropped.append("steps")
+    return accepted
+
+
+def labels_error(labels: pb.WorkloadLabels) -> str | None:
+    """Why a workload's label set is unusable; None when it is usable."""
+    error = identity_error(labels.workload)
+    if error is not None:
+        return error
+    if len(labels.labels) > MAX_WORKLOAD_LABELS:
+        return f"{len(labels.labels)} labels, more than {MAX_WORKLOAD_LABELS}"
+    for name, value in labels.labels.items():
+        if not name:
+            return "a label name is empty"
+        if len(name) > MAX_LABEL_TEXT:
+            return f"label name {name[:64]!r}... is longer than {MAX_LABEL_TEXT} characters"
+        if _has_control(name):
+            return f"label name {name[:64]!r} has control characters"
+        if len(value) > MAX_LABEL_TEXT:
+            return f"label {name!r}: the value is longer than {MAX_LABEL_TEXT} characters"
+        if "\0" in value:
+            return f"label {name!r}: the value holds NUL"
+    return None
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def _labels(batch: pb.Batch, checked: Checked, latest_ns: int) -> list[WorkloadLabelsRow]:
+    """The batch's valid label sets, seen when the agent made the batch; an invalid one is dropped and counted."""
+    hostname = checked.host.hostname
+    seen_ns = _seen_ns(batch, checked, latest_ns)
+    accepted: list[WorkloadLabelsRow] = []
+    seen: set[tuple[str, str, str]] = set()
+    for index, labels in enumerate(batch.labels):
+        identity = labels.workload
+        key = (identity.workload, identity.phase, identity.job)
+        if index >= MAX_LABEL_SETS:
+            error: str | None = f"more than {MAX_LABEL_SETS} label sets in one batch"
+        elif key in seen:
+            error = "the workload's labels appear twice in the batch"
+        else:
+            error = labels_error(labels)
+        if error is None:
+            seen.add(key)
+            accepted.append(WorkloadLabelsRow(*key, dict(labels.labels), seen_ns))
+        else:
+            where = f"labels[{index}] ({identity.workload[:64]}/{identity.phase[:64]}/{identity.job[:64]})"
+            checked.notes.append(f"dropped {where} from {hostname}: {error}")
+            checked.dropped.append("workload_labels")
     return accepted

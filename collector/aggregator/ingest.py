@@ -4,8 +4,9 @@ place that orders each agent instance's batches, checked against what the instan
 
 A batch is acknowledged only after the transaction holding it committed. An invalid batch is refused whole with an
 Ack that carries its sequence and why (recorded in the store as done, empty, so the instance's watermark moves past
-it); only optional fields (a power array with negative values, bad spans or process bindings) are dropped and
-counted while the rest is stored. The batch's spans and pid -> workload bindings are stored in its transaction.
+it); only optional fields (a power array with negative values, bad spans, process bindings, steps series or label
+sets) are dropped and counted while the rest is stored. The batch's spans, pid -> workload bindings, training
+steps and workload labels are stored in its transaction.
 Problems that concern the stream rather than one batch (bytes that are not a Batch, a newer protocol, a host the
 credentials do not cover) raise ``StreamRefused`` subclasses, which the gRPC server maps to status codes.
 
@@ -350,6 +351,8 @@ class Ingest:
             packed=rows,
             spans=checked.spans,
             bindings=checked.bindings,
+            steps=checked.steps,
+            workload_labels=checked.labels,
         )
         return _Settled(stored, energy)
 

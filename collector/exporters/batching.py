@@ -8,6 +8,9 @@ Workload energy is each (workload, device)'s cumulative joules for the life of t
 is written when the energy changed in that reading or in the previous one, and at the reading before a change, so
 each flat stretch is pinned at both ends and the aggregator never spreads one reading's energy over a quiet minute.
 
+Training steps (cumulative per workload, ``StepChanges``) and workload labels (``LabelChanges``) are read at each
+flush and go with the next batches when they changed, and every few minutes again.
+
 Request spans reported over the registration socket wait in a ``SpanQueue`` (at most ``MAX_PENDING_SPANS``; past
 it they are dropped and counted) and go into the next batches, each batch taking what fits in its byte budget.
 """
@@ -37,6 +40,11 @@ BINDING_OVERHEAD_BYTES = 24
 BATCH_RESERVE_BYTES = 16 * 1024
 # A span's field tag and length prefix in a batch: 1 byte of tag, at most 3 of length (a span is under 2**21 bytes).
 SPAN_FRAMING_BYTES = 4
+# A step point: a fixed64 time and a varint count (at most 10 bytes), packed.
+STEP_POINT_BYTES = 18
+STEPS_RESEND_S = 60.0
+LABELS_RESEND_S = 300.0
+MAX_STEP_POINTS = 3600  # per workload waiting for a batch: an hour of flushes
 MAX_PENDING_SPANS = 100_000
 """Spans waiting for a batch; more are dropped and counted (about 20 MB at the largest spans the socket accepts)."""
 
@@ -282,6 +290,99 @@ class BindingChanges:
                 pb.ProcessBinding(pid=pid, workload=pb.WorkloadIdentity(workload=key[0], phase=key[1], job=key[2]))
             )
             del self._pending[pid]
+        return taken
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+def _identity(key: WireKey) -> pb.WorkloadIdentity:
+    return pb.WorkloadIdentity(workload=key[0], phase=key[1], job=key[2])
+
+
+class StepChanges:
+    """Cumulative steps per workload (``WorkloadSteps.totals``) for the next batches: a point for each workload
+    whose count moved since the last batch took one, and for every workload every ``resend_s`` (so a batch the
+    aggregator refused, with the last point in it, costs nothing once the next resend is stored). Points that do not
+    fit in a batch's budget wait for the next; at most ``MAX_STEP_POINTS`` per workload wait (the oldest go: the
+    counts are cumulative, so only when the steps were done is lost, never a step)."""
+
+    def __init__(self, resend_s: float = STEPS_RESEND_S) -> None:
+        self.resend_s = resend_s
+        self._sent: dict[WireKey, int] = {}
+        self._pending: dict[WireKey, tuple[list[int], list[int]]] = {}
+        self._resent_s: float | None = None
+
+    def update(self, totals: Mapping[WireKey, int], time_ns: int, now_s: float) -> None:
+        """Take the counts as they stand at ``time_ns`` (Unix ns); ``now_s``: monotonic seconds, for resends."""
+        resend = self._resent_s is None or now_s - self._resent_s >= self.resend_s
+        if resend:
+            self._resent_s = now_s
+        for key, count in totals.items():
+            if not resend and self._sent.get(key) == count:
+                continue
+            self._sent[key] = count
+            times, counts = self._pending.setdefault(key, ([], []))
+            if times and times[-1] >= time_ns:  # the wall clock stepped back: the latest point takes the count
+                counts[-1] = count
+                continue
+            times.append(time_ns)
+            counts.append(count)
+            if len(times) > MAX_STEP_POINTS:
+                del times[0], counts[0]
+        for key in [key for key in self._sent if key not in totals]:  # expired on the agent: starts again at 0
+            del self._sent[key]
+
+    def take(self, budget_bytes: int) -> list[pb.StepSeries]:
+        """Pending series that fit in ``budget_bytes``; the rest wait for the next batch."""
+        taken: list[pb.StepSeries] = []
+        for key, (times, counts) in list(self._pending.items()):
+            cost = SERIES_OVERHEAD_BYTES + sum(map(len, key)) + STEP_POINT_BYTES * len(times)
+            if cost > budget_bytes:
+                break
+            budget_bytes -= cost
+            taken.append(pb.StepSeries(workload=_identity(key), time_ns=times, count=counts))
+            del self._pending[key]
+        return taken
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+class LabelChanges:
+    """Each workload's registration labels for the next batches: the whole set of a workload whose labels are new
+    or changed, and every workload's every ``resend_s``, so an aggregator that lost them learns them again. A
+    workload whose labels went (its last labelled process re-registered without them) is sent with none."""
+
+    def __init__(self, resend_s: float = LABELS_RESEND_S) -> None:
+        self.resend_s = resend_s
+        self._known: dict[WireKey, tuple[tuple[str, str], ...]] = {}
+        self._pending: dict[WireKey, tuple[tuple[str, str], ...]] = {}
+        self._resent_s: float | None = None
+
+    def update(self, current: Mapping[WireKey, tuple[tuple[str, str], ...]], now_s: float) -> None:
+        """``current``: the labels of the workloads the agent knows now (a workload it forgot is not withdrawn)."""
+        resend = self._resent_s is None or now_s - self._resent_s >= self.resend_s
+        if resend:
+            self._resent_s = now_s
+        for key, labels in current.items():
+            if labels != self._known.get(key, ()) or (resend and labels):
+                self._pending[key] = labels
+            self._known[key] = labels
+        for key in [key for key in self._known if key not in current]:
+            del self._known[key]
+
+    def take(self, budget_bytes: int) -> list[pb.WorkloadLabels]:
+        taken: list[pb.WorkloadLabels] = []
+        for key, labels in list(self._pending.items()):
+            cost = SERIES_OVERHEAD_BYTES + sum(map(len, key)) + sum(len(k) + len(v) + 8 for k, v in labels)
+            if cost > budget_bytes:
+                break
+            budget_bytes -= cost
+            taken.append(pb.WorkloadLabels(workload=_identity(key), labels=dict(labels)))
+            del self._pending[key]
         return taken
 
     @property

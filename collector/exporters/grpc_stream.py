@@ -9,6 +9,9 @@ the spool as acks come, and the sender itself watches for a stall (``ack_timeout
 What is sent is the spooled bytes as they are: a batch replayed after a restart keeps its instance id and sequence,
 so the aggregator's (instance, sequence) deduplication makes a replay store nothing twice.
 
+Training steps (``steps``: cumulative per workload) and the workloads' registration labels ride in the batches too,
+when they changed and every few minutes again (``batching.StepChanges``, ``LabelChanges``).
+
 Request spans (``add_span``, from the registration socket) ride in the same batches: each batch takes the waiting
 spans that fit in what its series and bindings leave of ``max_batch_bytes``, and batches of spans alone carry the rest
 in the same flush. Once spooled they have the batches' guarantees.
@@ -36,8 +39,10 @@ from collector.exporters.batching import (
     SPAN_FRAMING_BYTES,
     BatchBuilder,
     BindingChanges,
+    LabelChanges,
     SeriesBuffer,
     SpanQueue,
+    StepChanges,
     span_message,
 )
 from collector.exporters.exposition import Family
@@ -47,6 +52,7 @@ from collector.proto import wattmeter_pb2 as pb
 from collector.registration import SpanEvent
 from collector.sampler import Sampler
 from collector.spool import Spool, SpoolError
+from collector.workloads.steps import WorkloadSteps
 from collector.workloads.tracker import WorkloadTracker
 
 log = logging.getLogger(__name__)
@@ -165,12 +171,14 @@ class StreamExporter:
         sampler: Sampler,
         tracker: WorkloadTracker | None = None,
         *,
+        steps: WorkloadSteps | None = None,
         host_root: Path = Path("/"),
         bindings_interval_s: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
         """``host_root`` moves /etc/machine-id and /proc/sys/kernel/random/boot_id (tests); process bindings are
-        looked up at most every ``bindings_interval_s`` (the workload scan interval)."""
+        looked up at most every ``bindings_interval_s`` (the workload scan interval), and so are the workloads'
+        registration labels; ``steps``' counts at every flush."""
         self.config = config
         self.settings = ChannelSettings.from_config(config)
         host = parse_target(config.target)[0]
@@ -189,6 +197,9 @@ class StreamExporter:
         if tracker is not None:
             tracker.add_split_listener(self.builder.on_split)
         self.bindings = BindingChanges()
+        self.steps = steps
+        self.step_changes = StepChanges()
+        self.label_changes = LabelChanges()
         self.spans = SpanQueue(self.builder.cut, self.builder.cut_bytes)
         self._spans_spooled = 0
         self._spans_lost = 0  # in a batch the spool could not take
@@ -285,10 +296,12 @@ class StreamExporter:
             return 0
         buffers = self.builder.take()
         self._update_bindings()
+        self._update_steps()
         # The spans waiting now, and no more: spans arriving faster than the spool takes them must not keep this
         # flush going. Later ones go with the next flush.
         spans_left = self.spans.pending
-        if not buffers and (self.bindings.pending or spans_left):
+        facts = self.bindings.pending or self.step_changes.pending or self.label_changes.pending
+        if not buffers and (facts or spans_left):
             buffers = [SeriesBuffer()]
         spooled = 0
         for buffer in buffers:
@@ -296,10 +309,14 @@ class StreamExporter:
             budget = self.config.max_batch_bytes - buffer.estimated_bytes - BATCH_RESERVE_BYTES // 2
             processes = self.bindings.take(budget)
             budget -= sum(binding.ByteSize() + SPAN_FRAMING_BYTES for binding in processes)
+            steps = self.step_changes.take(budget)
+            budget -= sum(series.ByteSize() + SPAN_FRAMING_BYTES for series in steps)
+            labels = self.label_changes.take(budget)
+            budget -= sum(one.ByteSize() + SPAN_FRAMING_BYTES for one in labels)
             spans, _ = self.spans.take(budget, spans_left)
             spans_left -= len(spans)
-            if devices or workloads or processes or spans:
-                spooled += self._spool_batch(devices, workloads, processes, spans)
+            if devices or workloads or processes or spans or steps or labels:
+                spooled += self._spool_batch(devices, workloads, processes, spans, steps, labels)
         while spans_left > 0:  # what did not fit beside the series: batches of spans alone
             spans, _ = self.spans.take(self.config.max_batch_bytes - BATCH_RESERVE_BYTES // 2, spans_left)
             if not spans:
@@ -319,6 +336,19 @@ class StreamExporter:
             self.bindings.update(self.tracker.process_bindings())
         except Exception:
             log.exception("stream: reading process bindings failed")
+        try:
+            identities = dict(self.tracker.identities)  # one C-level copy: the scan thread adds and removes keys
+            self.label_changes.update({key: identity.labels for key, identity in identities.items()}, now)
+        except Exception:
+            log.exception("stream: reading workload labels failed")
+
+    def _update_steps(self) -> None:
+        if self.steps is None:
+            return
+        try:
+            self.step_changes.update(self.steps.totals(), time.time_ns(), time.monotonic())
+        except Exception:
+            log.exception("stream: reading training steps failed")
 
     def _spool_batch(
         self,
@@ -326,6 +356,8 @@ class StreamExporter:
         workloads: list[pb.WorkloadSeries],
         processes: list[pb.ProcessBinding],
         spans: list[pb.RequestSpan] | None = None,
+        steps: list[pb.StepSeries] | None = None,
+        labels: list[pb.WorkloadLabels] | None = None,
     ) -> int:
         sequence = self._sequence + 1
         created_ns = time.time_ns()
@@ -347,6 +379,8 @@ class StreamExporter:
             workloads=workloads,
             processes=processes,
             spans=spans or (),
+            steps=steps or (),
+            labels=labels or (),
         )
         try:
             record_no = self.spool.append(batch.SerializeToString())

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ollector/proto/wattmeter.proto\x12\x0cwattmeter.v1\"E\n\x0cHostIdentity\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x12\n\nmachine_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\"\x8a\x01\n\x0c\x44\x65viceSeries\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07time_ns\x18\x04 \x03(\x06\x12\x10\n\x08\x65nergy_j\x18\x05 \x03(\x01\x12\x0f\n\x07power_w\x18\x06 \x03(\x01\x12\x15\n\rin_host_total\x18\x07 \x01(\x08\"@\n\x10WorkloadIdentity\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\"x\n\x0eWorkloadSeries\x12\x30\n\x08workload\x18\x01 \x01(\x0b\x32\x1e.wattmeter.v1.WorkloadIdentity\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0f\n\x07time_ns\x18\x03 \x03(\x06\x12\x10\n\x08\x65nergy_j\x18\x04 \x03(\x01\"O\n\x0eProcessBinding\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x30\n\x08workload\x18\x02 \x01(\x0b\x32\x1e.wattmeter.v1.WorkloadIdentity\"\xfb\x02\n\x0bRequestSpan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08start_ns\x18\x02 \x01(\x06\x12\x0e\n\x06\x65nd_ns\x18\x03 \x01(\x06\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x10\n\x08workload\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x14\n\x0cservice_name\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x35\n\x06labels\x18\n \x03(\x0b\x32%.wattmeter.v1.RequestSpan.LabelsEntry\x12\x14\n\x0cinput_tokens\x18\x0b \x01(\x04\x12\x15\n\routput_tokens\x18\x0c \x01(\x04\x12\x16\n\x0eprefill_end_ns\x18\r \x01(\x06\x12\x14\n\x0cqueue_end_ns\x18\x0e \x01(\x06\x12\x0f\n\x07span_id\x18\x0f \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x02\n\x05\x42\x61tch\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12(\n\x04host\x18\x02 \x01(\x0b\x32\x1a.wattmeter.v1.HostIdentity\x12\x19\n\x11\x61gent_instance_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x12\n\ncreated_ns\x18\x05 \x01(\x06\x12\x1f\n\x17oldest_pending_sequence\x18\x06 \x01(\x04\x12+\n\x07\x64\x65vices\x18\x07 \x03(\x0b\x32\x1a.wattmeter.v1.DeviceSeries\x12/\n\tworkloads\x18\x08 \x03(\x0b\x32\x1c.wattmeter.v1.WorkloadSeries\x12(\n\x05spans\x18\t \x03(\x0b\x32\x19.wattmeter.v1.RequestSpan\x12/\n\tprocesses\x18\n \x03(\x0b\x32\x1c.wattmeter.v1.ProcessBinding\"b\n\x03\x41\x63k\x12\x19\n\x11\x61gent_instance_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63ked_sequence\x18\x02 \x01(\x04\x12\x19\n\x11rejected_sequence\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"6\n\nSpanReport\x12(\n\x05spans\x18\x01 \x03(\x0b\x32\x19.wattmeter.v1.RequestSpan\"F\n\x10SpanReportResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t2\x8a\x01\n\tTelemetry\x12\x34\n\x06Stream\x12\x13.wattmeter.v1.Batch\x1a\x11.wattmeter.v1.Ack(\x01\x30\x01\x12G\n\x0bReportSpans\x12\x18.wattmeter.v1.SpanReport\x1a\x1e.wattmeter.v1.SpanReportResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ollector/proto/wattmeter.proto\x12\x0cwattmeter.v1\"E\n\x0cHostIdentity\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x12\n\nmachine_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\"\x8a\x01\n\x0c\x44\x65viceSeries\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07time_ns\x18\x04 \x03(\x06\x12\x10\n\x08\x65nergy_j\x18\x05 \x03(\x01\x12\x0f\n\x07power_w\x18\x06 \x03(\x01\x12\x15\n\rin_host_total\x18\x07 \x01(\x08\"@\n\x10WorkloadIdentity\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\"x\n\x0eWorkloadSeries\x12\x30\n\x08workload\x18\x01 \x01(\x0b\x32\x1e.wattmeter.v1.WorkloadIdentity\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0f\n\x07time_ns\x18\x03 \x03(\x06\x12\x10\n\x08\x65nergy_j\x18\x04 \x03(\x01\"O\n\x0eProcessBinding\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x30\n\x08workload\x18\x02 \x01(\x0b\x32\x1e.wattmeter.v1.WorkloadIdentity\"^\n\nStepSeries\x12\x30\n\x08workload\x18\x01 \x01(\x0b\x32\x1e.wattmeter.v1.WorkloadIdentity\x12\x0f\n\x07time_ns\x18\x02 \x03(\x06\x12\r\n\x05\x63ount\x18\x03 \x03(\x04\"\xab\x01\n\x0eWorkloadLabels\x12\x30\n\x08workload\x18\x01 \x01(\x0b\x32\x1e.wattmeter.v1.WorkloadIdentity\x12\x38\n\x06labels\x18\x02 \x03(\x0b\x32(.wattmeter.v1.WorkloadLabels.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfb\x02\n\x0bRequestSpan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08start_ns\x18\x02 \x01(\x06\x12\x0e\n\x06\x65nd_ns\x18\x03 \x01(\x06\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x10\n\x08workload\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x14\n\x0cservice_name\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x35\n\x06labels\x18\n \x03(\x0b\x32%.wattmeter.v1.RequestSpan.LabelsEntry\x12\x14\n\x0cinput_tokens\x18\x0b \x01(\x04\x12\x15\n\routput_tokens\x18\x0c \x01(\x04\x12\x16\n\x0eprefill_end_ns\x18\r \x01(\x06\x12\x14\n\x0cqueue_end_ns\x18\x0e \x01(\x06\x12\x0f\n\x07span_id\x18\x0f \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x03\n\x05\x42\x61tch\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12(\n\x04host\x18\x02 \x01(\x0b\x32\x1a.wattmeter.v1.HostIdentity\x12\x19\n\x11\x61gent_instance_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x12\n\ncreated_ns\x18\x05 \x01(\x06\x12\x1f\n\x17oldest_pending_sequence\x18\x06 \x01(\x04\x12+\n\x07\x64\x65vices\x18\x07 \x03(\x0b\x32\x1a.wattmeter.v1.DeviceSeries\x12/\n\tworkloads\x18\x08 \x03(\x0b\x32\x1c.wattmeter.v1.WorkloadSeries\x12(\n\x05spans\x18\t \x03(\x0b\x32\x19.wattmeter.v1.RequestSpan\x12/\n\tprocesses\x18\n \x03(\x0b\x32\x1c.wattmeter.v1.ProcessBinding\x12\'\n\x05steps\x18\x0b \x03(\x0b\x32\x18.wattmeter.v1.StepSeries\x12,\n\x06labels\x18\x0c \x03(\x0b\x32\x1c.wattmeter.v1.WorkloadLabels\"b\n\x03\x41\x63k\x12\x19\n\x11\x61gent_instance_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63ked_sequence\x18\x02 \x01(\x04\x12\x19\n\x11rejected_sequence\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"6\n\nSpanReport\x12(\n\x05spans\x18\x01 \x03(\x0b\x32\x19.wattmeter.v1.RequestSpan\"F\n\x10SpanReportResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t2\x8a\x01\n\tTelemetry\x12\x34\n\x06Stream\x12\x13.wattmeter.v1.Batch\x1a\x11.wattmeter.v1.Ack(\x01\x30\x01\x12G\n\x0bReportSpans\x12\x18.wattmeter.v1.SpanReport\x1a\x1e.wattmeter.v1.SpanReportResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'collector.proto.wattmeter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WORKLOADLABELS_LABELSENTRY']._loaded_options = None
+  _globals['_WORKLOADLABELS_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTSPAN_LABELSENTRY']._loaded_options = None
   _globals['_REQUESTSPAN_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_HOSTIDENTITY']._serialized_start=49
@@ -43,18 +45,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKLOADSERIES']._serialized_end=447
   _globals['_PROCESSBINDING']._serialized_start=449
   _globals['_PROCESSBINDING']._serialized_end=528
-  _globals['_REQUESTSPAN']._serialized_start=531
-  _globals['_REQUESTSPAN']._serialized_end=910
-  _globals['_REQUESTSPAN_LABELSENTRY']._serialized_start=865
-  _globals['_REQUESTSPAN_LABELSENTRY']._serialized_end=910
-  _globals['_BATCH']._serialized_start=913
-  _globals['_BATCH']._serialized_end=1269
-  _globals['_ACK']._serialized_start=1271
-  _globals['_ACK']._serialized_end=1369
-  _globals['_SPANREPORT']._serialized_start=1371
-  _globals['_SPANREPORT']._serialized_end=1425
-  _globals['_SPANREPORTRESULT']._serialized_start=1427
-  _globals['_SPANREPORTRESULT']._serialized_end=1497
-  _globals['_TELEMETRY']._serialized_start=1500
-  _globals['_TELEMETRY']._serialized_end=1638
+  _globals['_STEPSERIES']._serialized_start=530
+  _globals['_STEPSERIES']._serialized_end=624
+  _globals['_WORKLOADLABELS']._serialized_start=627
+  _globals['_WORKLOADLABELS']._serialized_end=798
+  _globals['_WORKLOADLABELS_LABELSENTRY']._serialized_start=753
+  _globals['_WORKLOADLABELS_LABELSENTRY']._serialized_end=798
+  _globals['_REQUESTSPAN']._serialized_start=801
+  _globals['_REQUESTSPAN']._serialized_end=1180
+  _globals['_REQUESTSPAN_LABELSENTRY']._serialized_start=753
+  _globals['_REQUESTSPAN_LABELSENTRY']._serialized_end=798
+  _globals['_BATCH']._serialized_start=1183
+  _globals['_BATCH']._serialized_end=1626
+  _globals['_ACK']._serialized_start=1628
+  _globals['_ACK']._serialized_end=1726
+  _globals['_SPANREPORT']._serialized_start=1728
+  _globals['_SPANREPORT']._serialized_end=1782
+  _globals['_SPANREPORTRESULT']._serialized_start=1784
+  _globals['_SPANREPORTRESULT']._serialized_end=1854
+  _globals['_TELEMETRY']._serialized_start=1857
+  _globals['_TELEMETRY']._serialized_end=1995
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,31 @@ class ProcessBinding(_message.Message):
     workload: WorkloadIdentity
     def __init__(self, pid: _Optional[int] = ..., workload: _Optional[_Union[WorkloadIdentity, _Mapping]] = ...) -> None: ...
 
+class StepSeries(_message.Message):
+    __slots__ = ("workload", "time_ns", "count")
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    workload: WorkloadIdentity
+    time_ns: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, workload: _Optional[_Union[WorkloadIdentity, _Mapping]] = ..., time_ns: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WorkloadLabels(_message.Message):
+    __slots__ = ("workload", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    workload: WorkloadIdentity
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, workload: _Optional[_Union[WorkloadIdentity, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class RequestSpan(_message.Message):
     __slots__ = ("request_id", "start_ns", "end_ns", "hostname", "workload", "pid", "service_name", "model", "tenant", "labels", "input_tokens", "output_tokens", "prefill_end_ns", "queue_end_ns", "span_id")
     class LabelsEntry(_message.Message):
@@ -106,7 +131,7 @@ class RequestSpan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., hostname: _Optional[str] = ..., workload: _Optional[str] = ..., pid: _Optional[int] = ..., service_name: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., prefill_end_ns: _Optional[int] = ..., queue_end_ns: _Optional[int] = ..., span_id: _Optional[str] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("protocol_major", "host", "agent_instance_id", "sequence", "created_ns", "oldest_pending_sequence", "devices", "workloads", "spans", "processes")
+    __slots__ = ("protocol_major", "host", "agent_instance_id", "sequence", "created_ns", "oldest_pending_sequence", "devices", "workloads", "spans", "processes", "steps", "labels")
     PROTOCOL_MAJOR_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     AGENT_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +142,8 @@ class Batch(_message.Message):
     WORKLOADS_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     protocol_major: int
     host: HostIdentity
     agent_instance_id: str
@@ -127,7 +154,9 @@ class Batch(_message.Message):
     workloads: _containers.RepeatedCompositeFieldContainer[WorkloadSeries]
     spans: _containers.RepeatedCompositeFieldContainer[RequestSpan]
     processes: _containers.RepeatedCompositeFieldContainer[ProcessBinding]
-    def __init__(self, protocol_major: _Optional[int] = ..., host: _Optional[_Union[HostIdentity, _Mapping]] = ..., agent_instance_id: _Optional[str] = ..., sequence: _Optional[int] = ..., created_ns: _Optional[int] = ..., oldest_pending_sequence: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceSeries, _Mapping]]] = ..., workloads: _Optional[_Iterable[_Union[WorkloadSeries, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[RequestSpan, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessBinding, _Mapping]]] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StepSeries]
+    labels: _containers.RepeatedCompositeFieldContainer[WorkloadLabels]
+    def __init__(self, protocol_major: _Optional[int] = ..., host: _Optional[_Union[HostIdentity, _Mapping]] = ..., agent_instance_id: _Optional[str] = ..., sequence: _Optional[int] = ..., created_ns: _Optional[int] = ..., oldest_pending_sequence: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceSeries, _Mapping]]] = ..., workloads: _Optional[_Iterable[_Union[WorkloadSeries, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[RequestSpan, _Mapping]]] = ..., processes: _Optional[_Iterable[_Union[ProcessBinding, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepSeries, _Mapping]]] = ..., labels: _Optional[_Iterable[_Union[WorkloadLabels, _Mapping]]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("agent_instance_id", "acked_sequence", "rejected_sequence", "error")

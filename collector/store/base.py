@@ -95,6 +95,9 @@ class StoredBatch:
     # the batch's request spans (hostname filled in) and pid -> workload bindings, stored in the same transaction
     spans: Sequence[SpanRow] = ()
     bindings: Sequence[ProcessBindingRow] = ()
+    # training steps (cumulative per workload) and workload labels, stored in the same transaction too
+    steps: Sequence[StepSeriesRow] = ()
+    workload_labels: Sequence[WorkloadLabelsRow] = ()
 
     def __post_init__(self) -> None:
         if self.packed is not None and (self.devices or self.workloads or self.rollups):
@@ -185,6 +188,55 @@ class ProcessBindingRow:
     workload: str
     phase: str
     job: str
+    seen_ns: int
+
+
+@dataclass(frozen=True)
+class StepSeriesRow:
+    """A workload's cumulative training steps in one batch, time ascending (Unix ns): the agent instance's count
+    (``collector.client.step()``), which the store turns into steps per minute. A count below the one before it:
+    the agent's count started again from 0."""
+
+    workload: str
+    phase: str
+    job: str
+    time_ns: tuple[int, ...]
+    count: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkloadLabelsRow:
+    """The whole set of labels a workload's processes registered with, as the agent knew it at ``seen_ns``."""
+
+    workload: str
+    phase: str
+    job: str
+    labels: dict[str, str]
+    seen_ns: int
+
+
+@dataclass(frozen=True)
+class WorkloadStepsRow:
+    """Training steps of one workload on one host in the minutes starting in a window; ``minutes``: how many of
+    those minutes had steps."""
+
+    hostname: str
+    workload: str
+    phase: str
+    job: str
+    steps: int
+    minutes: int
+
+
+@dataclass(frozen=True)
+class StoredLabelsRow:
+    """A workload's labels on a host, as last reported (``seen_ns``: when its agent made that batch)."""
+
+    hostname: str
+    workload: str
+    phase: str
+    job: str
+    labels: dict[str, str]
     seen_ns: int
 
 
@@ -348,6 +400,16 @@ class Store(abc.ABC):
         """Per group, the final and approximate requests with start_ns in [since_ns, until_ns), largest energy
         first. A request on several hosts counts in each of its hosts' groups. Percentiles interpolate linearly
         between the sorted energies (numpy's default)."""
+
+    # Training steps and workload labels (issue 7), written with their batches.
+
+    @abc.abstractmethod
+    def workload_steps(self, since_ns: int, until_ns: int) -> list[WorkloadStepsRow]:
+        """Per (host, workload, phase, job): steps in the minutes starting in [since_ns, until_ns)."""
+
+    @abc.abstractmethod
+    def workload_labels(self, since_ns: int = 0) -> list[StoredLabelsRow]:
+        """Every workload's labels last reported at or after ``since_ns``, by host and workload."""
 
     @abc.abstractmethod
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:

@@ -182,4 +182,43 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        version=3,
+        description="training steps per workload and minute, agents' step counters, workload labels",
+        statements=(
+            # names as text: one row per stepping workload per host per minute, few beside the rollups
+            """CREATE TABLE workload_steps (
+                minute_ns {bigint} NOT NULL,
+                hostname TEXT NOT NULL,
+                workload TEXT NOT NULL,
+                phase TEXT NOT NULL,
+                job TEXT NOT NULL,
+                steps {bigint} NOT NULL,
+                PRIMARY KEY (minute_ns, hostname, workload, phase, job)
+            ){without_rowid}""",
+            # each agent instance's last cumulative count per workload: the next count's steps are counted from it
+            """CREATE TABLE step_counters (
+                instance_id TEXT NOT NULL,
+                workload TEXT NOT NULL,
+                phase TEXT NOT NULL,
+                job TEXT NOT NULL,
+                time_ns {bigint} NOT NULL,
+                total {bigint} NOT NULL,
+                PRIMARY KEY (instance_id, workload, phase, job)
+            ){without_rowid}""",
+            # labels: a JSON object, the whole set as last reported
+            """CREATE TABLE workload_labels (
+                hostname TEXT NOT NULL,
+                workload TEXT NOT NULL,
+                phase TEXT NOT NULL,
+                job TEXT NOT NULL,
+                labels TEXT NOT NULL,
+                seen_ns {bigint} NOT NULL,
+                PRIMARY KEY (hostname, workload, phase, job)
+            ){without_rowid}""",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -32,6 +32,7 @@ from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
 from collector.store.rows import WorkloadKey, pack, unpack_times, unpack_values
 from collector.store.spans import SUMMARY_COLUMN, HostKey, HostRefs, RequestOrder, RequestSql, text
+from collector.store.steps import StepsReads
 from collector.store.writes import Cursor, GroupWrite, WorkloadRefs
 
 __all__ = ["Cursor", "SqlStore", "T"]
@@ -40,7 +41,7 @@ T = TypeVar("T")
 MINUTE_NS = 60_000_000_000
 
 
-class SqlStore(Store):
+class SqlStore(StepsReads, Store):
     """``Store`` over a SQL database; subclasses open connections and run transactions."""
 
     def __init__(self, dialect: Dialect) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from collector.store.base import StoredBatch, WriteResult
 from collector.store.dialect import Dialect
 from collector.store.rows import PackedBatch, WorkloadKey
+from collector.store.steps import StepsWrite
 
 ROWS_PER_STATEMENT = 500  # rows in one multi-row statement: at most 16 parameters a row (SQLite allows 32766)
 WATERMARK_PAGE = 256  # stored sequences read per query while advancing the watermark
@@ -131,6 +132,7 @@ class GroupWrite:
 
     def __init__(self, dialect: Dialect) -> None:
         self._row_locks = dialect.row_locks
+        self._steps = StepsWrite(dialect)
         self._upsert_instances = (
             "INSERT INTO instances (instance_id, host_id, watermark, first_seen_ns, last_seen_ns)",
             "(?, NULL, 0, ?, ?)",
@@ -207,6 +209,7 @@ class GroupWrite:
         out_of_order = [(i.ref, sequence) for i in changed for sequence in sorted(i.pending)]
         if out_of_order:
             cursor.executemany("INSERT INTO stored_sequences (instance_ref, sequence) VALUES (?, ?)", out_of_order)
+        self._steps.write(cursor, batches, results)
         return results, new_refs
 
     def _lock_instances(self, cursor: Cursor, batches: Sequence[StoredBatch]) -> dict[str, _Instance]:

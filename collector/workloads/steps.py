@@ -88,7 +88,8 @@ class WorkloadSteps:
             if now_s - self._resolved_s >= RESOLVE_INTERVAL_S:
                 self._resolve_locked(now_s, self.bindings())
 
-    def families(self) -> list[Family]:
+    def _snapshot(self) -> list[tuple[tuple[str, str, str], float]]:
+        """((workload, phase, job), cumulative steps) per series, pending pids resolved first."""
         now_s = self._monotonic()
         with self._lock:
             bindings = self.bindings()
@@ -96,7 +97,10 @@ class WorkloadSteps:
             # a workload whose processes live on keeps its series, however long between its steps
             for key in set(bindings.values()):
                 self._totals.touch(key, now_s)
-            rows = sorted((label_values(key), total) for key, _, total, _ in self._totals.snapshot(now_s))
+            return [(label_values(key), total) for key, _, total, _ in self._totals.snapshot(now_s)]
+
+    def families(self) -> list[Family]:
+        rows = sorted(self._snapshot())
         family = Family(
             "wattmeter_workload_steps",
             "counter",
@@ -107,6 +111,12 @@ class WorkloadSteps:
         for labels, total in rows:
             family.add(labels, total)
         return [family]
+
+    def totals(self) -> dict[tuple[str, str, str], int]:
+        """Cumulative steps per (workload, phase, job) label values, as ``families`` exports them (pending pids
+        resolved first; workloads folded past ``max_series`` under ``other``): what the telemetry stream sends the
+        aggregator (``StepSeries``). Safe from any thread."""
+        return {key: round(total) for key, total in self._snapshot() if total > 0}
 
     def _resolve_locked(self, now_s: float, bindings: Mapping[int, WorkloadKey]) -> None:
         self._resolved_s = now_s
