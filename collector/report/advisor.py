@@ -89,7 +89,10 @@ def advise(
     windows = len(hour_starts) // window_hours
     if not energy_j:
         return ShiftAdvice(
-            window_s, windows, [], reason="no flexible workload in the period (phase training, or --flexible NAME)"
+            window_s,
+            windows,
+            [],
+            reason="no flexible workload in the period (phase training, a flexible=true label, or --flexible REGEX)",
         )
     if series.constant:
         return ShiftAdvice(window_s, windows, [], reason="no saving possible: intensity is constant")

@@ -130,6 +130,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--flexible",
         action="append",
         metavar="REGEX",
-        help="workload names the advisor may move, besides phase training (repeatable)",
+        help="workload names the advisor may move, besides phase training and workloads labelled flexible=true "
+        "(repeatable)",
     )
     report.set_defaults(func=cmd_report)

@@ -5,6 +5,11 @@ priced at that hour's mean intensity and price (so CO2 is exact for intensity th
 spreads energy evenly within an hour otherwise). Host totals are the devices' own rollups (those that add into
 host totals); groups by workload and phase are the workloads' rollups, idle/system/other included, so they add up
 to the same total. Requests (J/request, J/token) come from the store's request results.
+
+Training steps (``collector.client.step()``, per workload and minute in the store) give J per step: a workload's
+energy in the hours it stepped over the steps it did in them, and its mean power and steps/s over the minutes it
+stepped. Workloads the advisor may move: phase training, a ``flexible`` label of true/1/yes (any case, from the
+labels its processes registered with), or a name ``--flexible REGEX`` matches.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ import numpy.typing as npt
 from collector.carbon.series import J_PER_KWH, IntensitySeries
 from collector.report.advisor import ShiftAdvice, advise
 from collector.report.rates import HOUR_NS, HourlyRates, hourly_rates
-from collector.store.base import RequestResult, Store
+from collector.store.base import RequestResult, Store, StoredLabelsRow
 
 GroupBy = Literal["workload", "phase", "model", "host"]
 TOP_WORKLOADS = 10
 MAX_REQUESTS = 200_000  # requests read for per-request CO2 and the power-cap evidence
 POWER_BINS = 4
 WorkloadKey = tuple[str, str, str, str]  # host, workload, phase, job
+FLEXIBLE_LABEL = "flexible"
+FLEXIBLE_VALUES = frozenset({"true", "1", "yes"})
+MINUTE_S = 60
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,52 @@ class TrainingPower:
     mean_w: float
 
 
+@dataclass(frozen=True)
+class StepPowerBin:
+    """The hours a workload stepped whose mean power (its J over the minutes it stepped) fell in one quartile."""
+
+    quartile: int
+    hours: int
+    mean_w: float
+    steps_per_s: float
+    joules_per_step: float
+
+
+@dataclass(frozen=True)
+class StepPower:
+    """A workload that reported training steps: J per step, and its steps/s against its mean power.
+
+    Over the hours it stepped: ``energy_kwh`` on the devices that add into host totals, ``gpu_kwh`` on GPUs;
+    ``mean_w`` and ``steps_per_s`` over the minutes it stepped (``stepping_s``). J per step is None without energy."""
+
+    host: str
+    workload: str
+    phase: str
+    job: str
+    steps: int
+    stepping_s: int
+    energy_kwh: float
+    gpu_kwh: float
+    joules_per_step: float | None
+    gpu_joules_per_step: float | None
+    mean_w: float
+    steps_per_s: float
+    bins: list[StepPowerBin] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FlexibleWorkload:
+    """A workload the shift advisor may move, and why: ``phase training``, ``label flexible=...``, ``--flexible
+    REGEX``."""
+
+    name: str  # host/workload/phase/job, as in the advisor's rows
+    host: str
+    workload: str
+    phase: str
+    job: str
+    reasons: list[str]
+
+
 @dataclass
 class Report:
     since_ns: int
@@ -107,6 +161,9 @@ class Report:
     hourly_kwh: list[float] = field(default_factory=list)  # the hosts' energy per hour, for the chart
     hourly_g_per_kwh: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    step_power: list[StepPower] = field(default_factory=list)
+    step_note: str = ""
+    flexible: list[FlexibleWorkload] = field(default_factory=list)
 
 
 @dataclass
@@ -263,10 +320,12 @@ def _power_bins(done: list[RequestResult]) -> list[PowerBin]:
     return bins
 
 
-def _training_power(period: _Period) -> list[TrainingPower]:
+def _training_power(period: _Period, stepped: set[WorkloadKey]) -> list[TrainingPower]:
+    """GPU training workloads without steps in the store (those with steps are in ``StepPower``)."""
     rows = []
-    for (_, workload, phase, _), energy in period.gpu_j.items():
-        if phase != "training":
+    for key, energy in period.gpu_j.items():
+        _, workload, phase, _ = key
+        if phase != "training" or key in stepped:
             continue
         running = int((energy > 0).sum())
         if running:
@@ -276,6 +335,104 @@ def _training_power(period: _Period) -> list[TrainingPower]:
                 )
             )
     return sorted(rows, key=lambda row: -row.gpu_kwh)
+
+
+def _read_steps(
+    store: Store, hour_starts: npt.NDArray[np.int64], until_ns: int
+) -> dict[WorkloadKey, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """Per workload: its steps and the minutes it stepped, per hour of ``hour_starts``."""
+    n = len(hour_starts)
+    out: dict[WorkloadKey, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+    for i, start in enumerate(hour_starts.tolist()):
+        for row in store.workload_steps(start, min(start + HOUR_NS, until_ns)):
+            steps, minutes = out.setdefault(
+                (row.hostname, row.workload, row.phase, row.job),
+                (np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)),
+            )
+            steps[i] += row.steps
+            minutes[i] += row.minutes
+    return out
+
+
+def _step_power(
+    period: _Period, steps_by_key: dict[WorkloadKey, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]
+) -> list[StepPower]:
+    rows = []
+    n = len(period.hour_starts)
+    for key, (steps, minutes) in steps_by_key.items():
+        stepped = steps > 0
+        total_steps = int(steps[stepped].sum())
+        if total_steps <= 0:
+            continue
+        energy = period.workloads.get(key, np.zeros(n))
+        gpu = period.gpu_j.get(key, np.zeros(n))
+        energy_j = float(energy[stepped].sum())
+        gpu_j = float(gpu[stepped].sum())
+        seconds = int(minutes[stepped].sum()) * MINUTE_S
+        bins = []
+        hours = np.flatnonzero(stepped & (energy > 0))
+        if len(hours) >= POWER_BINS * 2:
+            # hours by their mean power while stepping: does the work per joule change with power?
+            watts = energy[hours] / (minutes[hours] * MINUTE_S)
+            ordered = hours[np.argsort(watts, kind="stable")]
+            for quartile in range(POWER_BINS):
+                part = ordered[quartile * len(ordered) // POWER_BINS : (quartile + 1) * len(ordered) // POWER_BINS]
+                part_s = float(minutes[part].sum()) * MINUTE_S
+                part_steps = float(steps[part].sum())
+                bins.append(
+                    StepPowerBin(
+                        quartile + 1,
+                        len(part),
+                        float(energy[part].sum()) / part_s,
+                        part_steps / part_s,
+                        float(energy[part].sum()) / part_steps,
+                    )
+                )
+        rows.append(
+            StepPower(
+                *key,
+                steps=total_steps,
+                stepping_s=seconds,
+                energy_kwh=energy_j / J_PER_KWH,
+                gpu_kwh=gpu_j / J_PER_KWH,
+                joules_per_step=energy_j / total_steps if energy_j > 0 else None,
+                gpu_joules_per_step=gpu_j / total_steps if gpu_j > 0 else None,
+                mean_w=energy_j / seconds if seconds else 0.0,
+                steps_per_s=total_steps / seconds if seconds else 0.0,
+                bins=bins,
+            )
+        )
+    return sorted(rows, key=lambda row: (-row.energy_kwh, row.host, row.workload, row.phase, row.job))
+
+
+def is_flexible_label(labels: dict[str, str]) -> bool:
+    """Whether a workload's labels mark it flexible: ``flexible`` true, 1 or yes, in any case."""
+    return labels.get(FLEXIBLE_LABEL, "").strip().lower() in FLEXIBLE_VALUES
+
+
+def _labels(store: Store) -> dict[WorkloadKey, dict[str, str]]:
+    rows: list[StoredLabelsRow] = store.workload_labels()
+    return {(row.hostname, row.workload, row.phase, row.job): row.labels for row in rows}
+
+
+def _flexible(
+    workloads: dict[WorkloadKey, npt.NDArray[np.float64]],
+    labels: dict[WorkloadKey, dict[str, str]],
+    patterns: Sequence[re.Pattern[str]],
+) -> list[FlexibleWorkload]:
+    out = []
+    for key in sorted(workloads):
+        _, workload, phase, _ = key
+        reasons = []
+        if phase == "training":
+            reasons.append("phase training")
+        own = labels.get(key, {})
+        if is_flexible_label(own):
+            reasons.append(f"label {FLEXIBLE_LABEL}={own[FLEXIBLE_LABEL]}")
+        reasons += [f"--flexible {p.pattern}" for p in patterns if p.search(workload)]
+        if reasons:
+            out.append(FlexibleWorkload("/".join(key), *key, reasons))
+    return out
 
 
 def build_report(
@@ -291,7 +448,7 @@ def build_report(
 ) -> Report:
     """The report for ``[since_ns, until_ns)`` (both floored to whole UTC hours), against the period of the same
     length before it. ``flexible``: regular expressions of workload names the advisor may move, besides phase
-    training."""
+    training and workloads labelled flexible=true."""
     since_ns -= since_ns % HOUR_NS
     until_ns -= until_ns % HOUR_NS
     if until_ns <= since_ns:
@@ -339,12 +496,12 @@ def build_report(
     )[:TOP_WORKLOADS]
 
     patterns = [re.compile(p) for p in flexible]
-    flexible_energy = {
-        "/".join(key): energy
-        for key, energy in now.workloads.items()
-        if key[2] == "training" or any(p.search(key[1]) for p in patterns)
-    }
+    movable = _flexible(now.workloads, _labels(store), patterns)
+    flexible_energy = {row.name: now.workloads[(row.host, row.workload, row.phase, row.job)] for row in movable}
     shift = advise(series, now.hour_starts, flexible_energy, window_s)
+    steps_by_key = _read_steps(store, now.hour_starts, until_ns)
+    step_power = _step_power(now, steps_by_key)
+    step_note = "" if step_power else "no training steps in the period (collector.client.step() reports them)"
 
     power_note = "" if done else (requests_note or "no request data")
     return Report(
@@ -364,11 +521,14 @@ def build_report(
         models_note,
         shift,
         _power_bins(done),
-        _training_power(now),
+        _training_power(now, set(steps_by_key)),
         power_note,
         (hosts_now / J_PER_KWH).tolist(),
         now.rates.grams_per_kwh.tolist(),
         notes,
+        step_power,
+        step_note,
+        movable,
     )
 
 

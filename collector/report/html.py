@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 
 from collector.report.data import GroupRow, Report
-from collector.report.render import POWER_NOTE, SHIFT_MODEL, money, trend, when
+from collector.report.render import POWER_NOTE, SHIFT_MODEL, STEP_NOTE, money, step_table, trend, when
 
 SECTIONS = ("totals", "groups", "phases", "top-workloads", "requests", "shift", "power-cap", "hourly")
 STYLE = """
@@ -141,6 +141,8 @@ def render_html(report: Report) -> str:
         requests = _note(report.models_note)
     shift = report.shift
     shift_html = _note(f"window {shift.window_s / 3600:g} h, {shift.windows} whole windows in the period")
+    if report.flexible:
+        shift_html += _table(["flexible workload", "why"], [[f.name, ", ".join(f.reasons)] for f in report.flexible])
     if shift.reason:
         shift_html += f"<p><strong>{escape(shift.reason)}</strong></p>"
     else:
@@ -193,8 +195,10 @@ def render_html(report: Report) -> str:
         )
     else:
         power += _note(f"requests: {report.power_note or 'too few requests per model (8 needed) to compare'}")
+    power += _note(STEP_NOTE)
+    power += _table(*step_table(report)) if report.step_power else _note(f"steps: {report.step_note}")
     if report.training_power:
-        power += _note("training on GPUs (no training steps in the store yet: energy and mean power only)")
+        power += _note("training on GPUs without steps in the store (energy and mean power only)")
         power += _table(
             ["workload", "GPU kWh", "hours running", "mean W"],
             [[t.workload, f"{t.gpu_kwh:.3f}", str(t.hours_running), f"{t.mean_w:.1f}"] for t in report.training_power],

@@ -113,10 +113,17 @@ SHIFT_MODEL = (
 )
 
 
+def flexible_lines(report: Report) -> list[str]:
+    """The workloads the advisor may move, and why."""
+    if not report.flexible:
+        return []
+    return ["flexible workloads:", *(f"  {f.name}: {', '.join(f.reasons)}" for f in report.flexible)]
+
+
 def shift_lines(report: Report) -> list[str]:
     shift = report.shift
     window_h = shift.window_s / 3600
-    out = [f"window {window_h:g} h, {shift.windows} whole windows in the period"]
+    out = [f"window {window_h:g} h, {shift.windows} whole windows in the period", *flexible_lines(report)]
     if shift.reason:
         return [*out, shift.reason, *shift.notes]
     out.append(SHIFT_MODEL)
@@ -153,6 +160,50 @@ POWER_NOTE = (
 )
 
 
+STEP_NOTE = (
+    "Training steps (collector.client.step()): J per step is the workload's energy in the hours it stepped over its "
+    "steps; mean W and steps/s are over the minutes it stepped. Quartiles of those hours by mean W, where there are "
+    "8 or more: if lower-power hours show no more J per step, a cap may save energy at little cost."
+)
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def step_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the training steps' evidence: one row per workload, then one per power quartile."""
+    headers = ["workload", "phase", "steps", "J/step", "GPU J/step", "mean W", "steps/s", "kWh"]
+    rows = []
+    for s in report.step_power:
+        rows.append(
+            [
+                f"{s.host}/{s.workload}" + (f" (job {s.job})" if s.job else ""),
+                s.phase,
+                str(s.steps),
+                _optional(s.joules_per_step, ".2f"),
+                _optional(s.gpu_joules_per_step, ".2f"),
+                f"{s.mean_w:.1f}",
+                f"{s.steps_per_s:.3f}",
+                f"{s.energy_kwh:.4f}",
+            ]
+        )
+        for b in s.bins:
+            rows.append(
+                [
+                    f"  power quartile {b.quartile} ({b.hours} h)",
+                    "",
+                    "",
+                    f"{b.joules_per_step:.2f}",
+                    "",
+                    f"{b.mean_w:.1f}",
+                    f"{b.steps_per_s:.3f}",
+                    "",
+                ]
+            )
+    return headers, rows
+
+
 def power_lines(report: Report) -> list[str]:
     out = [POWER_NOTE]
     if report.power_bins:
@@ -172,8 +223,13 @@ def power_lines(report: Report) -> list[str]:
         )
     else:
         out.append(f"requests: {report.power_note or 'too few requests per model (8 needed) to compare'}")
+    out.append(STEP_NOTE)
+    if report.step_power:
+        out += table(*step_table(report))
+    else:
+        out.append(f"steps: {report.step_note}")
     if report.training_power:
-        out.append("training on GPUs (no training steps in the store yet: energy and mean power only):")
+        out.append("training on GPUs without steps in the store (energy and mean power only):")
         out += table(
             ["workload", "GPU kWh", "hours running", "mean W"],
             [[t.workload, f"{t.gpu_kwh:.3f}", str(t.hours_running), f"{t.mean_w:.1f}"] for t in report.training_power],
