@@ -35,11 +35,12 @@ from collector.aggregator.ingest import (
     StreamRefused,
 )
 from collector.aggregator.metrics import AggregatorMetrics
-from collector.aggregator.spans import MAX_TEXT, span_error, span_row
+from collector.aggregator.request_columns import span_columns
+from collector.aggregator.spans import MAX_TEXT
 from collector.config import parse_listen
 from collector.errors import ConfigError
 from collector.proto import wattmeter_pb2 as pb
-from collector.store.base import SpanRow
+from collector.store.base import SpanColumns
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +158,8 @@ class TelemetryServicer:
                 )
         received_ns = self.ingest.clock_ns()
         latest_ns = received_ns + int(self.limits.max_future_s * 1e9)
-        accepted: list[SpanRow] = []
-        errors: list[str] = []
-        for span in report.spans:
-            error = span_error(span, span.hostname, latest_ns)
-            if error is None:
-                accepted.append(span_row(span, span.hostname, received_ns))
-            else:
-                errors.append(error)
-        if accepted:
+        accepted, errors = span_columns(report.spans, received_ns, latest_ns)
+        if len(accepted):
             try:
                 await self.store_spans(accepted)
             except Exception as exc:
@@ -176,10 +170,11 @@ class TelemetryServicer:
         result = pb.SpanReportResult(accepted=len(accepted), rejected=len(errors), errors=errors[:MAX_SPAN_ERRORS])
         return result.SerializeToString()
 
-    async def store_spans(self, spans: list[SpanRow]) -> None:
-        """Store ``spans`` (one transaction, in a store thread: never on the event loop); returns once committed."""
+    async def store_spans(self, spans: SpanColumns) -> None:
+        """Store ``spans`` (one transaction, in a store thread: never on the event loop); returns once committed.
+        The store hands the new ones to the request engine then (``Store.add_span_listener``)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.ingest.executor, self.ingest.store.write_spans, spans)
+        await loop.run_in_executor(self.ingest.executor, self.ingest.store.write_span_columns, spans)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -247,8 +242,8 @@ class GrpcServer:
     async def _take_otlp_spans(self, spans: list[pb.RequestSpan]) -> None:
         """Store an Export's spans before it is answered; raising makes the call UNAVAILABLE, which OTLP exporters
         retry (a span stored twice is stored once)."""
-        received_ns = self.servicer.ingest.clock_ns()
-        await self.servicer.store_spans([span_row(span, span.hostname, received_ns) for span in spans])
+        columns, _ = span_columns(spans, self.servicer.ingest.clock_ns(), None)  # checked by otlp's mapping
+        await self.servicer.store_spans(columns)
         self.servicer.metrics.count_spans(len(spans), 0)
 
     async def start(self) -> int:

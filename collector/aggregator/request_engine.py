@@ -36,11 +36,12 @@ it final or approximate; after a restart, a neighbour finished before it and rev
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,12 +51,11 @@ from collector.aggregator.request_metrics import RequestMetrics
 from collector.aggregator.request_resolve import HostBindings, HostWorkloads
 from collector.aggregator.request_split import Device, Series, SpanEnergy, split, summed
 from collector.aggregator.request_weights import stretches
+from collector.aggregator.request_window import SpanSet, SpanWindow
 from collector.store.base import (
     HostRow,
-    RequestResult,
-    RequestStatus,
+    ResultColumns,
     SpanKey,
-    SpanRow,
     Store,
     WorkloadEnergyRow,
 )
@@ -80,54 +80,74 @@ class PassStats:
     full: bool  # the pass took max_per_pass requests: another follows at once
 
 
-@dataclass
-class _Written:
-    status: str
-    active_j: float | None
-    full_j: float | None
+# what the engine remembers of a result it wrote: (status, active_j, full_j)
+_Written = tuple[str, float | None, float | None]
 
 
-@dataclass
-class _Accumulator:
-    model: str = ""
-    tenant: str = ""
-    start_ns: int = 0
-    end_ns: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    spans: int = 0
-    computed: int = 0
-    measured: int = 0
-    ready: int = 0
-    gpu_j: float = 0.0
-    cpu_j: float = 0.0
-    dram_j: float = 0.0
-    idle_j: float = 0.0
+class _Requests:
+    """Per request of a pass, its spans summed, as parallel lists indexed by the request's number in the pass."""
 
-    def __post_init__(self) -> None:
-        self.hosts: set[str] = set()
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.model: list[str] = []
+        self.tenant: list[str] = []
+        self.hosts: list[set[str]] = []
+        self.start: list[int] = []
+        self.end: list[int] = []
+        self.tokens_in: list[int] = []
+        self.tokens_out: list[int] = []
+        self.computed: list[int] = []
+        self.measured: list[int] = []
+        self.ready: list[int] = []
+        self.joules: list[list[float]] = []  # gpu, cpu, dram, idle
+
+    def number(self, rid: str, model: str, tenant: str, host: str, start: int, end: int) -> int:
+        k = self.index.get(rid)
+        if k is None:
+            k = self.index[rid] = len(self.ids)
+            self.ids.append(rid)
+            self.model.append(model)
+            self.tenant.append(tenant)
+            self.hosts.append({host})
+            self.start.append(start)
+            self.end.append(end)
+            self.tokens_in.append(0)
+            self.tokens_out.append(0)
+            self.computed.append(0)
+            self.measured.append(0)
+            self.ready.append(0)
+            self.joules.append([0.0, 0.0, 0.0, 0.0])
+            return k
+        self.model[k] = self.model[k] or model
+        self.tenant[k] = self.tenant[k] or tenant
+        self.hosts[k].add(host)
+        self.start[k] = min(self.start[k], start)
+        self.end[k] = max(self.end[k], end)
+        return k
 
 
-def _clusters(spans: Iterable[SpanRow]) -> dict[str, list[tuple[int, int]]]:
+def _clusters(spans: SpanSet) -> dict[str, list[tuple[int, int]]]:
     """Per host, the windows [lo, hi] (Unix ns) of its spans, merged where closer than CLUSTER_GAP_NS."""
-    by_host: dict[str, list[tuple[int, int]]] = {}
-    for span in spans:
-        by_host.setdefault(span.hostname, []).append((span.start_ns, span.end_ns))
     out: dict[str, list[tuple[int, int]]] = {}
-    for host, extents in by_host.items():
-        extents.sort()
-        merged: list[tuple[int, int]] = []
-        for lo, hi in extents:
-            if merged and lo <= merged[-1][1] + CLUSTER_GAP_NS:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        out[host] = merged
+    if not len(spans):
+        return out
+    hosts = spans.hostname
+    names = sorted(set(hosts))
+    for host in names:
+        if len(names) == 1:
+            start, end = spans.start_ns, spans.end_ns
+        else:
+            mine = np.fromiter((h == host for h in hosts), bool, len(hosts))
+            start, end = spans.start_ns[mine], spans.end_ns[mine]
+        order = np.argsort(start, kind="stable")
+        start, end = start[order], end[order]
+        reach = np.maximum.accumulate(end)
+        # a window opens where a span starts more than CLUSTER_GAP_NS after every span before it ended
+        opens = np.flatnonzero(np.concatenate([[True], start[1:] > reach[:-1] + CLUSTER_GAP_NS]))
+        closes = np.concatenate([opens[1:] - 1, [start.size - 1]])
+        out[host] = list(zip(start[opens].tolist(), reach[closes].tolist(), strict=True))
     return out
-
-
-def _key(span: SpanRow) -> SpanKey:
-    return (span.request_id, span.span_id)
 
 
 def _differs(a: float | None, b: float | None) -> bool:
@@ -136,10 +156,15 @@ def _differs(a: float | None, b: float | None) -> bool:
     return abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-12)
 
 
+def _hosts_text(hosts: set[str]) -> str:
+    return json.dumps(sorted(hosts), ensure_ascii=False, separators=(",", ":"))
+
+
 class RequestEngine:
     """Attributes pending requests; ``run_pass`` does one pass (tests call it directly), ``start`` runs passes on a
     thread every ``interval_s`` until ``stop``. ``clock_ns`` gives the wall clock that grace deadlines are
-    measured on (Unix ns, as span times are)."""
+    measured on (Unix ns, as span times are). It listens to ``store``'s span writes from its construction on
+    (``request_window``)."""
 
     def __init__(
         self,
@@ -147,6 +172,7 @@ class RequestEngine:
         config: RequestsConfig,
         metrics: RequestMetrics | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        window: SpanWindow | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -154,9 +180,14 @@ class RequestEngine:
         self.clock_ns = clock_ns
         self._written: OrderedDict[str, _Written] = OrderedDict()
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
+        self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
         self._bindings: dict[str, HostBindings] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.window = window if window is not None else SpanWindow()
+        # listening first: a span committed after the store's latest ends were read is in the window
+        store.add_span_listener(self.window.add)
+        self.window.recover(store.latest_span_ends())
 
     # -- the thread
 
@@ -184,28 +215,57 @@ class RequestEngine:
 
     # -- one pass
 
+    def _spans_of(self, request_ids: Sequence[str]) -> SpanSet:
+        """Every span of those requests: from the window where it holds all of a request's, else the store."""
+        window = self.window
+        positions: list[int] = []
+        missing: list[str] = []
+        for rid in request_ids:
+            found = window.positions(rid)
+            if found is None or rid in self._from_store:
+                missing.append(rid)
+            else:
+                positions += found
+        parts = [window.spans.take(positions)]
+        if missing:
+            parts.append(SpanSet.of(self.store.request_span_columns(missing)))
+        return SpanSet.concat(parts)
+
+    def _overlapping(self, host: str, lo: int, hi: int) -> SpanSet:
+        """Every span of ``host`` overlapping [lo, hi], from the window when it covers the time, else the store."""
+        if self.window.covers(host, lo):
+            return self.window.spans.take(self.window.overlapping(host, lo, hi))
+        return SpanSet.of(self.store.spans_overlapping_columns(host, lo, hi))
+
     def run_pass(self) -> PassStats:
         now = self.clock_ns()
         limit = self.config.max_per_pass
-        taken = self.store.pending_requests(limit)
+        taken = self.store.pending_request_counts(limit)
         full = len(taken) >= limit
-        pending = [rid for rid in taken if self._retry.get(rid, (0, 0))[0] <= now]
-        if not pending:
+        retry = self._retry
+        pending_counts = {rid: count for rid, count in taken if rid not in retry or retry[rid][0] <= now}
+        if not pending_counts:
             self.metrics.set_pending(len(taken))
             return PassStats(len(taken), 0, 0, 0, full)
-        pending_set = set(pending)
-        p_spans = self.store.request_spans(pending)
+        self.window.refresh()
+        window = self.window
+        for rid, count in pending_counts.items():
+            found = window.positions(rid)
+            if found is not None and len(found) != count:  # some of its spans are not in the window
+                self._from_store.add(rid)
+        pending_set = set(pending_counts)
+        p_spans = self._spans_of(list(pending_counts))
         # neighbours: requests sharing time (and maybe workloads) with the pending ones on their hosts
         neighbours: set[str] = set()
+        overlapping: dict[tuple[str, int, int], SpanSet] = {}
         for host, windows in _clusters(p_spans).items():
             for lo, hi in windows:
-                for span in self.store.spans_overlapping(host, lo, hi):
-                    rid = span.request_id
-                    if rid not in pending_set and (rid in self._written or not full):
+                near = overlapping[(host, lo, hi)] = self._overlapping(host, lo, hi)
+                written = self._written
+                for rid in set(near.request_id) - pending_set:
+                    if rid in written or not full:
                         neighbours.add(rid)
-        c_spans = list(p_spans)
-        if neighbours:
-            c_spans += self.store.request_spans(sorted(neighbours))
+        c_spans = SpanSet.concat([p_spans, self._spans_of(sorted(neighbours))]) if neighbours else p_spans
         wanted = pending_set | neighbours
 
         hosts = {row.hostname: row for row in self.store.hosts()}
@@ -214,20 +274,23 @@ class RequestEngine:
         all_hi = max(hi for host_windows in clusters.values() for _, hi in host_windows)
         since = all_lo - PAD_NS
         energy_rows = self.store.workload_energy(since - since % MINUTE_NS, all_hi + PAD_NS + 1)
-        per_request: dict[str, _Accumulator] = {}
+        per_request = _Requests()
         seen: set[SpanKey] = set()
         for host, host_windows in clusters.items():
             for lo, hi in host_windows:
                 try:
-                    self._attribute_window(host, lo, hi, hosts.get(host), energy_rows, wanted, seen, per_request)
+                    spans = overlapping.get((host, lo, hi))
+                    if spans is None:
+                        spans = self._overlapping(host, lo, hi)
+                    self._attribute_window(host, lo, hi, spans, hosts.get(host), energy_rows, wanted, seen, per_request)
                 except Exception:  # one host's window failing leaves its requests pending; the others go on
                     log.exception("attributing requests on %s failed", host)
                     self.metrics.pass_failed()
-        return self._settle(now, taken, pending_set, neighbours, per_request, full)
+        return self._settle(now, len(taken), pending_set, neighbours, per_request, full)
 
-    def _host_workloads(self, host: str, spans: Sequence[SpanRow], names: frozenset[str]) -> HostWorkloads:
+    def _host_workloads(self, host: str, spans: SpanSet, names: frozenset[str]) -> HostWorkloads:
         bindings = self._bindings.get(host)
-        needs = {s.pid for s in spans if not s.workload and s.pid}
+        needs = {pid for workload, pid in zip(spans.workload, spans.pid, strict=True) if not workload and pid}
         if needs and (bindings is None or not needs <= bindings.by_pid.keys()):
             bindings = self._bindings[host] = HostBindings.of(self.store.process_bindings(host))
         return HostWorkloads(bindings or HostBindings(), names)
@@ -237,13 +300,13 @@ class RequestEngine:
         host: str,
         lo: int,
         hi: int,
+        spans: SpanSet,
         host_row: HostRow | None,
         energy_rows: Sequence[WorkloadEnergyRow],
         wanted: set[str],
         seen: set[SpanKey],
-        per_request: dict[str, _Accumulator],
+        per_request: _Requests,
     ) -> None:
-        spans = [s for s in self.store.spans_overlapping(host, lo, hi)]
         identities: dict[str, list[tuple[str, str, str]]] = {}
         by_device: dict[tuple[str, str, str], set[str]] = {}
         for row in energy_rows:
@@ -253,7 +316,7 @@ class RequestEngine:
                 by_device.setdefault(identity, set()).update(row.by_device_j)
         device_rows = {d.device_id: d for d in host_row.devices} if host_row is not None else {}
         resolver = self._host_workloads(host, spans, frozenset(identities))
-        workload = [resolver.resolve(s) for s in spans]
+        workload = resolver.resolve_all(spans.workload, spans.pid, spans.service_name, spans.end_ns.tolist())
         since, until = lo - PAD_NS, hi + PAD_NS + 1
         series: dict[tuple[str, str], Series] = {}
         devices: dict[str, Device] = {}
@@ -270,10 +333,17 @@ class RequestEngine:
                 series[(name, device_id)] = summed(parts)
                 if device_id not in devices:
                     devices[device_id] = self._device(host, device_rows[device_id].kind, device_id, since, until)
-        start = np.fromiter((s.start_ns for s in spans), np.int64, len(spans))
-        end = np.fromiter((s.end_ns for s in spans), np.int64, len(spans))
-        energy = split(start, end, workload, stretches(spans, self.config.weight), series, devices)
-        self._collect(spans, energy, wanted, seen, per_request)
+        weights = stretches(
+            spans.start_ns,
+            spans.end_ns,
+            spans.queue_end_ns,
+            spans.prefill_end_ns,
+            spans.input_tokens,
+            spans.output_tokens,
+            self.config.weight,
+        )
+        energy = split(spans.start_ns, spans.end_ns, workload, weights, series, devices)
+        self._collect(host, spans, energy, wanted, seen, per_request)
 
     def _device(self, host: str, kind: str, device_id: str, since: int, until: int) -> Device:
         samples = self.store.device_samples(host, device_id, since, until)
@@ -290,120 +360,134 @@ class RequestEngine:
 
     @staticmethod
     def _collect(
-        spans: Sequence[SpanRow],
+        host: str,
+        spans: SpanSet,
         energy: SpanEnergy,
         wanted: set[str],
         seen: set[SpanKey],
-        per_request: dict[str, _Accumulator],
+        per_request: _Requests,
     ) -> None:
         gpu, cpu, dram = (energy.by_kind[kind].tolist() for kind in ("gpu", "cpu", "dram"))
         idle = energy.idle_j.tolist()
         measured = energy.measured.tolist()
         ready = energy.ready.tolist()
-        for i, span in enumerate(spans):
-            rid = span.request_id
+        start, end = spans.start_ns.tolist(), spans.end_ns.tolist()
+        tokens_in, tokens_out = spans.input_tokens.tolist(), spans.output_tokens.tolist()
+        number = per_request.number
+        for i, (rid, sid) in enumerate(zip(spans.request_id, spans.span_id, strict=True)):
             if rid not in wanted:
                 continue
-            key = _key(span)
+            key = (rid, sid)
             if key in seen:  # a span in two windows of its host (they never overlap, but it may touch both)
                 continue
             seen.add(key)
-            acc = per_request.get(rid)
-            if acc is None:
-                acc = per_request[rid] = _Accumulator(start_ns=span.start_ns, end_ns=span.end_ns)
-            acc.model = acc.model or span.model
-            acc.tenant = acc.tenant or span.tenant
-            acc.start_ns = min(acc.start_ns, span.start_ns)
-            acc.end_ns = max(acc.end_ns, span.end_ns)
-            acc.input_tokens += span.input_tokens
-            acc.output_tokens += span.output_tokens
-            acc.hosts.add(span.hostname)
-            acc.computed += 1
+            k = number(rid, spans.model[i], spans.tenant[i], host, start[i], end[i])
+            per_request.tokens_in[k] += tokens_in[i]
+            per_request.tokens_out[k] += tokens_out[i]
+            per_request.computed[k] += 1
             if measured[i]:
-                acc.measured += 1
-                acc.gpu_j += gpu[i]
-                acc.cpu_j += cpu[i]
-                acc.dram_j += dram[i]
-                acc.idle_j += idle[i]
+                per_request.measured[k] += 1
+                joules = per_request.joules[k]
+                joules[0] += gpu[i]
+                joules[1] += cpu[i]
+                joules[2] += dram[i]
+                joules[3] += idle[i]
             if ready[i]:
-                acc.ready += 1
+                per_request.ready[k] += 1
 
     def _settle(
         self,
         now: int,
-        taken: Sequence[str],
+        taken: int,
         pending: set[str],
         neighbours: set[str],
-        per_request: dict[str, _Accumulator],
+        per_request: _Requests,
         full: bool,
     ) -> PassStats:
         grace_ns = int(self.config.finalize_grace_s * S)
         pue = self.config.pue
-        results: list[RequestResult] = []
-        firsts: list[RequestResult] = []
+        out = ResultColumns(*([] for _ in range(16)))
+        firsts: list[tuple[str, str, float | None, float | None, int]] = []
         revised = 0
         still_pending = 0
-        for rid, acc in per_request.items():
-            spans_total = acc.computed
-            status: RequestStatus
-            if acc.ready == spans_total and acc.measured == spans_total:
+        written = self._written
+        r = per_request
+        for k, rid in enumerate(r.ids):
+            spans_total = r.computed[k]
+            end = r.end[k]
+            if r.ready[k] == spans_total and r.measured[k] == spans_total:
                 status = "final"
-            elif now >= acc.end_ns + grace_ns and rid in pending:
-                status = "approximate" if acc.measured else "no_samples"
+            elif now >= end + grace_ns and rid in pending:
+                status = "approximate" if r.measured[k] else "no_samples"
             else:
                 if rid in pending:
                     still_pending += 1
-                    self._back_off(rid, now, acc.end_ns + grace_ns)
+                    self._back_off(rid, now, end + grace_ns)
                 continue
-            self._retry.pop(rid, None)
-            energies: tuple[float | None, ...] = (None, None, None, None, None)
+            gpu, cpu, dram, idle = r.joules[k]
+            active: float | None = None
+            full_j: float | None = None
             if status != "no_samples":
-                active = acc.gpu_j + acc.cpu_j + acc.dram_j
-                energies = (active, (active + acc.idle_j) * pue, acc.gpu_j, acc.cpu_j, acc.dram_j)
-            result = RequestResult(
-                request_id=rid,
-                status=status,
-                model=acc.model,
-                tenant=acc.tenant,
-                hosts=tuple(sorted(acc.hosts)),
-                start_ns=acc.start_ns,
-                end_ns=acc.end_ns,
-                input_tokens=acc.input_tokens,
-                output_tokens=acc.output_tokens,
-                active_j=energies[0],
-                full_j=energies[1],
-                gpu_j=energies[2],
-                cpu_j=energies[3],
-                dram_j=energies[4],
-                spans=spans_total,
-                updated_ns=now,
-            )
-            before = self._written.get(rid)
+                active = gpu + cpu + dram
+                full_j = (active + idle) * pue
+            before = written.get(rid)
             if rid in neighbours:
                 if status != "final":
                     continue  # a stored result is not replaced by a less complete one
                 if before is not None and not (
-                    before.status != status
-                    or _differs(before.active_j, result.active_j)
-                    or _differs(before.full_j, result.full_j)
+                    before[0] != status or _differs(before[1], active) or _differs(before[2], full_j)
                 ):
                     continue
             if before is None:
                 # first time (a neighbour too: pending when the pass began is not known of spans written since)
-                firsts.append(result)
-            elif rid in pending or before.status != status or _differs(before.active_j, result.active_j):
+                firsts.append((rid, r.model[k], active, full_j, r.tokens_out[k]))
+            elif rid in pending or before[0] != status or _differs(before[1], active):
                 revised += 1
-            results.append(result)
-        if results:
-            self.store.write_request_results(results)
-        for result in results:
-            self._remember(result)
-        for result in firsts:
-            self.metrics.finished(result.model, result.tenant, result.active_j, result.full_j, result.output_tokens)
+            out.request_id.append(rid)
+            out.status.append(status)
+            out.model.append(r.model[k])
+            out.tenant.append(r.tenant[k])
+            out.hosts.append(_hosts_text(r.hosts[k]))
+            out.start_ns.append(r.start[k])
+            out.end_ns.append(end)
+            out.input_tokens.append(r.tokens_in[k])
+            out.output_tokens.append(r.tokens_out[k])
+            if active is None:
+                out.active_j.append(None)
+                out.full_j.append(None)
+                out.gpu_j.append(None)
+                out.cpu_j.append(None)
+                out.dram_j.append(None)
+            else:
+                out.active_j.append(active)
+                out.full_j.append(full_j)
+                out.gpu_j.append(gpu)
+                out.cpu_j.append(cpu)
+                out.dram_j.append(dram)
+            out.span_count.append(spans_total)
+            out.updated_ns.append(now)
+        stale = set(self.store.write_result_columns(out)) if len(out) else set()
+        retry = self._retry
+        for i, rid in enumerate(out.request_id):
+            if rid in stale:
+                continue
+            retry.pop(rid, None)
+            self._from_store.discard(rid)
+            written[rid] = (out.status[i], out.active_j[i], out.full_j[i])
+            written.move_to_end(rid)
+        while len(written) > REMEMBERED:
+            written.popitem(last=False)
+        # a stale result: its request has spans this pass did not see; its next pass reads them from the store
+        self._from_store.update(rid for rid in stale if rid in pending)
+        tenants = {rid: tenant for rid, tenant in zip(out.request_id, out.tenant, strict=True)}
+        for rid, model, active, full_j, tokens_out in firsts:
+            if rid not in stale:
+                self.metrics.finished(model, tenants[rid], active, full_j, tokens_out)
         if revised:
             self.metrics.revised(revised)
-        self.metrics.set_pending(len(taken) - (len(pending) - still_pending))
-        return PassStats(len(taken), len(results), len(firsts), revised, full)
+        self.metrics.set_pending(taken - (len(pending) - still_pending))
+        finished = sum(1 for first in firsts if first[0] not in stale)
+        return PassStats(taken, len(out) - len(stale), finished, revised, full)
 
     def _back_off(self, rid: str, now: int, deadline: int) -> None:
         if len(self._retry) > 10 * self.config.max_per_pass:
@@ -411,9 +495,3 @@ class RequestEngine:
         _, backoff = self._retry.get(rid, (0, 0))
         backoff = min(max(backoff * 2, S), MAX_RETRY_NS)
         self._retry[rid] = (min(now + backoff, deadline), backoff)
-
-    def _remember(self, result: RequestResult) -> None:
-        self._written[result.request_id] = _Written(result.status, result.active_j, result.full_j)
-        self._written.move_to_end(result.request_id)
-        while len(self._written) > REMEMBERED:
-            self._written.popitem(last=False)

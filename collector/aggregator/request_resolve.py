@@ -14,10 +14,10 @@ process that switches phase keeps serving the same requests).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from collector.store.base import ProcessBindingRow, SpanRow
+from collector.store.base import ProcessBindingRow
 
 
 @dataclass
@@ -50,17 +50,25 @@ class HostWorkloads:
     bindings: HostBindings
     names: frozenset[str]
 
-    def resolve(self, span: SpanRow) -> str | None:
-        """The workload name of ``span`` (on this host); None when nothing names one (yet)."""
-        if span.workload:
-            return span.workload
-        if span.pid:
-            bound = self.bindings.workload_at(span.pid, span.end_ns)
+    def resolve(self, workload: str, pid: int, service_name: str, end_ns: int) -> str | None:
+        """The workload name of a span (on this host) with those fields; None when nothing names one (yet)."""
+        if workload:
+            return workload
+        if pid:
+            bound = self.bindings.workload_at(pid, end_ns)
             if bound is not None:
                 return bound
-        if span.service_name:
-            return self.by_service(span.service_name)
+        if service_name:
+            return self.by_service(service_name)
         return None
+
+    def resolve_all(
+        self, workload: Sequence[str], pid: Sequence[int], service_name: Sequence[str], end_ns: Sequence[int]
+    ) -> list[str | None]:
+        """``resolve`` of spans given as columns."""
+        if all(workload):  # the usual case: every span names its workload
+            return list(workload)
+        return [self.resolve(*span) for span in zip(workload, pid, service_name, end_ns, strict=True)]
 
     def by_service(self, service_name: str) -> str | None:
         if service_name in self.names:

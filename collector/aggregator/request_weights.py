@@ -14,14 +14,13 @@ Times are Unix ns; weights are integers (the kernel's exactness rests on them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from collector.aggregator.spans import MAX_TOKENS
-from collector.store.base import Int64Array, SpanRow
+from collector.store.base import Int64Array
 
 WeightMode = Literal["equal", "tokens"]
 
@@ -37,20 +36,25 @@ class Stretches:
     weight: Int64Array
 
 
-def stretches(spans: Sequence[SpanRow], mode: WeightMode) -> Stretches:
-    n = len(spans)
+def stretches(
+    start: Int64Array,
+    end: Int64Array,
+    queue_end: Int64Array,
+    prefill_end: Int64Array,
+    input_tokens: Int64Array,
+    output_tokens: Int64Array,
+    mode: WeightMode,
+) -> Stretches:
+    """The stretches of n spans given as parallel columns (times Unix ns, tokens as sent)."""
+    n = start.size
     index = np.arange(n, dtype=np.int64)
-    start = np.fromiter((s.start_ns for s in spans), np.int64, n)
-    end = np.fromiter((s.end_ns for s in spans), np.int64, n)
-    queue_end = np.fromiter((s.queue_end_ns for s in spans), np.int64, n)
     # a queue end outside the span (ingest refuses those) would only shorten it to nothing
     begin = np.clip(np.where(queue_end > 0, queue_end, start), start, end)
     if mode == "equal":
         return Stretches(index, begin, end, np.ones(n, dtype=np.int64))
     # capped as ingest caps them (OTLP's mapping lets larger counts through): the weights stay exact integers
-    input_tokens = np.fromiter((min(s.input_tokens, MAX_TOKENS) for s in spans), np.int64, n)
-    output_tokens = np.fromiter((min(s.output_tokens, MAX_TOKENS) for s in spans), np.int64, n)
-    prefill_end = np.fromiter((s.prefill_end_ns for s in spans), np.int64, n)
+    input_tokens = np.minimum(input_tokens, MAX_TOKENS)
+    output_tokens = np.minimum(output_tokens, MAX_TOKENS)
     split = prefill_end > 0
     boundary = np.clip(prefill_end, begin, end)
     whole = ~split

@@ -13,9 +13,10 @@ that want one continuous counter per (host, device) across agent restarts use ``
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -177,6 +178,120 @@ class SpanRow:
     prefill_end_ns: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     received_ns: int = 0
+
+
+SPAN_FIELDS = (
+    "request_id", "span_id", "hostname", "start_ns", "end_ns", "workload", "pid", "service_name", "model", "tenant",
+    "input_tokens", "output_tokens", "queue_end_ns", "prefill_end_ns", "labels", "received_ns",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SpanColumns:
+    """Spans as parallel columns, one list per ``SpanRow`` field (``labels`` as JSON text, ``"{}"`` when none): what
+    ``ReportSpans`` and OTLP build from a call, the store writes with one ``executemany`` and the request engine keeps
+    in memory, with no object per span."""
+
+    request_id: list[str]
+    span_id: list[str]
+    hostname: list[str]
+    start_ns: list[int]
+    end_ns: list[int]
+    workload: list[str]
+    pid: list[int]
+    service_name: list[str]
+    model: list[str]
+    tenant: list[str]
+    input_tokens: list[int]
+    output_tokens: list[int]
+    queue_end_ns: list[int]
+    prefill_end_ns: list[int]
+    labels: list[str]
+    received_ns: list[int]
+
+    def __len__(self) -> int:
+        return len(self.request_id)
+
+    def columns(self) -> tuple[list[Any], ...]:
+        return tuple(getattr(self, name) for name in SPAN_FIELDS)
+
+    @classmethod
+    def empty(cls) -> SpanColumns:
+        return cls(*([] for _ in SPAN_FIELDS))
+
+    @classmethod
+    def of(cls, spans: Iterable[SpanRow]) -> SpanColumns:
+        rows = [
+            (s.request_id, s.span_id, s.hostname, s.start_ns, s.end_ns, s.workload, s.pid, s.service_name, s.model,
+             s.tenant, s.input_tokens, s.output_tokens, s.queue_end_ns, s.prefill_end_ns, labels_json(s.labels),
+             s.received_ns)
+            for s in spans
+        ]  # fmt: skip
+        return cls.of_rows(rows)
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[Sequence[Any]]) -> SpanColumns:
+        """Rows in ``SPAN_FIELDS`` order as columns."""
+        if not rows:
+            return cls.empty()
+        return cls(*(list(column) for column in zip(*rows, strict=True)))
+
+    def take(self, indices: Iterable[int]) -> SpanColumns:
+        chosen = list(indices)
+        return SpanColumns(*([column[i] for i in chosen] for column in self.columns()))
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return list(zip(*self.columns(), strict=True))
+
+    def spans(self) -> list[SpanRow]:
+        return [
+            SpanRow(
+                *row[:14],  # type: ignore[misc]  # SPAN_FIELDS is SpanRow's fields in order
+                labels={} if row[14] == "{}" else dict(json.loads(row[14])),
+                received_ns=row[15],
+            )
+            for row in zip(*self.columns(), strict=True)
+        ]
+
+    @staticmethod
+    def concat(parts: Sequence[SpanColumns]) -> SpanColumns:
+        if len(parts) == 1:
+            return parts[0]
+        return SpanColumns(*([v for part in parts for v in getattr(part, name)] for name in SPAN_FIELDS))
+
+
+def labels_json(labels: dict[str, str]) -> str:
+    """A span's labels as stored: JSON with sorted keys, ``"{}"`` when none."""
+    return json.dumps(labels, sort_keys=True, ensure_ascii=False, separators=(",", ":")) if labels else "{}"
+
+
+@dataclass(frozen=True)
+class ResultColumns:
+    """Request results as parallel columns (``RequestResult``'s fields; ``hosts`` as a sorted JSON array), written
+    with one ``executemany``. ``span_count``: the spans each was computed from (the stale-result guard)."""
+
+    request_id: list[str]
+    status: list[str]
+    model: list[str]
+    tenant: list[str]
+    hosts: list[str]
+    start_ns: list[int]
+    end_ns: list[int]
+    input_tokens: list[int]
+    output_tokens: list[int]
+    active_j: list[float | None]
+    full_j: list[float | None]
+    gpu_j: list[float | None]
+    cpu_j: list[float | None]
+    dram_j: list[float | None]
+    span_count: list[int]
+    updated_ns: list[int]
+
+    def __len__(self) -> int:
+        return len(self.request_id)
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return list(zip(*(getattr(self, f.name) for f in fields(self)), strict=True))
 
 
 @dataclass(frozen=True)
@@ -375,6 +490,40 @@ class Store(abc.ABC):
         """Upsert results by request_id in one transaction; returns how many were written. A result whose
         ``spans`` is fewer than the spans stored for its request now is stale (a span arrived after they were
         read) and is not written: the request stays ``pending``, to be computed again."""
+
+    # The columnar forms the ingest paths and the engine use (no object per span or per request).
+
+    @abc.abstractmethod
+    def write_span_columns(self, spans: SpanColumns) -> SpanColumns:
+        """``write_spans`` of columns; returns the spans that were new (``spans`` itself when all were), which it
+        also hands, once committed, to every span listener (``add_span_listener``)."""
+
+    @abc.abstractmethod
+    def add_span_listener(self, listener: Callable[[SpanColumns], None]) -> None:
+        """Call ``listener`` with the new spans of every span write of this store object (``write_spans``,
+        ``write_span_columns``, ``write_batches``), after its commit, on the writing thread; an exception it raises
+        is logged, never the write's. The request engine keeps recent spans in memory so."""
+
+    @abc.abstractmethod
+    def pending_request_counts(self, limit: int) -> list[tuple[str, int]]:
+        """``pending_requests`` with the number of spans stored for each."""
+
+    @abc.abstractmethod
+    def request_span_columns(self, request_ids: Sequence[str]) -> SpanColumns:
+        """``request_spans`` as columns."""
+
+    @abc.abstractmethod
+    def spans_overlapping_columns(self, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
+        """``spans_overlapping`` as columns."""
+
+    @abc.abstractmethod
+    def latest_span_ends(self) -> dict[str, int]:
+        """Per hostname, the latest ``end_ns`` of its stored spans (the engine's start: what it has not seen)."""
+
+    @abc.abstractmethod
+    def write_result_columns(self, results: ResultColumns) -> list[str]:
+        """``write_request_results`` of columns (one row per request id); returns the ids not written because they
+        were stale (computed from fewer spans than are stored now: they stay ``pending``)."""
 
     @abc.abstractmethod
     def request(self, request_id: str) -> RequestResult | None:

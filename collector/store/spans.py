@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import fields, replace
-from operator import attrgetter
-from typing import Any, Literal, TypeVar, get_args
+from operator import itemgetter
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -24,8 +24,9 @@ from collector.store.base import (
     RequestResult,
     RequestStatus,
     RequestSummaryRow,
+    ResultColumns,
+    SpanColumns,
     SpanKey,
-    SpanRow,
 )
 from collector.store.dialect import Dialect
 from collector.store.writes import Cursor, Refs, _chunks, _insert, _marks
@@ -39,11 +40,6 @@ _SPAN_COLUMNS = (
     "request_id, span_id, start_ns, end_ns, workload, pid, service_name, model, tenant, input_tokens, "
     "output_tokens, queue_end_ns, prefill_end_ns, received_ns, host_ref, labels"
 )
-# the span's fields in _SPAN_COLUMNS' order, less the host id and labels (one C call per span)
-_span_fields = attrgetter(
-    "request_id", "span_id", "start_ns", "end_ns", "workload", "pid", "service_name", "model", "tenant",
-    "input_tokens", "output_tokens", "queue_end_ns", "prefill_end_ns", "received_ns",
-)  # fmt: skip
 _SPAN_ROW = "(" + ", ".join(["?"] * 16) + ")"
 _SELECT_SPANS = (
     "SELECT s.request_id, s.span_id, h.hostname, s.start_ns, s.end_ns, s.workload, s.pid, s.service_name, s.model, "
@@ -69,30 +65,24 @@ def text(value: str) -> str:
     return value.replace("\0", "\ufffd") if "\0" in value else value
 
 
-def _has_nul(span: SpanRow) -> bool:
-    # spelled out: 0.16 us a span, against 1.5 for any() over the fields
-    return (
-        "\0" in span.request_id
-        or "\0" in span.span_id
-        or "\0" in span.hostname
-        or "\0" in span.workload
-        or "\0" in span.service_name
-        or "\0" in span.model
-        or "\0" in span.tenant
-    )
+_TEXT_COLUMNS = ("request_id", "span_id", "hostname", "workload", "service_name", "model", "tenant")
 
 
-_Row = TypeVar("_Row", SpanRow, ProcessBindingRow)
+def _without_nul_columns(spans: SpanColumns) -> SpanColumns:
+    """``spans`` with every text column through ``text`` (labels are JSON, which escapes NUL itself); one scan per
+    column when there is no NUL, as is usual."""
+    changed: dict[str, Any] = {
+        name: [text(value) for value in getattr(spans, name)]
+        for name in _TEXT_COLUMNS
+        if "\0" in "".join(getattr(spans, name))
+    }
+    return replace(spans, **changed) if changed else spans
 
 
-def _without_nul(row: _Row) -> _Row:
+def _without_nul(row: ProcessBindingRow) -> ProcessBindingRow:
     """``row`` with every text field through ``text`` (labels are JSON, which escapes NUL itself)."""
     changes: dict[str, Any] = {f.name: text(getattr(row, f.name)) for f in fields(row) if f.type == "str"}
     return replace(row, **changes)
-
-
-def labels_text(labels: dict[str, str]) -> str:
-    return json.dumps(labels, sort_keys=True, ensure_ascii=False, separators=(",", ":")) if labels else "{}"
 
 
 def hosts_text(hosts: Iterable[str]) -> str:
@@ -135,90 +125,112 @@ class RequestSql:
             f"INSERT INTO spans ({_SPAN_COLUMNS}) VALUES {{rows}} ON CONFLICT (request_id, span_id) DO NOTHING"
             + ("" if self._new_by_rowid else " RETURNING request_id, span_id")
         )
+        self._insert_span = (
+            f"INSERT INTO spans ({_SPAN_COLUMNS}) VALUES {_SPAN_ROW} ON CONFLICT (request_id, span_id) DO NOTHING"
+        )
+        self._insert_pending = (
+            "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
+            f"output_tokens, span_count, updated_ns) VALUES {_PENDING_ROW}" + self._upsert_pending
+        )
+        self._insert_results = f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES {_REQUEST_ROW}" + self._upsert_results
 
     # -- writes
 
     def write_spans(
-        self, cursor: Cursor, spans: Sequence[SpanRow], hosts: HostRefs, now_ns: int
-    ) -> tuple[int, dict[HostKey, int]]:
-        """Insert the spans not stored yet and make their requests pending; returns how many were new and the host
-        ids inserted (for ``HostRefs.remember`` once committed)."""
-        if not spans:
-            return 0, {}
-        spans = [_without_nul(span) if _has_nul(span) else span for span in spans]
-        refs, new_refs = hosts.resolve(cursor, {(span.hostname,) for span in spans})
+        self, cursor: Cursor, spans: SpanColumns, hosts: HostRefs, now_ns: int
+    ) -> tuple[SpanColumns, dict[HostKey, int]]:
+        """Insert the spans not stored yet and make their requests pending; returns the new spans (``spans`` itself
+        when all were new, as happens but for a replay) and the host ids inserted (for ``HostRefs.remember`` once
+        committed)."""
+        if not len(spans):
+            return spans, {}
+        spans = _without_nul_columns(spans)
+        refs, new_refs = hosts.resolve(cursor, {(name,) for name in spans.hostname})
         host_ref = {name: ref for (name,), ref in refs.items()}
-        first: dict[SpanKey, SpanRow] = {}
-        for span in spans:  # of one key given twice, the insert keeps the first
-            first.setdefault((span.request_id, span.span_id), span)
-        # sorted: PostgreSQL writers lock keys in one order, and index inserts in key order touch fewer pages
-        ordered = sorted(first.items())
-        new: set[SpanKey] = set()
-        inserted = 0
-        last_rowid = 0
+        keys = list(zip(spans.request_id, spans.span_id, strict=True))
+        if len(set(keys)) < len(keys):  # of one key given twice, the insert keeps the first
+            first: dict[SpanKey, int] = {}
+            for i, key in enumerate(keys):
+                first.setdefault(key, i)
+            spans = spans.take(sorted(first.values()))
+            keys = list(zip(spans.request_id, spans.span_id, strict=True))
+        if not self._new_by_rowid:
+            # PostgreSQL writers lock keys in one order
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            spans = spans.take(order)
+            keys = [keys[i] for i in order]
+        refs_column = (
+            [host_ref[spans.hostname[0]]] * len(spans) if len(host_ref) == 1 else [host_ref[h] for h in spans.hostname]
+        )
+        rows = zip(
+            spans.request_id, spans.span_id, spans.start_ns, spans.end_ns, spans.workload, spans.pid,
+            spans.service_name, spans.model, spans.tenant, spans.input_tokens, spans.output_tokens,
+            spans.queue_end_ns, spans.prefill_end_ns, spans.received_ns, refs_column, spans.labels,
+            strict=True,
+        )  # fmt: skip
         if self._new_by_rowid:
             cursor.execute("SELECT COALESCE(MAX(rowid), 0) FROM spans")
             last_rowid = int(cursor.fetchone()[0])
-        for chunk in _chunks(ordered):
-            params: list[Any] = []
-            for _, span in chunk:
-                params += _span_fields(span)
-                params.append(host_ref[span.hostname])
-                params.append(labels_text(span.labels) if span.labels else "{}")
-            cursor.execute(self._insert_spans.format(rows=_marks(len(chunk), _SPAN_ROW)), params)
-            if self._new_by_rowid:
-                inserted += cursor.rowcount
-            else:
-                new.update(map(tuple, cursor.fetchall()))
-        if self._new_by_rowid:
-            if inserted == len(ordered):
-                new_spans = [span for _, span in ordered]
-            else:
+            cursor.executemany(self._insert_span, rows)
+            if cursor.rowcount != len(keys):
+                # some were stored already: the rowids past the table's last before the insert are the new ones
+                # (one writer at a time: no one else's rows among them)
                 cursor.execute("SELECT request_id, span_id FROM spans WHERE rowid > ?", (last_rowid,))
                 new = set(map(tuple, cursor.fetchall()))
-                new_spans = [span for key, span in ordered if key in new]
+                spans = spans.take(i for i, key in enumerate(keys) if key in new)
         else:
-            new_spans = [span for key, span in ordered if key in new]
-        if new_spans:
-            self._mark_pending(cursor, new_spans, now_ns)
-        return len(new_spans), new_refs
+            new = set()
+            all_rows = list(rows)
+            for chunk in _chunks(all_rows):
+                statement = self._insert_spans.format(rows=_marks(len(chunk), _SPAN_ROW))
+                cursor.execute(statement, [value for row in chunk for value in row])
+                new.update(map(tuple, cursor.fetchall()))
+            if len(new) != len(keys):
+                spans = spans.take(i for i, key in enumerate(keys) if key in new)
+        if len(spans):
+            self._mark_pending(cursor, spans, now_ns)
+        return spans, new_refs
 
-    def _mark_pending(self, cursor: Cursor, spans: list[SpanRow], now_ns: int) -> None:
-        """Upsert the requests of ``spans`` (new spans, sorted by request id) as pending."""
-        one_host: dict[str, str] = {}
-        rows: list[list[Any]] = []
-        several: dict[int, set[str]] = {}  # row -> hosts, for requests with new spans on several hosts
-        last = None
-        for span in spans:
-            if span.request_id != last:
-                last = span.request_id
-                text = one_host.get(span.hostname)
-                if text is None:
-                    text = one_host[span.hostname] = hosts_text([span.hostname])
-                rows.append(
-                    [span.request_id, span.model, span.tenant, text, span.start_ns, span.end_ns, span.input_tokens,
-                     span.output_tokens, 1, now_ns]
-                )  # fmt: skip
-                continue
-            row = rows[-1]
-            row[1] = row[1] or span.model
-            row[2] = row[2] or span.tenant
-            if row[3] != one_host.get(span.hostname):
-                several.setdefault(len(rows) - 1, set(json.loads(row[3]))).add(span.hostname)
-            row[4] = min(row[4], span.start_ns)
-            row[5] = max(row[5], span.end_ns)
-            row[6] += span.input_tokens
-            row[7] += span.output_tokens
-            row[8] += 1
-        for index, names in several.items():
-            rows[index][3] = hosts_text(names)
-        for chunk in _chunks(rows):
-            cursor.execute(
-                "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
-                f"output_tokens, span_count, updated_ns) VALUES {_marks(len(chunk), _PENDING_ROW)}"
-                + self._upsert_pending,
-                [value for row in chunk for value in row],
-            )
+    def _mark_pending(self, cursor: Cursor, spans: SpanColumns, now_ns: int) -> None:
+        """Upsert the requests of ``spans`` (new spans) as pending, one row per request."""
+        host_text = {name: hosts_text([name]) for name in set(spans.hostname)}
+        n = len(spans)
+        if len(set(spans.request_id)) == n:  # a span per request, the usual case: rows straight from the columns
+            hosts = [host_text[h] for h in spans.hostname] if len(host_text) > 1 else [host_text[spans.hostname[0]]] * n
+            rows: list[Sequence[Any]] = list(
+                zip(
+                    spans.request_id, spans.model, spans.tenant, hosts, spans.start_ns, spans.end_ns,
+                    spans.input_tokens, spans.output_tokens, [1] * n, [now_ns] * n,
+                    strict=True,
+                )
+            )  # fmt: skip
+        else:
+            by_request: dict[str, list[Any]] = {}
+            several: dict[str, set[str]] = {}
+            for rid, host, model, tenant, start, end, tokens_in, tokens_out in zip(
+                spans.request_id, spans.hostname, spans.model, spans.tenant, spans.start_ns, spans.end_ns,
+                spans.input_tokens, spans.output_tokens, strict=True,
+            ):  # fmt: skip
+                row = by_request.get(rid)
+                if row is None:
+                    row = [rid, model, tenant, host_text[host], start, end, tokens_in, tokens_out, 1, now_ns]
+                    by_request[rid] = row
+                    continue
+                row[1] = row[1] or model
+                row[2] = row[2] or tenant
+                if row[3] != host_text[host]:
+                    several.setdefault(rid, set(json.loads(row[3]))).add(host)
+                row[4] = min(row[4], start)
+                row[5] = max(row[5], end)
+                row[6] += tokens_in
+                row[7] += tokens_out
+                row[8] += 1
+            for rid, names in several.items():
+                by_request[rid][3] = hosts_text(names)
+            rows = list(by_request.values())
+        if not self._new_by_rowid:
+            rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
+        cursor.executemany(self._insert_pending, rows)
 
     def write_bindings(
         self, cursor: Cursor, bindings: Sequence[ProcessBindingRow], hosts: HostRefs
@@ -241,24 +253,33 @@ class RequestSql:
         )
         return new_refs
 
-    def write_results(self, cursor: Cursor, results: Sequence[RequestResult]) -> int:
-        """Upsert ``results`` (the last of one request id given twice); returns how many were written, the others
-        being stale (computed from fewer spans than are stored now)."""
-        latest: dict[str, RequestResult] = {}
-        for result in results:
-            if result.status not in STATUSES:
-                raise ValueError(f"request {result.request_id!r}: status {result.status!r} is not one of {STATUSES}")
-            latest[result.request_id] = result
-        written = 0
-        rows = [_result_row(latest[request_id]) for request_id in sorted(latest)]
-        for chunk in _chunks(rows):
-            cursor.execute(
-                f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES {_marks(len(chunk), _REQUEST_ROW)}"
-                + self._upsert_results,
-                [value for row in chunk for value in row],
+    def write_results(self, cursor: Cursor, results: ResultColumns) -> list[str]:
+        """Upsert ``results`` (one per request id); returns the ids not written, being stale (computed from fewer
+        spans than are stored now)."""
+        if not len(results):
+            return []
+        bad = set(results.status) - STATUSES
+        if bad:
+            i = next(i for i, status in enumerate(results.status) if status in bad)
+            raise ValueError(
+                f"request {results.request_id[i]!r}: status {results.status[i]!r} is not one of {STATUSES}"
             )
-            written += max(cursor.rowcount, 0)  # a stale result's row is neither inserted nor updated
-        return written
+        rows = results.rows()
+        if any("\0" in "".join(column) for column in (results.request_id, results.model, results.tenant)):
+            rows = [(text(r[0]), r[1], text(r[2]), text(r[3]), *r[4:]) for r in rows]
+        if not self._new_by_rowid:
+            rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
+        cursor.executemany(self._insert_results, rows)
+        if cursor.rowcount == len(rows):  # a stale result's row is neither inserted nor updated
+            return []
+        counts: dict[str, int] = {}
+        ids = [row[0] for row in rows]
+        for chunk in _chunks(ids):
+            cursor.execute(
+                f"SELECT request_id, span_count FROM requests WHERE request_id IN ({_marks(len(chunk), '?')})", chunk
+            )
+            counts.update((str(rid), int(count)) for rid, count in cursor.fetchall())
+        return [row[0] for row in rows if counts.get(row[0], -1) > row[14]]
 
     # -- reads
 
@@ -276,29 +297,40 @@ class RequestSql:
         ]
 
     @staticmethod
-    def pending_requests(cursor: Cursor, limit: int) -> list[str]:
+    def pending_requests(cursor: Cursor, limit: int) -> list[tuple[str, int]]:
+        """(request id, spans stored) of up to ``limit`` pending requests, oldest end first."""
         # the literal 'pending' (not a parameter) lets SQLite's planner use the partial index
-        cursor.execute("SELECT request_id FROM requests WHERE status = 'pending' ORDER BY end_ns LIMIT ?", (limit,))
-        return [str(row[0]) for row in cursor.fetchall()]
+        cursor.execute(
+            "SELECT request_id, span_count FROM requests WHERE status = 'pending' ORDER BY end_ns LIMIT ?", (limit,)
+        )
+        return [(str(rid), int(count)) for rid, count in cursor.fetchall()]
 
     @staticmethod
-    def request_spans(cursor: Cursor, request_ids: Sequence[str]) -> list[SpanRow]:
-        spans: list[SpanRow] = []
+    def request_spans(cursor: Cursor, request_ids: Sequence[str]) -> SpanColumns:
+        rows: list[Any] = []
         for chunk in _chunks(sorted(set(request_ids))):
             cursor.execute(
                 f"{_SELECT_SPANS} WHERE s.request_id IN ({_marks(len(chunk), '?')}) ORDER BY s.request_id, s.span_id",
                 chunk,
             )
-            spans += [_span(row) for row in cursor.fetchall()]
-        return spans
+            rows += cursor.fetchall()
+        return SpanColumns.of_rows(rows)
 
     @staticmethod
-    def spans_overlapping(cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> list[SpanRow]:
+    def spans_overlapping(cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
         cursor.execute(
             f"{_SELECT_SPANS} WHERE h.hostname = ? AND s.end_ns >= ? AND s.start_ns <= ? ORDER BY s.end_ns",
             (hostname, since_ns, until_ns),
         )
-        return [_span(row) for row in cursor.fetchall()]
+        return SpanColumns.of_rows(cursor.fetchall())
+
+    @staticmethod
+    def latest_span_ends(cursor: Cursor) -> dict[str, int]:
+        # one index probe per host (spans_by_host), not a scan of the spans
+        cursor.execute(
+            "SELECT h.hostname, (SELECT MAX(s.end_ns) FROM spans s WHERE s.host_ref = h.id) FROM span_hosts h"
+        )
+        return {str(host): int(end) for host, end in cursor.fetchall() if end is not None}
 
     @staticmethod
     def request(cursor: Cursor, request_id: str) -> RequestResult | None:
@@ -385,25 +417,6 @@ def _with_span_hosts(cursor: Cursor, results: list[RequestResult]) -> list[Reque
         replace(result, hosts=tuple(sorted(hosts[result.request_id]))) if result.request_id in hosts else result
         for result in results
     ]
-
-
-def _labels(text: str) -> dict[str, str]:
-    return {} if text == "{}" else dict(json.loads(text))
-
-
-def _span(row: Sequence[Any]) -> SpanRow:
-    # the columns are SpanRow's fields in order (_SELECT_SPANS); positional: a third of the cost of keywords
-    return SpanRow(
-        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11], row[12],
-        row[13], _labels(row[14]), row[15],
-    )  # fmt: skip
-
-
-def _result_row(r: RequestResult) -> tuple[Any, ...]:
-    return (
-        text(r.request_id), r.status, text(r.model), text(r.tenant), hosts_text(r.hosts), r.start_ns, r.end_ns,
-        r.input_tokens, r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns,
-    )  # fmt: skip
 
 
 def _joules(value: Any) -> float | None:

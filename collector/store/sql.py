@@ -6,6 +6,7 @@ Backends supply connections and transactions (``_run``).
 from __future__ import annotations
 
 import abc
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from collector.store.base import (
     ProcessBindingRow,
     RequestResult,
     RequestSummaryRow,
+    ResultColumns,
+    SpanColumns,
     SpanRow,
     Store,
     StoredBatch,
@@ -31,11 +34,13 @@ from collector.store.base import (
 from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
 from collector.store.rows import WorkloadKey, pack, unpack_times, unpack_values
-from collector.store.spans import SUMMARY_COLUMN, HostKey, HostRefs, RequestOrder, RequestSql, text
+from collector.store.spans import SUMMARY_COLUMN, HostKey, HostRefs, RequestOrder, RequestSql, hosts_text, text
 from collector.store.steps import StepsReads
 from collector.store.writes import Cursor, GroupWrite, WorkloadRefs
 
 __all__ = ["Cursor", "SqlStore", "T"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MINUTE_NS = 60_000_000_000
@@ -50,6 +55,7 @@ class SqlStore(StepsReads, Store):
         self._group_write = GroupWrite(dialect)
         self._hosts = HostRefs()
         self._requests = RequestSql(dialect)
+        self._span_listeners: list[Callable[[SpanColumns], None]] = []
 
     # -- what backends provide
 
@@ -98,33 +104,54 @@ class SqlStore(StepsReads, Store):
             return []
         packed = [pack(batch) for batch in batches]  # before the transaction: its lock is held for SQL alone
 
-        def work(cursor: Cursor) -> tuple[list[WriteResult], dict[WorkloadKey, int], dict[HostKey, int]]:
+        def work(
+            cursor: Cursor,
+        ) -> tuple[list[WriteResult], dict[WorkloadKey, int], dict[HostKey, int], SpanColumns]:
             results, new_refs = self._group_write.run(cursor, batches, packed, self._workloads)
             # a batch's spans and bindings commit with it (it is acknowledged after this commit), and only when the
             # batch itself is stored: a replay's are in the database already
             stored = [batch for batch, result in zip(batches, results, strict=True) if result.stored]
             spans = [span for batch in stored for span in batch.spans]
             bindings = [binding for batch in stored for binding in batch.bindings]
-            _, span_hosts = self._requests.write_spans(cursor, spans, self._hosts, time.time_ns())
+            new_spans, span_hosts = self._requests.write_spans(
+                cursor, SpanColumns.of(spans), self._hosts, time.time_ns()
+            )
             binding_hosts = self._requests.write_bindings(cursor, bindings, self._hosts)
-            return results, new_refs, {**span_hosts, **binding_hosts}
+            return results, new_refs, {**span_hosts, **binding_hosts}, new_spans
 
-        results, new_refs, new_hosts = self._run(work, write=True)
+        results, new_refs, new_hosts, new_spans = self._run(work, write=True)
         self._workloads.remember(new_refs)
         self._hosts.remember(new_hosts)
+        self._tell_span_listeners(new_spans)
         return results
 
     def write_spans(self, spans: Sequence[SpanRow]) -> int:
-        if not spans:
-            return 0
+        return len(self.write_span_columns(SpanColumns.of(spans))) if spans else 0
+
+    def write_span_columns(self, spans: SpanColumns) -> SpanColumns:
+        if not len(spans):
+            return spans
         now_ns = time.time_ns()
 
-        def work(cursor: Cursor) -> tuple[int, dict[HostKey, int]]:
+        def work(cursor: Cursor) -> tuple[SpanColumns, dict[HostKey, int]]:
             return self._requests.write_spans(cursor, spans, self._hosts, now_ns)
 
         new, new_hosts = self._run(work, write=True)
         self._hosts.remember(new_hosts)
+        self._tell_span_listeners(new)
         return new
+
+    def add_span_listener(self, listener: Callable[[SpanColumns], None]) -> None:
+        self._span_listeners.append(listener)
+
+    def _tell_span_listeners(self, spans: SpanColumns) -> None:
+        if not len(spans):
+            return
+        for listener in self._span_listeners:
+            try:
+                listener(spans)
+            except Exception:  # the spans are committed: the write stands whatever a listener does
+                log.exception("a span listener failed")
 
     def write_process_bindings(self, bindings: Sequence[ProcessBindingRow]) -> None:
         if not bindings:
@@ -136,8 +163,22 @@ class SqlStore(StepsReads, Store):
         self._hosts.remember(self._run(work, write=True))
 
     def write_request_results(self, results: Sequence[RequestResult]) -> int:
-        if not results:
+        latest: dict[str, RequestResult] = {}
+        for result in results:  # the last of one request id given twice
+            latest[result.request_id] = result
+        if not latest:
             return 0
+        rows = [
+            (r.request_id, r.status, r.model, r.tenant, hosts_text(r.hosts), r.start_ns, r.end_ns, r.input_tokens,
+             r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns)
+            for r in latest.values()
+        ]  # fmt: skip
+        columns = ResultColumns(*(list(column) for column in zip(*rows, strict=True)))
+        return len(rows) - len(self.write_result_columns(columns))
+
+    def write_result_columns(self, results: ResultColumns) -> list[str]:
+        if not len(results):
+            return []
         return self._run(lambda cursor: self._requests.write_results(cursor, results), write=True)
 
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:
@@ -339,18 +380,30 @@ class SqlStore(StepsReads, Store):
         return self._run(lambda cursor: self._requests.process_bindings(cursor, text(hostname), since_ns), write=False)
 
     def pending_requests(self, limit: int) -> list[str]:
+        return [rid for rid, _ in self.pending_request_counts(limit)]
+
+    def pending_request_counts(self, limit: int) -> list[tuple[str, int]]:
         return self._run(lambda cursor: self._requests.pending_requests(cursor, limit), write=False)
 
     def request_spans(self, request_ids: Sequence[str]) -> list[SpanRow]:
+        return self.request_span_columns(request_ids).spans()
+
+    def request_span_columns(self, request_ids: Sequence[str]) -> SpanColumns:
         if not request_ids:
-            return []
+            return SpanColumns.empty()
         ids = [text(request_id) for request_id in request_ids]
         return self._run(lambda cursor: self._requests.request_spans(cursor, ids), write=False)
 
     def spans_overlapping(self, hostname: str, since_ns: int, until_ns: int) -> list[SpanRow]:
+        return self.spans_overlapping_columns(hostname, since_ns, until_ns).spans()
+
+    def spans_overlapping_columns(self, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
         return self._run(
             lambda cursor: self._requests.spans_overlapping(cursor, text(hostname), since_ns, until_ns), write=False
         )
+
+    def latest_span_ends(self) -> dict[str, int]:
+        return self._run(self._requests.latest_span_ends, write=False)
 
     def request(self, request_id: str) -> RequestResult | None:
         return self._run(lambda cursor: self._requests.request(cursor, text(request_id)), write=False)
