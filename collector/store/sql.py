@@ -35,7 +35,7 @@ from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
 from collector.store.rows import WorkloadKey, pack, unpack_times, unpack_values
 from collector.store.spans import SUMMARY_COLUMN, HostKey, HostRefs, RequestOrder, RequestSql, hosts_text, text
-from collector.store.steps import StepsReads
+from collector.store.steps import StepsReads, prune_steps
 from collector.store.writes import Cursor, GroupWrite, WorkloadRefs
 
 __all__ = ["Cursor", "SqlStore", "T"]
@@ -219,7 +219,7 @@ class SqlStore(StepsReads, Store):
             deleted += max(cursor.rowcount, 0)
             cursor.execute("DELETE FROM process_bindings WHERE seen_ns < ?", (raw_cutoff,))
             deleted += max(cursor.rowcount, 0)
-            return deleted
+            return deleted + prune_steps(cursor, last_old_minute, rollup_cutoff, raw_cutoff)
 
         return self._run(work, write=True)
 

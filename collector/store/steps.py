@@ -135,6 +135,22 @@ class StepsWrite:
         )
 
 
+def prune_steps(cursor: Cursor, last_old_minute: int, rollup_cutoff_ns: int, raw_cutoff_ns: int) -> int:
+    """Inside ``Store.prune``'s transaction: steps per minute go with the rollups (minutes starting at or before
+    ``last_old_minute``), labels last reported before ``rollup_cutoff_ns`` with them, and step counters not moved since
+    ``raw_cutoff_ns`` (an agent resends a live workload's count every minute, so such a counter's series is gone
+    from its agent, whose count would start again from 0). Returns the rows deleted."""
+    deleted = 0
+    for statement, cutoff in (
+        ("DELETE FROM workload_steps WHERE minute_ns <= ?", last_old_minute),
+        ("DELETE FROM workload_labels WHERE seen_ns < ?", rollup_cutoff_ns),
+        ("DELETE FROM step_counters WHERE time_ns < ?", raw_cutoff_ns),
+    ):
+        cursor.execute(statement, (cutoff,))
+        deleted += max(cursor.rowcount, 0)
+    return deleted
+
+
 class StepsReads:
     """``Store.workload_steps`` and ``Store.workload_labels`` for ``SqlStore`` (which provides ``_run``)."""
 

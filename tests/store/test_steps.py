@@ -118,3 +118,22 @@ def test_labels_and_steps_of_a_duplicate_batch_are_not_written(store: Store) -> 
     assert store.workload_labels() == []
     store.write_batch(with_steps(1, [(10, 5)]))
     assert store.workload_steps(0, FAR) == []
+
+
+def test_prune_drops_old_steps_labels_and_idle_counters(store: Store) -> None:
+    store.write_batch(with_steps(1, [(10, 5)]))
+    store.write_batch(labelled(2, {"flexible": "true"}, 20))
+    store.write_batch(with_steps(3, [(3600 * 2, 9)]))  # two hours on: the counter moved then
+    now_ns = T0_NS + 3 * 3600 * S
+    store.prune(now_ns, raw_retention_s=3600 * 1.5, rollup_retention_s=3600 * 2)
+    # the first minute is past the rollup retention (and the labels with it); the minute two hours on is not
+    assert per_minute(store) == {}
+    assert sum(r.steps for r in store.workload_steps(0, FAR)) == 4
+    assert store.workload_labels() == []
+    # the counter moved within the raw retention: kept, so the next count adds only what is new
+    store.write_batch(with_steps(4, [(3600 * 2 + 60, 10)]))
+    assert sum(r.steps for r in store.workload_steps(0, FAR)) == 5
+    # a counter idle past the raw retention goes: that series is gone from its agent, whose count restarted
+    store.prune(now_ns + 3600 * S, raw_retention_s=60, rollup_retention_s=3600 * 10)
+    store.write_batch(with_steps(5, [(3600 * 4, 2)]))
+    assert sum(r.steps for r in store.workload_steps(0, FAR)) == 7
