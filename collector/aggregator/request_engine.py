@@ -84,47 +84,39 @@ class PassStats:
 _Written = tuple[str, float | None, float | None]
 
 
-class _Requests:
-    """Per request of a pass, its spans summed, as parallel lists indexed by the request's number in the pass."""
+class _Collected:
+    """The spans of wanted requests met in a pass's windows, with their energy: parallel parts, one per window,
+    summed per request at the end (``_settle``)."""
 
     def __init__(self) -> None:
-        self.index: dict[str, int] = {}
-        self.ids: list[str] = []
+        self.request_id: list[str] = []
+        self.hostname: list[str] = []
         self.model: list[str] = []
         self.tenant: list[str] = []
-        self.hosts: list[set[str]] = []
-        self.start: list[int] = []
-        self.end: list[int] = []
-        self.tokens_in: list[int] = []
-        self.tokens_out: list[int] = []
-        self.computed: list[int] = []
-        self.measured: list[int] = []
-        self.ready: list[int] = []
-        self.joules: list[list[float]] = []  # gpu, cpu, dram, idle
+        self.arrays: list[list[np.ndarray]] = [[] for _ in range(10)]  # see _collect
 
-    def number(self, rid: str, model: str, tenant: str, host: str, start: int, end: int) -> int:
-        k = self.index.get(rid)
-        if k is None:
-            k = self.index[rid] = len(self.ids)
-            self.ids.append(rid)
-            self.model.append(model)
-            self.tenant.append(tenant)
-            self.hosts.append({host})
-            self.start.append(start)
-            self.end.append(end)
-            self.tokens_in.append(0)
-            self.tokens_out.append(0)
-            self.computed.append(0)
-            self.measured.append(0)
-            self.ready.append(0)
-            self.joules.append([0.0, 0.0, 0.0, 0.0])
-            return k
-        self.model[k] = self.model[k] or model
-        self.tenant[k] = self.tenant[k] or tenant
-        self.hosts[k].add(host)
-        self.start[k] = min(self.start[k], start)
-        self.end[k] = max(self.end[k], end)
-        return k
+    def add(self, host: str, spans: SpanSet, keep: list[int], energy: SpanEnergy) -> None:
+        index = np.array(keep, dtype=np.int64)
+        self.request_id += [spans.request_id[i] for i in keep]
+        self.hostname += [host] * len(keep)
+        self.model += [spans.model[i] for i in keep]
+        self.tenant += [spans.tenant[i] for i in keep]
+        measured = energy.measured[index]
+        parts = (
+            spans.start_ns[index],
+            spans.end_ns[index],
+            spans.input_tokens[index],
+            spans.output_tokens[index],
+            measured,
+            energy.ready[index],
+            # a span's joules count only when some device of its workload had samples during it
+            np.where(measured, energy.by_kind["gpu"][index], 0.0),
+            np.where(measured, energy.by_kind["cpu"][index], 0.0),
+            np.where(measured, energy.by_kind["dram"][index], 0.0),
+            np.where(measured, energy.idle_j[index], 0.0),
+        )
+        for into, part in zip(self.arrays, parts, strict=True):
+            into.append(part)
 
 
 def _clusters(spans: SpanSet) -> dict[str, list[tuple[int, int]]]:
@@ -274,19 +266,19 @@ class RequestEngine:
         all_hi = max(hi for host_windows in clusters.values() for _, hi in host_windows)
         since = all_lo - PAD_NS
         energy_rows = self.store.workload_energy(since - since % MINUTE_NS, all_hi + PAD_NS + 1)
-        per_request = _Requests()
-        seen: set[SpanKey] = set()
+        collected = _Collected()
         for host, host_windows in clusters.items():
+            seen: set[SpanKey] | None = set() if len(host_windows) > 1 else None
             for lo, hi in host_windows:
                 try:
                     spans = overlapping.get((host, lo, hi))
                     if spans is None:
                         spans = self._overlapping(host, lo, hi)
-                    self._attribute_window(host, lo, hi, spans, hosts.get(host), energy_rows, wanted, seen, per_request)
+                    self._attribute_window(host, lo, hi, spans, hosts.get(host), energy_rows, wanted, seen, collected)
                 except Exception:  # one host's window failing leaves its requests pending; the others go on
                     log.exception("attributing requests on %s failed", host)
                     self.metrics.pass_failed()
-        return self._settle(now, len(taken), pending_set, neighbours, per_request, full)
+        return self._settle(now, len(taken), pending_set, neighbours, collected, full)
 
     def _host_workloads(self, host: str, spans: SpanSet, names: frozenset[str]) -> HostWorkloads:
         bindings = self._bindings.get(host)
@@ -304,8 +296,8 @@ class RequestEngine:
         host_row: HostRow | None,
         energy_rows: Sequence[WorkloadEnergyRow],
         wanted: set[str],
-        seen: set[SpanKey],
-        per_request: _Requests,
+        seen: set[SpanKey] | None,
+        collected: _Collected,
     ) -> None:
         identities: dict[str, list[tuple[str, str, str]]] = {}
         by_device: dict[tuple[str, str, str], set[str]] = {}
@@ -343,7 +335,7 @@ class RequestEngine:
             self.config.weight,
         )
         energy = split(spans.start_ns, spans.end_ns, workload, weights, series, devices)
-        self._collect(host, spans, energy, wanted, seen, per_request)
+        self._collect(host, spans, energy, wanted, seen, collected)
 
     def _device(self, host: str, kind: str, device_id: str, since: int, until: int) -> Device:
         samples = self.store.device_samples(host, device_id, since, until)
@@ -364,36 +356,19 @@ class RequestEngine:
         spans: SpanSet,
         energy: SpanEnergy,
         wanted: set[str],
-        seen: set[SpanKey],
-        per_request: _Requests,
+        seen: set[SpanKey] | None,
+        collected: _Collected,
     ) -> None:
-        gpu, cpu, dram = (energy.by_kind[kind].tolist() for kind in ("gpu", "cpu", "dram"))
-        idle = energy.idle_j.tolist()
-        measured = energy.measured.tolist()
-        ready = energy.ready.tolist()
-        start, end = spans.start_ns.tolist(), spans.end_ns.tolist()
-        tokens_in, tokens_out = spans.input_tokens.tolist(), spans.output_tokens.tolist()
-        number = per_request.number
-        for i, (rid, sid) in enumerate(zip(spans.request_id, spans.span_id, strict=True)):
-            if rid not in wanted:
-                continue
-            key = (rid, sid)
-            if key in seen:  # a span in two windows of its host (they never overlap, but it may touch both)
-                continue
-            seen.add(key)
-            k = number(rid, spans.model[i], spans.tenant[i], host, start[i], end[i])
-            per_request.tokens_in[k] += tokens_in[i]
-            per_request.tokens_out[k] += tokens_out[i]
-            per_request.computed[k] += 1
-            if measured[i]:
-                per_request.measured[k] += 1
-                joules = per_request.joules[k]
-                joules[0] += gpu[i]
-                joules[1] += cpu[i]
-                joules[2] += dram[i]
-                joules[3] += idle[i]
-            if ready[i]:
-                per_request.ready[k] += 1
+        if seen is None:
+            keep = [i for i, rid in enumerate(spans.request_id) if rid in wanted]
+        else:  # the host has several windows: a span may touch two (they never overlap)
+            keep = []
+            for i, key in enumerate(zip(spans.request_id, spans.span_id, strict=True)):
+                if key[0] in wanted and key not in seen:
+                    seen.add(key)
+                    keep.append(i)
+        if keep:
+            collected.add(host, spans, keep, energy)
 
     def _settle(
         self,
@@ -401,93 +376,143 @@ class RequestEngine:
         taken: int,
         pending: set[str],
         neighbours: set[str],
-        per_request: _Requests,
+        collected: _Collected,
         full: bool,
     ) -> PassStats:
         grace_ns = int(self.config.finalize_grace_s * S)
         pue = self.config.pue
-        out = ResultColumns(*([] for _ in range(16)))
-        firsts: list[tuple[str, str, float | None, float | None, int]] = []
-        revised = 0
+        # per request: its spans summed (numbered in order of first appearance)
+        number: dict[str, int] = {}
+        code = np.array([number.setdefault(rid, len(number)) for rid in collected.request_id], dtype=np.int64)
+        ids = list(number)
+        m = len(ids)
+        if not m:
+            self.metrics.set_pending(taken - len(pending))
+            return PassStats(taken, 0, 0, 0, full)
+        start, end, tokens_in, tokens_out, measured, ready, gpu, cpu, dram, idle = (
+            np.concatenate(parts) for parts in collected.arrays
+        )
+        first = np.full(m, code.size, dtype=np.int64)
+        np.minimum.at(first, code, np.arange(code.size))
+        first_list = first.tolist()
+        req_start = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(req_start, code, start)
+        req_end = np.full(m, np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(req_end, code, end)
+        computed = np.bincount(code, minlength=m)
+        n_measured = np.bincount(code, weights=measured, minlength=m)
+        n_ready = np.bincount(code, weights=ready, minlength=m)
+        gpu_j, cpu_j, dram_j, idle_j = (np.bincount(code, weights=w, minlength=m) for w in (gpu, cpu, dram, idle))
+        sum_in = np.bincount(code, weights=tokens_in, minlength=m).astype(np.int64)
+        sum_out = np.bincount(code, weights=tokens_out, minlength=m).astype(np.int64)
+        active_j = gpu_j + cpu_j + dram_j
+        full_j = (active_j + idle_j) * pue
+        is_pending = np.fromiter((rid in pending for rid in ids), bool, m)
+        is_final = (n_ready == computed) & (n_measured == computed)
+        late = ~is_final & is_pending & (now >= req_end + grace_ns)
+        settled = is_final | late
+        no_samples = late & (n_measured == 0)
+        # a request with spans on several hosts, or several spans: its names and hosts from all of them
+        several = np.flatnonzero(computed > 1).tolist()
+        model = [collected.model[i] for i in first_list]
+        tenant = [collected.tenant[i] for i in first_list]
+        host_text = {h: _hosts_text({h}) for h in set(collected.hostname)}
+        hosts = [host_text[collected.hostname[i]] for i in first_list]
+        if several:
+            rows_of: dict[int, list[int]] = {k: [] for k in several}
+            for i, k in enumerate(code.tolist()):
+                found = rows_of.get(k)
+                if found is not None:
+                    found.append(i)
+            for k, rows in rows_of.items():
+                model[k] = next((collected.model[i] for i in rows if collected.model[i]), "")
+                tenant[k] = next((collected.tenant[i] for i in rows if collected.tenant[i]), "")
+                hosts[k] = _hosts_text({collected.hostname[i] for i in rows})
+        # requests not settled: pending ones back off
         still_pending = 0
+        end_list = req_end.tolist()
+        for k in np.flatnonzero(~settled & is_pending).tolist():
+            still_pending += 1
+            self._back_off(ids[k], now, end_list[k] + grace_ns)
         written = self._written
-        r = per_request
-        for k, rid in enumerate(r.ids):
-            spans_total = r.computed[k]
-            end = r.end[k]
-            if r.ready[k] == spans_total and r.measured[k] == spans_total:
-                status = "final"
-            elif now >= end + grace_ns and rid in pending:
-                status = "approximate" if r.measured[k] else "no_samples"
-            else:
-                if rid in pending:
-                    still_pending += 1
-                    self._back_off(rid, now, end + grace_ns)
-                continue
-            gpu, cpu, dram, idle = r.joules[k]
-            active: float | None = None
-            full_j: float | None = None
-            if status != "no_samples":
-                active = gpu + cpu + dram
-                full_j = (active + idle) * pue
+        active_list, full_list = active_j.tolist(), full_j.tolist()
+        final_list, no_samples_list = is_final.tolist(), no_samples.tolist()
+        chosen: list[int] = []
+        firsts: list[int] = []
+        revised = 0
+        for k in np.flatnonzero(settled).tolist():
+            rid = ids[k]
+            status = "final" if final_list[k] else "no_samples" if no_samples_list[k] else "approximate"
+            active = None if status == "no_samples" else active_list[k]
+            total = None if status == "no_samples" else full_list[k]
             before = written.get(rid)
             if rid in neighbours:
                 if status != "final":
                     continue  # a stored result is not replaced by a less complete one
                 if before is not None and not (
-                    before[0] != status or _differs(before[1], active) or _differs(before[2], full_j)
+                    before[0] != status or _differs(before[1], active) or _differs(before[2], total)
                 ):
                     continue
             if before is None:
                 # first time (a neighbour too: pending when the pass began is not known of spans written since)
-                firsts.append((rid, r.model[k], active, full_j, r.tokens_out[k]))
+                firsts.append(k)
             elif rid in pending or before[0] != status or _differs(before[1], active):
                 revised += 1
-            out.request_id.append(rid)
-            out.status.append(status)
-            out.model.append(r.model[k])
-            out.tenant.append(r.tenant[k])
-            out.hosts.append(_hosts_text(r.hosts[k]))
-            out.start_ns.append(r.start[k])
-            out.end_ns.append(end)
-            out.input_tokens.append(r.tokens_in[k])
-            out.output_tokens.append(r.tokens_out[k])
-            if active is None:
-                out.active_j.append(None)
-                out.full_j.append(None)
-                out.gpu_j.append(None)
-                out.cpu_j.append(None)
-                out.dram_j.append(None)
-            else:
-                out.active_j.append(active)
-                out.full_j.append(full_j)
-                out.gpu_j.append(gpu)
-                out.cpu_j.append(cpu)
-                out.dram_j.append(dram)
-            out.span_count.append(spans_total)
-            out.updated_ns.append(now)
-        stale = set(self.store.write_result_columns(out)) if len(out) else set()
+            chosen.append(k)
+        pick = np.array(chosen, dtype=np.int64)
+        unknown = [no_samples_list[k] for k in chosen]
+        energies: list[list[float | None]] = [
+            [None if none else v for none, v in zip(unknown, column[pick].tolist(), strict=True)]
+            for column in (active_j, full_j, gpu_j, cpu_j, dram_j)
+        ]
+        status_of = [
+            "final" if final_list[k] else "no_samples" if no_samples_list[k] else "approximate" for k in chosen
+        ]
+        out = ResultColumns(
+            [ids[k] for k in chosen],
+            status_of,
+            [model[k] for k in chosen],
+            [tenant[k] for k in chosen],
+            [hosts[k] for k in chosen],
+            req_start[pick].tolist(),
+            req_end[pick].tolist(),
+            sum_in[pick].tolist(),
+            sum_out[pick].tolist(),
+            energies[0],
+            energies[1],
+            energies[2],
+            energies[3],
+            energies[4],
+            computed[pick].tolist(),
+            [now] * len(chosen),
+        )
+        stale = set(self.store.write_result_columns(out)) if chosen else set()
         retry = self._retry
-        for i, rid in enumerate(out.request_id):
+        for rid, status, active, total in zip(out.request_id, out.status, out.active_j, out.full_j, strict=True):
             if rid in stale:
                 continue
             retry.pop(rid, None)
-            self._from_store.discard(rid)
-            written[rid] = (out.status[i], out.active_j[i], out.full_j[i])
+            written[rid] = (status, active, total)
             written.move_to_end(rid)
         while len(written) > REMEMBERED:
             written.popitem(last=False)
+        if self._from_store:
+            self._from_store.difference_update(rid for rid in out.request_id if rid not in stale)
         # a stale result: its request has spans this pass did not see; its next pass reads them from the store
         self._from_store.update(rid for rid in stale if rid in pending)
-        tenants = {rid: tenant for rid, tenant in zip(out.request_id, out.tenant, strict=True)}
-        for rid, model, active, full_j, tokens_out in firsts:
-            if rid not in stale:
-                self.metrics.finished(model, tenants[rid], active, full_j, tokens_out)
+        done = [k for k in firsts if ids[k] not in stale]
+        if done:
+            self.metrics.finished_many(
+                [model[k] for k in done],
+                [tenant[k] for k in done],
+                [None if no_samples_list[k] else active_list[k] for k in done],
+                [None if no_samples_list[k] else full_list[k] for k in done],
+                [int(v) for v in sum_out[done].tolist()],
+            )
         if revised:
             self.metrics.revised(revised)
         self.metrics.set_pending(taken - (len(pending) - still_pending))
-        finished = sum(1 for first in firsts if first[0] not in stale)
-        return PassStats(taken, len(out) - len(stale), finished, revised, full)
+        return PassStats(taken, len(out) - len(stale), len(done), revised, full)
 
     def _back_off(self, rid: str, now: int, deadline: int) -> None:
         if len(self._retry) > 10 * self.config.max_per_pass:

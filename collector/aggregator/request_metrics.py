@@ -13,13 +13,19 @@ label value; later ones are counted under ``"other"``. An empty model or tenant 
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 from collector.exporters.exposition import Family
 
 # 1 J to 100 kJ: a short chat completion on one GPU is tens of J, a long agentic one on 8 GPUs tens of kJ
 ENERGY_BUCKETS_J = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5)
+_BOUNDS = np.array(ENERGY_BUCKETS_J)
 VIEWS = ("active", "full")
 OTHER = "other"
 
@@ -48,6 +54,13 @@ class _Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(ENERGY_BUCKETS_J, value)] += 1
         self.sum += value
+
+    def observe_many(self, values: npt.NDArray[np.float64]) -> None:
+        """``observe`` of each of ``values``: the same buckets (searchsorted left is bisect_left)."""
+        buckets = np.bincount(np.searchsorted(_BOUNDS, values, side="left"), minlength=len(self.counts))
+        for i, count in enumerate(buckets.tolist()):
+            self.counts[i] += count
+        self.sum += math.fsum(values.tolist())
 
     def cumulative(self) -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []
@@ -90,6 +103,39 @@ class RequestMetrics:
             self._energy_total[key] = self._energy_total.get(key, 0.0) + active_j
             self._requests[key] += 1
             self._output_tokens[model] = self._output_tokens.get(model, 0) + output_tokens
+
+    def finished_many(
+        self,
+        model: Sequence[str],
+        tenant: Sequence[str],
+        active_j: Sequence[float | None],
+        full_j: Sequence[float | None],
+        output_tokens: Sequence[int],
+    ) -> None:
+        """``finished`` of many requests (parallel columns) at once: one pass per (model, tenant) group."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        with self._lock:
+            for i, (m, t, active) in enumerate(zip(model, tenant, active_j, strict=True)):
+                if active is None or full_j[i] is None:
+                    self._no_samples += 1
+                    continue
+                key = (self._model(m), self._tenant(t))
+                found = groups.get(key)
+                if found is None:
+                    groups[key] = [i]
+                else:
+                    found.append(i)
+            for (m, t), rows in groups.items():
+                active_view = np.array([active_j[i] for i in rows], np.float64)
+                full_view = np.array([full_j[i] for i in rows], np.float64)
+                for view, joules in (("active", active_view), ("full", full_view)):
+                    histogram = self._energy.get((m, view))
+                    if histogram is None:
+                        histogram = self._energy[(m, view)] = _Histogram()
+                    histogram.observe_many(joules)
+                self._energy_total[(m, t)] = self._energy_total.get((m, t), 0.0) + math.fsum(active_view.tolist())
+                self._requests[(m, t)] += len(rows)
+                self._output_tokens[m] = self._output_tokens.get(m, 0) + sum(output_tokens[i] for i in rows)
 
     def revised(self, count: int) -> None:
         with self._lock:

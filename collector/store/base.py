@@ -522,8 +522,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def write_result_columns(self, results: ResultColumns) -> list[str]:
-        """``write_request_results`` of columns (one row per request id); returns the ids not written because they
-        were stale (computed from fewer spans than are stored now: they stay ``pending``)."""
+        """The engine's results, as columns (one row per request id), in one transaction; returns the ids not
+        written because they were stale (computed from fewer spans than are stored now: they stay ``pending``). A
+        stored request gets its status, hosts, energies and ``updated_ns``: its model, tenant, times, tokens and
+        span count are what its stored spans say already (a request not stored gets the whole row)."""
 
     @abc.abstractmethod
     def request(self, request_id: str) -> RequestResult | None:

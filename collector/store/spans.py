@@ -133,6 +133,10 @@ class RequestSql:
             f"output_tokens, span_count, updated_ns) VALUES {_PENDING_ROW}" + self._upsert_pending
         )
         self._insert_results = f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES {_REQUEST_ROW}" + self._upsert_results
+        self._update_results = (
+            "UPDATE requests SET status = ?, hosts = ?, active_j = ?, full_j = ?, gpu_j = ?, cpu_j = ?, dram_j = ?, "
+            "updated_ns = ? WHERE request_id = ? AND span_count <= ?"
+        )
 
     # -- writes
 
@@ -253,9 +257,11 @@ class RequestSql:
         )
         return new_refs
 
-    def write_results(self, cursor: Cursor, results: ResultColumns) -> list[str]:
-        """Upsert ``results`` (one per request id); returns the ids not written, being stale (computed from fewer
-        spans than are stored now)."""
+    def write_results(self, cursor: Cursor, results: ResultColumns, *, whole: bool) -> list[str]:
+        """Write ``results`` (one per request id); returns the ids not written, being stale (computed from fewer
+        spans than are stored now). ``whole``: upsert every column; else (the engine's results, computed from the
+        stored spans) a stored request gets its status, hosts, energies and ``updated_ns`` only (its model, tenant,
+        times and tokens are what its spans say already): an update that touches no index but the pending one."""
         if not len(results):
             return []
         bad = set(results.status) - STATUSES
@@ -269,7 +275,10 @@ class RequestSql:
             rows = [(text(r[0]), r[1], text(r[2]), text(r[3]), *r[4:]) for r in rows]
         if not self._new_by_rowid:
             rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
-        cursor.executemany(self._insert_results, rows)
+        if whole:
+            cursor.executemany(self._insert_results, rows)
+        else:
+            cursor.executemany(self._update_results, [(*r[1:2], r[4], *r[9:14], r[15], r[0], r[14]) for r in rows])
         if cursor.rowcount == len(rows):  # a stale result's row is neither inserted nor updated
             return []
         counts: dict[str, int] = {}
@@ -279,6 +288,9 @@ class RequestSql:
                 f"SELECT request_id, span_count FROM requests WHERE request_id IN ({_marks(len(chunk), '?')})", chunk
             )
             counts.update((str(rid), int(count)) for rid, count in cursor.fetchall())
+        missing = [row for row in rows if row[0] not in counts]
+        if missing:  # not stored (pruned meanwhile): the whole row
+            cursor.executemany(self._insert_results, missing)
         return [row[0] for row in rows if counts.get(row[0], -1) > row[14]]
 
     # -- reads

@@ -174,12 +174,13 @@ class SqlStore(StepsReads, Store):
             for r in latest.values()
         ]  # fmt: skip
         columns = ResultColumns(*(list(column) for column in zip(*rows, strict=True)))
-        return len(rows) - len(self.write_result_columns(columns))
+        stale = self._run(lambda cursor: self._requests.write_results(cursor, columns, whole=True), write=True)
+        return len(rows) - len(stale)
 
     def write_result_columns(self, results: ResultColumns) -> list[str]:
         if not len(results):
             return []
-        return self._run(lambda cursor: self._requests.write_results(cursor, results), write=True)
+        return self._run(lambda cursor: self._requests.write_results(cursor, results, whole=False), write=True)
 
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:
         raw_cutoff = now_ns - round(raw_retention_s * 1e9)
