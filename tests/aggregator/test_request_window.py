@@ -1,0 +1,96 @@
+"""The request engine's memory of recent spans (``request_window``) against real stores (SQLite and PostgreSQL):
+it is fed by the store's span writes, recovers pending requests from the store after a restart, and reads the store
+for spans older than it holds; every path gives what the store alone gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collector.aggregator.config import RequestsConfig
+from collector.aggregator.request_engine import RequestEngine
+from collector.aggregator.request_window import SpanWindow
+from collector.store.base import RequestResult, SpanColumns, SpanRow, Store
+from tests.aggregator.test_request_engine import Clock, constant_host, result
+from tests.fakes.request_world import T0, HostWriter, S, simulate, spans_of, write_simulation
+
+
+def test_the_store_hands_new_spans_to_its_listeners_once_committed(store: Store) -> None:
+    got: list[SpanColumns] = []
+    store.add_span_listener(got.append)
+    a = SpanRow("a", "s", "host-a", T0, T0 + S, workload="vllm", labels={"k": "v"})
+    b = SpanRow("b", "s", "host-a", T0, T0 + 2 * S)
+    assert store.write_spans([a, b]) == 2
+    assert store.write_spans([a]) == 0  # stored already: nothing new to hand over
+    assert store.write_spans([b, SpanRow("c", "s", "host-b", T0, T0 + S)]) == 1
+    assert [columns.spans() for columns in got] == [[a, b], [SpanRow("c", "s", "host-b", T0, T0 + S)]]
+
+
+def test_a_restart_finds_pending_requests_in_the_store_and_finalises_them_as_memory_does(store: Store) -> None:
+    """Two hosts with the same samples and the same spans: host-a's spans were stored before the engine started
+    (a restart: it reads them from the store), host-b's after (its memory holds them). Results must match."""
+    sim = simulate(0, seconds=30)
+    write_simulation(HostWriter(store, "host-a"), sim)
+    write_simulation(HostWriter(store, "host-b"), sim)
+    before = spans_of(sim, hostname="host-a", prefix="a")
+    after = spans_of(sim, hostname="host-b", prefix="b")
+    crashed = RequestEngine(store, RequestsConfig(), clock_ns=Clock(T0 + 61 * S))
+    store.write_spans(before)  # in the crashed engine's memory only
+    del crashed
+    engine = RequestEngine(store, RequestsConfig(), clock_ns=Clock(T0 + 61 * S))
+    store.write_spans(after)
+    first = min(s.start_ns for s in before)
+    assert not engine.window.covers("host-a", first)  # host-a: the store's, from before the start
+    assert engine.window.covers("host-b", first)  # host-b: all in memory
+    while engine.run_pass().pending:
+        pass
+    a = [result(store, s.request_id) for s in before]
+    b = [result(store, s.request_id) for s in after]
+    assert {r.status for r in a + b} == {"final"}
+    assert np.array([r.active_j for r in b]) == pytest.approx(np.array([r.active_j for r in a]), rel=1e-9)
+    assert np.array([r.full_j for r in b]) == pytest.approx(np.array([r.full_j for r in a]), rel=1e-9)
+    assert np.array([r.active_j for r in a]) == pytest.approx(sim.truth_j, rel=0.05)
+
+
+def _late_neighbour(store: Store, window: SpanWindow) -> tuple[RequestEngine, RequestResult, RequestResult]:
+    constant_host(store, seconds=40)  # 100 W
+    engine = RequestEngine(store, RequestsConfig(), clock_ns=Clock(T0 + 60 * S), window=window)
+    store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    engine.run_pass()
+    assert result(store, "a").active_j == pytest.approx(400.0, rel=1e-9)
+    # later spans move the window on, far from a's time
+    store.write_spans([SpanRow(f"f{i}", "s", "host-a", T0 + (20 + i) * S, T0 + (21 + i) * S) for i in range(15)])
+    engine.run_pass()
+    store.write_spans([SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm")])  # late
+    stats = engine.run_pass()
+    assert (stats.finished, stats.revised) == (1, 1)
+    return engine, result(store, "a"), result(store, "b")
+
+
+def test_a_late_span_older_than_the_window_revises_its_neighbours_from_the_store(store: Store) -> None:
+    engine, a, b = _late_neighbour(store, SpanWindow(window_ns=5 * S, max_spans=8))
+    assert not engine.window.covers("host-a", T0 + 2 * S)  # a was dropped from memory: read from the store
+    assert len(engine.window) <= 8
+    assert (a.status, b.status) == ("final", "final")
+    assert a.active_j == pytest.approx(300.0, rel=1e-9)  # 2 s alone, 2 s shared with b
+    assert b.active_j == pytest.approx(300.0, rel=1e-9)
+
+
+def test_a_late_span_within_the_window_gives_the_same(store: Store) -> None:
+    engine, a, b = _late_neighbour(store, SpanWindow())
+    assert engine.window.covers("host-a", T0)  # all in memory
+    assert a.active_j == pytest.approx(300.0, rel=1e-9)
+    assert b.active_j == pytest.approx(300.0, rel=1e-9)
+
+
+def test_a_request_with_spans_stored_elsewhere_is_read_from_the_store(store: Store) -> None:
+    """A request's span written before the engine started (or by another aggregator) and one after: the memory
+    holds one of its two spans, so the engine reads them from the store and sums both."""
+    constant_host(store)
+    store.write_spans([SpanRow("r", "s1", "host-a", T0 + 2 * S, T0 + 4 * S, workload="vllm")])
+    engine = RequestEngine(store, RequestsConfig(), clock_ns=Clock(T0 + 30 * S))
+    store.write_spans([SpanRow("r", "s2", "host-a", T0 + 6 * S, T0 + 7 * S, workload="vllm")])
+    assert engine.run_pass().pending == 1
+    r = result(store, "r")
+    assert (r.status, r.spans) == ("final", 2)
+    assert r.active_j == pytest.approx(300.0, rel=1e-9)
