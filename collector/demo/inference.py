@@ -22,6 +22,8 @@ import os
 import random
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -41,6 +43,7 @@ PREFILL_TOKENS_PER_S = 8000.0
 DECODE_S_PER_TOKEN = 0.015
 MEMORY_BYTES = 60 * 1024**3
 TICK_S = 0.1
+WARM_UP_TIMEOUT_S = 15.0
 DRAIN_S = 1.5  # at stop, running requests get this long to finish; the rest are cut short (and still reported)
 
 
@@ -130,12 +133,37 @@ class Server:
             task.add_done_callback(self.tasks.discard)
 
 
+async def warm_up(agent_url: str, declare: Callable[[], None], stop: threading.Event) -> None:
+    """Serve nothing until the agent books this process's GPU energy to ``WORKLOAD`` (its scan resolves a new process
+    within about a second; before that, the GPU's energy is booked to whatever the process looked like, and the first
+    requests would get none of it), as a real server serves nothing while it loads its model. Gives up after
+    ``WARM_UP_TIMEOUT_S``: the requests are then served anyway."""
+    family, workload = "wattmeter_workload_energy_joules_total{", f'workload="{WORKLOAD}"'
+    deadline = time.monotonic() + WARM_UP_TIMEOUT_S
+    while not stop.is_set() and time.monotonic() < deadline:
+        declare()
+        text = await asyncio.to_thread(_metrics_text, agent_url)
+        if any(line.startswith(family) and workload in line and 'device="gpu' in line for line in text.splitlines()):
+            return
+        await asyncio.sleep(TICK_S)
+
+
+def _metrics_text(agent_url: str) -> str:
+    try:
+        with urllib.request.urlopen(agent_url + "/metrics", timeout=2) as response:
+            return str(response.read().decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return ""
+
+
 async def run(args: argparse.Namespace, stop: threading.Event) -> None:
     board = GpuLoadBoard(args.load_dir)
     pid = os.getpid()
     rng = random.Random(args.seed)
     with open(args.requests_log, "a", encoding="utf-8") as requests_log:
         server = Server(rng, args.rate, requests_log)
+        if args.agent_url:
+            await warm_up(args.agent_url, lambda: board.declare(args.gpu, pid, "python", 0.0, MEMORY_BYTES), stop)
         arrivals = asyncio.create_task(server.arrivals(stop))
         try:
             while not stop.is_set():
@@ -158,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     placement_arguments(parser)
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE_PER_S, help="requests per second (Poisson)")
     parser.add_argument("--requests-log", type=Path, required=True, help="JSON lines, one per finished request")
+    parser.add_argument("--agent-url", default="", help="wait until this agent books our GPU energy to us")
     args = parser.parse_args(argv)
     stop = stop_event()
     collector.client.register(WORKLOAD, phase="inference", labels={"demo": "true"})

@@ -159,7 +159,7 @@ class Demo:
         self._start(
             "inference",
             "collector.demo.inference",
-            ["--gpu", "0", *placement, "--requests-log", str(layout.requests_log)],
+            ["--gpu", "0", *placement, "--requests-log", str(layout.requests_log), "--agent-url", self.agent_url],
             env,
         )
         if options.gpus >= 2:
