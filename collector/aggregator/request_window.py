@@ -126,11 +126,36 @@ class SpanWindow:
         self._incoming: list[SpanColumns] = []
         self._horizon: dict[str, int] = {}  # per host (see the module docstring); absent: NEVER
         self._floor = NEVER  # every host's horizon is at least this (spans dropped for age or number)
-        self.spans = SpanSet.empty()
-        self._host: Int64Array = np.empty(0, np.int64)  # host code per span
         self._host_code: dict[str, int] = {}
-        self._keys: set[SpanKey] = set()
-        self._by_request: dict[str, list[int]] = {}
+        self._reset(SpanSet.empty(), np.empty(0, np.int64))
+
+    def _reset(self, spans: SpanSet, host: Int64Array) -> None:
+        """Hold ``spans`` (lists owned here, grown in place; arrays with room to grow) and their host codes."""
+        n = len(spans)
+        self._n = n
+        self._lists = [list(column) for column in spans._lists()]
+        room = max(2 * n, 1024)
+        self._arrays = [np.empty(room, np.int64) for _ in range(7)]
+        for into, values in zip(self._arrays, (*spans._arrays(), host), strict=True):
+            into[:n] = values
+        self._keys: set[SpanKey] = set(zip(self._lists[0], self._lists[1], strict=True))
+        by_request: dict[str, list[int]] = {}
+        for i, rid in enumerate(self._lists[0]):
+            found = by_request.get(rid)
+            if found is None:
+                by_request[rid] = [i]
+            else:
+                found.append(i)
+        self._by_request = by_request
+        self._view: SpanSet | None = None
+
+    @property
+    def spans(self) -> SpanSet:
+        """The spans held (a view: valid until the next ``refresh``)."""
+        if self._view is None:
+            n = self._n
+            self._view = SpanSet(*self._lists, *(array[:n] for array in self._arrays[:6]))  # type: ignore[arg-type]
+        return self._view
 
     def add(self, spans: SpanColumns) -> None:
         """New spans, just committed (a store's span listener: any thread)."""
@@ -156,14 +181,14 @@ class SpanWindow:
         code = self._host_code.get(host)
         if code is None:
             return np.empty(0, np.int64)
-        spans = self.spans
-        return np.flatnonzero((self._host == code) & (spans.end_ns >= since_ns) & (spans.start_ns <= until_ns))
+        n = self._n
+        start, end, hosts = self._arrays[0][:n], self._arrays[1][:n], self._arrays[6][:n]
+        return np.flatnonzero((hosts == code) & (end >= since_ns) & (start <= until_ns))
 
     def refresh(self) -> None:
         """Take in the spans added since the last refresh, and drop the old ones (engine thread)."""
         with self._lock:
             incoming, self._incoming = self._incoming, []
-        fresh: list[SpanSet] = []
         for columns in incoming:
             keys = list(zip(columns.request_id, columns.span_id, strict=True))
             known = self._keys
@@ -174,54 +199,60 @@ class SpanWindow:
                         chosen.setdefault(key, i)
                 columns = columns.take(chosen.values())
                 keys = list(chosen)
-            known.update(keys)
-            fresh.append(SpanSet.of(columns))
-        if fresh:
-            base = len(self.spans)
-            added = SpanSet.concat(fresh)
-            for host in set(added.hostname) - self._host_code.keys():
-                self._host_code[host] = len(self._host_code)
-            codes = self._host_code
-            self._host = np.concatenate([self._host, _ints([codes[h] for h in added.hostname])])
-            by_request = self._by_request
-            for i, rid in enumerate(added.request_id, base):
-                found = by_request.get(rid)
-                if found is None:
-                    by_request[rid] = [i]
-                else:
-                    found.append(i)
-            self.spans = SpanSet.concat([self.spans, added])
+            if keys:
+                known.update(keys)
+                self._append(columns)
         self._drop_old()
 
-    def _drop_old(self) -> None:
-        spans = self.spans
-        n = len(spans)
-        if not n:
-            return
-        cutoff = int(spans.end_ns.max()) - self.window_ns
-        if n > self.max_spans:
-            cutoff = max(cutoff, int(np.partition(spans.end_ns, n - self.max_spans)[n - self.max_spans]))
-        old = spans.end_ns < cutoff
-        dropped = int(np.count_nonzero(old))
-        # rebuilding the indexes costs a pass over the window: done when a quarter of it (or more) goes
-        if not dropped or (dropped < n // 4 and n <= self.max_spans):
-            return
-        if n > self.max_spans:
-            old = spans.end_ns <= cutoff
-        with self._lock:
-            self._floor = max(self._floor, cutoff + 1 if n > self.max_spans else cutoff)
-        keep = np.flatnonzero(~old)
-        self.spans = spans.take(keep)
-        self._host = self._host[keep]
-        self._keys = set(zip(self.spans.request_id, self.spans.span_id, strict=True))
-        by_request: dict[str, list[int]] = {}
-        for i, rid in enumerate(self.spans.request_id):
+    def _append(self, columns: SpanColumns) -> None:
+        base, k = self._n, len(columns)
+        for host in set(columns.hostname) - self._host_code.keys():
+            self._host_code[host] = len(self._host_code)
+        codes = self._host_code
+        host_codes = [codes[columns.hostname[0]]] * k if len(codes) == 1 else [codes[h] for h in columns.hostname]
+        texts: tuple[list[Any], ...] = (
+            columns.request_id, columns.span_id, columns.hostname, columns.workload, columns.pid,
+            columns.service_name, columns.model, columns.tenant,
+        )  # fmt: skip
+        for column, more in zip(self._lists, texts, strict=True):
+            column.extend(more)
+        if base + k > self._arrays[0].size:
+            room = max(2 * (base + k), 1024)
+            self._arrays = [np.concatenate([array[:base], np.empty(room - base, np.int64)]) for array in self._arrays]
+        numbers: tuple[list[int], ...] = (
+            columns.start_ns, columns.end_ns, columns.queue_end_ns, columns.prefill_end_ns, columns.input_tokens,
+            columns.output_tokens, host_codes,
+        )  # fmt: skip
+        for array, values in zip(self._arrays, numbers, strict=True):
+            array[base : base + k] = values
+        by_request = self._by_request
+        for i, rid in enumerate(columns.request_id, base):
             found = by_request.get(rid)
             if found is None:
                 by_request[rid] = [i]
             else:
                 found.append(i)
-        self._by_request = by_request
+        self._n = base + k
+        self._view = None
+
+    def _drop_old(self) -> None:
+        n = self._n
+        if not n:
+            return
+        end = self._arrays[1][:n]
+        cutoff = int(end.max()) - self.window_ns
+        crowded = n > self.max_spans
+        if crowded:
+            cutoff = max(cutoff, int(np.partition(end, n - self.max_spans)[n - self.max_spans]))
+        old = end <= cutoff if crowded else end < cutoff
+        dropped = int(np.count_nonzero(old))
+        # rebuilding the indexes costs a pass over the window: done when a quarter of it (or more) goes
+        if not dropped or (dropped < n // 4 and not crowded):
+            return
+        with self._lock:
+            self._floor = max(self._floor, cutoff + 1 if crowded else cutoff)
+        keep = np.flatnonzero(~old)
+        self._reset(self.spans.take(keep), self._arrays[6][:n][keep])
 
     def __len__(self) -> int:
-        return len(self.spans)
+        return self._n

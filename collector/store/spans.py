@@ -270,17 +270,30 @@ class RequestSql:
             raise ValueError(
                 f"request {results.request_id[i]!r}: status {results.status[i]!r} is not one of {STATUSES}"
             )
-        rows = results.rows()
         if any("\0" in "".join(column) for column in (results.request_id, results.model, results.tenant)):
-            rows = [(text(r[0]), r[1], text(r[2]), text(r[3]), *r[4:]) for r in rows]
-        if not self._new_by_rowid:
-            rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
+            results = replace(
+                results,
+                request_id=[text(v) for v in results.request_id],
+                model=[text(v) for v in results.model],
+                tenant=[text(v) for v in results.tenant],
+            )
+        r = results
         if whole:
+            rows = r.rows()
+            if not self._new_by_rowid:
+                rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
             cursor.executemany(self._insert_results, rows)
         else:
-            cursor.executemany(self._update_results, [(*r[1:2], r[4], *r[9:14], r[15], r[0], r[14]) for r in rows])
-        if cursor.rowcount == len(rows):  # a stale result's row is neither inserted nor updated
+            update = list(
+                zip(r.status, r.hosts, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.updated_ns, r.request_id,
+                    r.span_count, strict=True)
+            )  # fmt: skip
+            if not self._new_by_rowid:
+                update.sort(key=itemgetter(8))  # PostgreSQL: row locks in one order
+            cursor.executemany(self._update_results, update)
+        if cursor.rowcount == len(r):  # a stale result's row is neither inserted nor updated
             return []
+        rows = r.rows()
         counts: dict[str, int] = {}
         ids = [row[0] for row in rows]
         for chunk in _chunks(ids):
