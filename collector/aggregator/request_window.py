@@ -139,14 +139,8 @@ class SpanWindow:
         for into, values in zip(self._arrays, (*spans._arrays(), host), strict=True):
             into[:n] = values
         self._keys: set[SpanKey] = set(zip(self._lists[0], self._lists[1], strict=True))
-        by_request: dict[str, list[int]] = {}
-        for i, rid in enumerate(self._lists[0]):
-            found = by_request.get(rid)
-            if found is None:
-                by_request[rid] = [i]
-            else:
-                found.append(i)
-        self._by_request = by_request
+        self._by_request: dict[str, int | list[int]] = {}
+        self._index(self._lists[0], 0)
         self._view: SpanSet | None = None
 
     @property
@@ -173,8 +167,21 @@ class SpanWindow:
         with self._lock:
             return since_ns >= max(self._floor, self._horizon.get(host, NEVER))
 
+    def _index(self, request_ids: list[str], base: int) -> None:
+        # a position, or a list of them for a request with several spans: no list (a tracked container the garbage
+        # collector walks) per span in the usual case
+        by_request = self._by_request
+        for i, rid in enumerate(request_ids, base):
+            found = by_request.setdefault(rid, i)
+            if found != i:
+                if isinstance(found, list):
+                    found.append(i)
+                else:
+                    by_request[rid] = [found, i]
+
     def positions(self, request_id: str) -> list[int] | None:
-        return self._by_request.get(request_id)
+        found = self._by_request.get(request_id)
+        return [found] if isinstance(found, int) else found
 
     def overlapping(self, host: str, since_ns: int, until_ns: int) -> Int64Array:
         """Positions of the spans of ``host`` with start_ns <= until_ns and end_ns >= since_ns."""
@@ -225,13 +232,7 @@ class SpanWindow:
         )  # fmt: skip
         for array, values in zip(self._arrays, numbers, strict=True):
             array[base : base + k] = values
-        by_request = self._by_request
-        for i, rid in enumerate(columns.request_id, base):
-            found = by_request.get(rid)
-            if found is None:
-                by_request[rid] = [i]
-            else:
-                found.append(i)
+        self._index(columns.request_id, base)
         self._n = base + k
         self._view = None
 
