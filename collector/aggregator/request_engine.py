@@ -40,9 +40,10 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice, repeat
 
 import numpy as np
 
@@ -82,6 +83,7 @@ class PassStats:
 
 # what the engine remembers of a result it wrote: (status, active_j, full_j)
 _Written = tuple[str, float | None, float | None]
+STATUS_NAMES = ("final", "approximate", "no_samples")
 
 
 class _Collected:
@@ -170,7 +172,7 @@ class RequestEngine:
         self.config = config
         self.metrics = metrics if metrics is not None else RequestMetrics(config.max_label_values)
         self.clock_ns = clock_ns
-        self._written: OrderedDict[str, _Written] = OrderedDict()
+        self._written: dict[str, _Written] = {}  # in the order written, oldest first
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
         self._bindings: dict[str, HostBindings] = {}
@@ -429,48 +431,48 @@ class RequestEngine:
                 tenant[k] = next((collected.tenant[i] for i in rows if collected.tenant[i]), "")
                 hosts[k] = _hosts_text({collected.hostname[i] for i in rows})
         # requests not settled: pending ones back off
-        still_pending = 0
         end_list = req_end.tolist()
-        for k in np.flatnonzero(~settled & is_pending).tolist():
-            still_pending += 1
+        waiting = np.flatnonzero(~settled & is_pending).tolist()
+        for k in waiting:
             self._back_off(ids[k], now, end_list[k] + grace_ns)
+        status_code = np.where(is_final, 0, np.where(no_samples, 2, 1))  # STATUS_NAMES
         written = self._written
-        active_list, full_list = active_j.tolist(), full_j.tolist()
-        final_list, no_samples_list = is_final.tolist(), no_samples.tolist()
-        chosen: list[int] = []
-        firsts: list[int] = []
-        revised = 0
-        for k in np.flatnonzero(settled).tolist():
-            rid = ids[k]
-            status = "final" if final_list[k] else "no_samples" if no_samples_list[k] else "approximate"
-            active = None if status == "no_samples" else active_list[k]
-            total = None if status == "no_samples" else full_list[k]
-            before = written.get(rid)
-            if rid in neighbours:
-                if status != "final":
-                    continue  # a stored result is not replaced by a less complete one
-                if before is not None and not (
-                    before[0] != status or _differs(before[1], active) or _differs(before[2], total)
-                ):
-                    continue
-            if before is None:
-                # first time (a neighbour too: pending when the pass began is not known of spans written since)
-                firsts.append(k)
-            elif rid in pending or before[0] != status or _differs(before[1], active):
-                revised += 1
-            chosen.append(k)
+        # pending requests are all written; a neighbour (not pending: wanted are pending + neighbours) only when it
+        # is final and differs from what this engine last wrote (a stored result is not replaced by a less complete
+        # one)
+        candidates = np.flatnonzero(settled & is_pending).tolist()
+        befores = list(map(written.get, [ids[k] for k in candidates]))
+        firsts = [k for k, before in zip(candidates, befores, strict=True) if before is None]
+        revised = len(candidates) - len(firsts)
+        chosen = candidates
+        near = np.flatnonzero(settled & ~is_pending & is_final).tolist()
+        if near:
+            chosen = list(candidates)
+            active_list, full_list = active_j.tolist(), full_j.tolist()
+            for k in near:
+                before = written.get(ids[k])
+                if before is None:
+                    # first time (pending when the pass began is not known of spans written since)
+                    firsts.append(k)
+                elif before[0] == "final" and not _differs(before[1], active_list[k]):
+                    if not _differs(before[2], full_list[k]):
+                        continue
+                else:
+                    revised += 1
+                chosen.append(k)
         pick = np.array(chosen, dtype=np.int64)
-        unknown = [no_samples_list[k] for k in chosen]
+        codes = status_code[pick].tolist()
         energies: list[list[float | None]] = [
-            [None if none else v for none, v in zip(unknown, column[pick].tolist(), strict=True)]
-            for column in (active_j, full_j, gpu_j, cpu_j, dram_j)
+            column[pick].tolist() for column in (active_j, full_j, gpu_j, cpu_j, dram_j)
         ]
-        status_of = [
-            "final" if final_list[k] else "no_samples" if no_samples_list[k] else "approximate" for k in chosen
-        ]
+        if 2 in codes:  # no_samples: no energy, never 0 J
+            for column in energies:
+                for i, c in enumerate(codes):
+                    if c == 2:
+                        column[i] = None
         out = ResultColumns(
             [ids[k] for k in chosen],
-            status_of,
+            [STATUS_NAMES[c] for c in codes],
             [model[k] for k in chosen],
             [tenant[k] for k in chosen],
             [hosts[k] for k in chosen],
@@ -487,31 +489,36 @@ class RequestEngine:
             [now] * len(chosen),
         )
         stale = set(self.store.write_result_columns(out)) if chosen else set()
-        retry = self._retry
-        for rid, status, active, total in zip(out.request_id, out.status, out.active_j, out.full_j, strict=True):
-            if rid in stale:
-                continue
-            retry.pop(rid, None)
-            written[rid] = (status, active, total)
-            written.move_to_end(rid)
-        while len(written) > REMEMBERED:
-            written.popitem(last=False)
+        done_ids = out.request_id if not stale else [rid for rid in out.request_id if rid not in stale]
+        if self._retry:
+            deque(map(self._retry.pop, done_ids, repeat(None)), maxlen=0)
+        # remembered in the order written: a request written again moves to the end
+        remembered: Iterable[_Written] = zip(out.status, out.active_j, out.full_j, strict=True)
+        if stale:
+            remembered = (v for v, rid in zip(remembered, out.request_id, strict=True) if rid not in stale)
+        deque(map(written.pop, done_ids, repeat(None)), maxlen=0)
+        written.update(zip(done_ids, remembered, strict=True))
+        if len(written) > REMEMBERED:
+            for rid in list(islice(written, len(written) - REMEMBERED)):
+                del written[rid]
         if self._from_store:
-            self._from_store.difference_update(rid for rid in out.request_id if rid not in stale)
+            self._from_store.difference_update(done_ids)
         # a stale result: its request has spans this pass did not see; its next pass reads them from the store
         self._from_store.update(rid for rid in stale if rid in pending)
-        done = [k for k in firsts if ids[k] not in stale]
+        done = [k for k in firsts if ids[k] not in stale] if stale else firsts
         if done:
+            pick = np.array(done, dtype=np.int64)
+            unknown = no_samples[pick]
             self.metrics.finished_many(
                 [model[k] for k in done],
                 [tenant[k] for k in done],
-                [None if no_samples_list[k] else active_list[k] for k in done],
-                [None if no_samples_list[k] else full_list[k] for k in done],
-                [int(v) for v in sum_out[done].tolist()],
+                np.where(unknown, np.nan, active_j[pick]),
+                np.where(unknown, np.nan, full_j[pick]),
+                sum_out[pick],
             )
         if revised:
             self.metrics.revised(revised)
-        self.metrics.set_pending(taken - (len(pending) - still_pending))
+        self.metrics.set_pending(taken - (len(pending) - len(waiting)))
         return PassStats(taken, len(out) - len(stale), len(done), revised, full)
 
     def _back_off(self, rid: str, now: int, deadline: int) -> None:

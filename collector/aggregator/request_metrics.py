@@ -108,34 +108,33 @@ class RequestMetrics:
         self,
         model: Sequence[str],
         tenant: Sequence[str],
-        active_j: Sequence[float | None],
-        full_j: Sequence[float | None],
-        output_tokens: Sequence[int],
+        active_j: npt.NDArray[np.float64],
+        full_j: npt.NDArray[np.float64],
+        output_tokens: npt.NDArray[np.int64],
     ) -> None:
-        """``finished`` of many requests (parallel columns) at once: one pass per (model, tenant) group."""
-        groups: dict[tuple[str, str], list[int]] = {}
+        """``finished`` of many requests at once, as columns (energies NaN: ``no_samples``), one pass per
+        (model, tenant) group, in the order of first appearance (label caps see values in the same order)."""
+        known = np.flatnonzero(~np.isnan(active_j))
         with self._lock:
-            for i, (m, t, active) in enumerate(zip(model, tenant, active_j, strict=True)):
-                if active is None or full_j[i] is None:
-                    self._no_samples += 1
-                    continue
+            self._no_samples += len(model) - known.size
+            if not known.size:
+                return
+            rows = known.tolist()
+            pairs: dict[tuple[str, str], int] = {}
+            code = np.array([pairs.setdefault((model[i], tenant[i]), len(pairs)) for i in rows], dtype=np.int64)
+            order = np.argsort(code, kind="stable")
+            bounds = np.searchsorted(code[order], np.arange(len(pairs) + 1))
+            for (m, t), c in pairs.items():
+                chosen = known[order[bounds[c] : bounds[c + 1]]]
                 key = (self._model(m), self._tenant(t))
-                found = groups.get(key)
-                if found is None:
-                    groups[key] = [i]
-                else:
-                    found.append(i)
-            for (m, t), rows in groups.items():
-                active_view = np.array([active_j[i] for i in rows], np.float64)
-                full_view = np.array([full_j[i] for i in rows], np.float64)
-                for view, joules in (("active", active_view), ("full", full_view)):
-                    histogram = self._energy.get((m, view))
+                for view, joules in (("active", active_j[chosen]), ("full", full_j[chosen])):
+                    histogram = self._energy.get((key[0], view))
                     if histogram is None:
-                        histogram = self._energy[(m, view)] = _Histogram()
+                        histogram = self._energy[(key[0], view)] = _Histogram()
                     histogram.observe_many(joules)
-                self._energy_total[(m, t)] = self._energy_total.get((m, t), 0.0) + math.fsum(active_view.tolist())
-                self._requests[(m, t)] += len(rows)
-                self._output_tokens[m] = self._output_tokens.get(m, 0) + sum(output_tokens[i] for i in rows)
+                self._energy_total[key] = self._energy_total.get(key, 0.0) + math.fsum(active_j[chosen].tolist())
+                self._requests[key] += chosen.size
+                self._output_tokens[key[0]] = self._output_tokens.get(key[0], 0) + int(output_tokens[chosen].sum())
 
     def revised(self, count: int) -> None:
         with self._lock:
