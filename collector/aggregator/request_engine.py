@@ -55,6 +55,7 @@ from collector.aggregator.request_weights import stretches
 from collector.aggregator.request_window import SpanSet, SpanWindow
 from collector.store.base import (
     HostRow,
+    Int64Array,
     ResultColumns,
     SpanKey,
     Store,
@@ -121,7 +122,26 @@ class _Collected:
             into.append(part)
 
 
-def _clusters(spans: SpanSet) -> dict[str, list[tuple[int, int]]]:
+@dataclass(frozen=True)
+class _Extents:
+    """Spans' hosts and times: what clustering needs."""
+
+    hostname: list[str]
+    start_ns: Int64Array
+    end_ns: Int64Array
+
+    def __len__(self) -> int:
+        return len(self.hostname)
+
+    def plus(self, other: _Extents) -> _Extents:
+        return _Extents(
+            self.hostname + other.hostname,
+            np.concatenate([self.start_ns, other.start_ns]),
+            np.concatenate([self.end_ns, other.end_ns]),
+        )
+
+
+def _clusters(spans: _Extents) -> dict[str, list[tuple[int, int]]]:
     """Per host, the windows [lo, hi] (Unix ns) of its spans, merged where closer than CLUSTER_GAP_NS."""
     out: dict[str, list[tuple[int, int]]] = {}
     if not len(spans):
@@ -209,8 +229,9 @@ class RequestEngine:
 
     # -- one pass
 
-    def _spans_of(self, request_ids: Sequence[str]) -> SpanSet:
-        """Every span of those requests: from the window where it holds all of a request's, else the store."""
+    def _extents_of(self, request_ids: Sequence[str]) -> _Extents:
+        """Host and times of every span of those requests: from the window where it holds all of a request's, else
+        the store."""
         window = self.window
         positions: list[int] = []
         missing: list[str] = []
@@ -220,10 +241,15 @@ class RequestEngine:
                 missing.append(rid)
             else:
                 positions += found
-        parts = [window.spans.take(positions)]
+        extents = _Extents(*window.extents(positions))
         if missing:
-            parts.append(SpanSet.of(self.store.request_span_columns(missing)))
-        return SpanSet.concat(parts)
+            stored = self.store.request_span_columns(missing)
+            extents = _Extents(
+                extents.hostname + stored.hostname,
+                np.concatenate([extents.start_ns, np.array(stored.start_ns, dtype=np.int64)]),
+                np.concatenate([extents.end_ns, np.array(stored.end_ns, dtype=np.int64)]),
+            )
+        return extents
 
     def _overlapping(self, host: str, lo: int, hi: int) -> SpanSet:
         """Every span of ``host`` overlapping [lo, hi], from the window when it covers the time, else the store."""
@@ -248,7 +274,7 @@ class RequestEngine:
             if found is not None and len(found) != count:  # some of its spans are not in the window
                 self._from_store.add(rid)
         pending_set = set(pending_counts)
-        p_spans = self._spans_of(list(pending_counts))
+        p_spans = self._extents_of(list(pending_counts))
         # neighbours: requests sharing time (and maybe workloads) with the pending ones on their hosts
         neighbours: set[str] = set()
         overlapping: dict[tuple[str, int, int], SpanSet] = {}
@@ -259,7 +285,7 @@ class RequestEngine:
                 for rid in set(near.request_id) - pending_set:
                     if rid in written or not full:
                         neighbours.add(rid)
-        c_spans = SpanSet.concat([p_spans, self._spans_of(sorted(neighbours))]) if neighbours else p_spans
+        c_spans = p_spans.plus(self._extents_of(sorted(neighbours))) if neighbours else p_spans
         wanted = pending_set | neighbours
 
         hosts = {row.hostname: row for row in self.store.hosts()}

@@ -84,17 +84,6 @@ class SpanSet:
         arrays = [array[chosen] for array in self._arrays()]
         return SpanSet(*lists, *arrays)  # type: ignore[arg-type]  # _lists and _arrays are the fields in order
 
-    @staticmethod
-    def concat(parts: Sequence[SpanSet]) -> SpanSet:
-        parts = [part for part in parts if len(part)]
-        if not parts:
-            return SpanSet.empty()
-        if len(parts) == 1:
-            return parts[0]
-        lists = [[v for part in parts for v in part._lists()[i]] for i in range(8)]
-        arrays = [np.concatenate([part._arrays()[i] for part in parts]) for i in range(6)]
-        return SpanSet(*lists, *arrays)  # type: ignore[arg-type]  # _lists and _arrays are the fields in order
-
     def _lists(self) -> tuple[list[Any], ...]:
         return (
             self.request_id,
@@ -182,6 +171,13 @@ class SpanWindow:
     def positions(self, request_id: str) -> list[int] | None:
         found = self._by_request.get(request_id)
         return [found] if isinstance(found, int) else found
+
+    def extents(self, positions: list[int]) -> tuple[list[str], Int64Array, Int64Array]:
+        """Hostname, start and end of the spans at ``positions``."""
+        hosts = self._lists[2]
+        chosen = np.array(positions, dtype=np.int64)
+        n = self._n
+        return [hosts[i] for i in positions], self._arrays[0][:n][chosen], self._arrays[1][:n][chosen]
 
     def overlapping(self, host: str, since_ns: int, until_ns: int) -> Int64Array:
         """Positions of the spans of ``host`` with start_ns <= until_ns and end_ns >= since_ns."""
