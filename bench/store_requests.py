@@ -1,6 +1,7 @@
-"""Request store throughput: spans/s through ``write_spans`` and results/s through ``write_request_results`` on a
-fresh SQLite store, with the engine's reads between them (``pending_requests``, ``request_spans``,
-``spans_overlapping``), 10,000 spans per transaction.
+"""Request store throughput: spans/s through ``write_span_columns`` and results/s through ``write_result_columns``
+(the columnar calls ``ReportSpans`` and the request engine make) on a fresh SQLite store, with the engine's reads
+between them (``pending_request_counts``; ``request_span_columns`` and ``spans_overlapping_columns``, which the engine
+makes only after a restart or for spans older than its memory), 10,000 spans per transaction.
 
     python -m bench.store_requests [--spans 200000] [--batch 10000] [--hosts 8] [--dir DIR] [--url postgresql://...]
 
@@ -24,7 +25,8 @@ from typing import Any, TypeVar
 
 from bench.common import Context, Result
 from collector.store import Store, open_store
-from collector.store.base import RequestResult, SpanRow
+from collector.store.base import ResultColumns, SpanColumns, SpanRow
+from collector.store.spans import hosts_text
 from collector.store.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -60,28 +62,15 @@ def make_spans(count: int, hosts: int, first: int, rng: random.Random) -> list[S
     return spans
 
 
-def results_of(spans: Sequence[SpanRow]) -> list[RequestResult]:
-    return [
-        RequestResult(
-            request_id=s.request_id,
-            status="final",
-            model=s.model,
-            tenant=s.tenant,
-            hosts=(s.hostname,),
-            start_ns=s.start_ns,
-            end_ns=s.end_ns,
-            input_tokens=s.input_tokens,
-            output_tokens=s.output_tokens,
-            active_j=40.0,
-            full_j=55.0,
-            gpu_j=36.0,
-            cpu_j=3.0,
-            dram_j=1.0,
-            spans=1,
-            updated_ns=s.end_ns,
-        )
-        for s in spans
-    ]
+def results_of(spans: SpanColumns) -> ResultColumns:
+    """A final result for each of ``spans`` (one-span requests), as the engine writes them."""
+    n = len(spans)
+    return ResultColumns(
+        list(spans.request_id), ["final"] * n, list(spans.model), list(spans.tenant),
+        [hosts_text([host]) for host in spans.hostname], list(spans.start_ns), list(spans.end_ns),
+        list(spans.input_tokens), list(spans.output_tokens), [40.0] * n, [55.0] * n, [36.0] * n, [3.0] * n,
+        [1.0] * n, [1] * n, list(spans.end_ns),
+    )  # fmt: skip
 
 
 class Timer:
@@ -101,7 +90,9 @@ def run(
     spans: int = 200_000, batch: int = 10_000, hosts: int = 8, directory: Path | None = None, url: str | None = None
 ) -> dict[str, float]:
     rng = random.Random(5)
-    batches = [make_spans(min(batch, spans - first), hosts, first, rng) for first in range(0, spans, batch)]
+    batches = [
+        SpanColumns.of(make_spans(min(batch, spans - first), hosts, first, rng)) for first in range(0, spans, batch)
+    ]
     workdir: Path | None = None
     if url is None:
         workdir = Path(tempfile.mkdtemp(prefix="wattmeter-bench-requests-", dir=directory))
@@ -112,20 +103,20 @@ def run(
     try:
         store.migrate()
         for spans_in in batches:
-            new = timer("write_spans", lambda: store.write_spans(spans_in))  # noqa: B023 (called at once)
-            if new != len(spans_in):
-                raise RuntimeError(f"write_spans stored {new} of {len(spans_in)} new spans")
-            pending = timer("pending_requests", lambda: store.pending_requests(len(spans_in)))  # noqa: B023
-            read = timer("request_spans", lambda: store.request_spans(pending))  # noqa: B023
-            window = (spans_in[0].start_ns, spans_in[-1].end_ns)
+            new = timer("write_spans", lambda: store.write_span_columns(spans_in))  # noqa: B023 (called at once)
+            if len(new) != len(spans_in):
+                raise RuntimeError(f"write_span_columns stored {len(new)} of {len(spans_in)} new spans")
+            pending = timer("pending_requests", lambda: store.pending_request_counts(len(spans_in)))  # noqa: B023
+            read = timer("request_spans", lambda: store.request_span_columns([rid for rid, _ in pending]))  # noqa: B023
+            window = (spans_in.start_ns[0], spans_in.end_ns[-1])
             timer(
                 "spans_overlapping",
-                lambda: [store.spans_overlapping(f"gpu-node-{h:02d}", *window) for h in range(hosts)],  # noqa: B023
+                lambda: [store.spans_overlapping_columns(f"gpu-node-{h:02d}", *window) for h in range(hosts)],  # noqa: B023
             )
             results = results_of(read)
-            written = timer("write_request_results", lambda: store.write_request_results(results))  # noqa: B023
-            if written != len(spans_in):
-                raise RuntimeError(f"write_request_results wrote {written} of {len(spans_in)}")
+            stale = timer("write_request_results", lambda: store.write_result_columns(results))  # noqa: B023
+            if stale:
+                raise RuntimeError(f"write_result_columns found {len(stale)} of {len(spans_in)} results stale")
         if store.pending_requests(1):
             raise RuntimeError("requests left pending")
         figures: dict[str, float] = {"spans": float(spans), "batch": float(batch)}
@@ -151,10 +142,12 @@ def bench_run(ctx: Context) -> list[Result]:
     figures = run(spans=spans, directory=ctx.workdir)
     where = f"SQLite, {spans:,} one-span requests, 10,000 a transaction"
     return [
-        Result("store_requests", f"write_spans: spans/s ({where})", round(figures["write_spans_per_s"]), "spans/s"),
+        Result(
+            "store_requests", f"write_span_columns: spans/s ({where})", round(figures["write_spans_per_s"]), "spans/s"
+        ),
         Result(
             "store_requests",
-            f"write_request_results: results/s ({where})",
+            f"write_result_columns: results/s ({where})",
             round(figures["write_results_per_s"]),
             "results/s",
         ),
@@ -171,7 +164,7 @@ def bench_run(ctx: Context) -> list[Result]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.store_requests", description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=int, default=SPANS[False])
-    parser.add_argument("--batch", type=int, default=10_000, help="spans per write_spans call (one transaction)")
+    parser.add_argument("--batch", type=int, default=10_000, help="spans per write_span_columns call (a transaction)")
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--dir", type=Path, default=None, help="where the database goes (default: the temp dir)")
     parser.add_argument("--url", default=None, help="use this store instead (postgresql://...)")
