@@ -3,17 +3,19 @@
 ``RequestSql`` holds the statements for one dialect; its methods run inside a transaction the caller holds (a
 store call of its own, or the group write of batches whose spans and bindings commit with them).
 
-Spans are written in one multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` per ``ROWS_PER_STATEMENT``
-spans: what comes back is exactly the spans that were new, and only their requests become pending, in one multi-row
-upsert. A request's row keeps, while pending, what its spans say (model, tenant, hosts, times, tokens) so the API
-can show it; the engine's result replaces it unless a span arrived after the engine read them (``span_count``).
+Everything comes and goes as columns (``SpanColumns``, ``ResultColumns``): no object per span or per request. Spans
+are written in multi-row ``INSERT ... ON CONFLICT DO NOTHING`` statements of ``ROWS_PER_STATEMENT`` rows (SQLite:
+the rowids past the table's last tell which were new when some were stored already; PostgreSQL: ``RETURNING``), and
+only their requests become pending, in one upsert per request. A request's row keeps, while pending, what its spans
+say (model, tenant, hosts, times, tokens) so the API can show it; the engine's result (status, hosts, energies)
+replaces it unless a span arrived after the engine read them (``span_count``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from operator import itemgetter
 from typing import Any, Literal, get_args
 
@@ -52,6 +54,20 @@ _REQUEST_COLUMNS = (
 )
 _REQUEST_ROW = "(" + ", ".join(["?"] * 16) + ")"
 _SELECT_REQUESTS = f"SELECT {_REQUEST_COLUMNS} FROM requests"
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """A statement for one row (``one``, for ``executemany``) and for many (``many``: ``{rows}`` where ``row``, the
+    one row's marks, goes once a row)."""
+
+    one: str
+    many: str
+    row: str
+
+    @classmethod
+    def of(cls, many: str, row: str) -> _Statement:
+        return cls(many.format(rows=row), many, row)
 
 
 class HostRefs(Refs[HostKey]):
@@ -125,20 +141,44 @@ class RequestSql:
             f"INSERT INTO spans ({_SPAN_COLUMNS}) VALUES {{rows}} ON CONFLICT (request_id, span_id) DO NOTHING"
             + ("" if self._new_by_rowid else " RETURNING request_id, span_id")
         )
-        self._insert_span = (
-            f"INSERT INTO spans ({_SPAN_COLUMNS}) VALUES {_SPAN_ROW} ON CONFLICT (request_id, span_id) DO NOTHING"
+        self._insert_span = _Statement.of(
+            f"INSERT INTO spans ({_SPAN_COLUMNS}) VALUES {{rows}} ON CONFLICT (request_id, span_id) DO NOTHING",
+            _SPAN_ROW,
         )
-        self._insert_pending = (
+        self._insert_pending = _Statement.of(
             "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
-            f"output_tokens, span_count, updated_ns) VALUES {_PENDING_ROW}" + self._upsert_pending
+            "output_tokens, span_count, updated_ns) VALUES {rows}" + self._upsert_pending,
+            _PENDING_ROW,
         )
-        self._insert_results = f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES {_REQUEST_ROW}" + self._upsert_results
-        self._update_results = (
-            "UPDATE requests SET status = ?, hosts = ?, active_j = ?, full_j = ?, gpu_j = ?, cpu_j = ?, dram_j = ?, "
-            "updated_ns = ? WHERE request_id = ? AND span_count <= ?"
+        self._insert_results = _Statement.of(
+            f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES {{rows}}" + self._upsert_results, _REQUEST_ROW
+        )
+        # the engine's results: a stored request gets its status, hosts and energies (see write_results)
+        update = "status = ?, hosts = ?, active_j = ?, full_j = ?, gpu_j = ?, cpu_j = ?, dram_j = ?, updated_ns = ?"
+        names = [part.split(" = ")[0] for part in update.split(", ")]
+        self._update_results = _Statement(
+            f"UPDATE requests SET {update} WHERE request_id = ? AND span_count <= ?",
+            f"WITH v ({', '.join(names)}, request_id, span_count) AS (VALUES {{rows}}) UPDATE requests SET "
+            + ", ".join(f"{name} = v.{name}" for name in names)
+            + " FROM v WHERE requests.request_id = v.request_id AND requests.span_count <= v.span_count",
+            "(" + ", ".join(["?"] * (len(names) + 2)) + ")",
         )
 
     # -- writes
+
+    def _many(self, cursor: Cursor, statement: _Statement, rows: Sequence[Sequence[Any]]) -> int:
+        """Run ``statement`` for every one of ``rows``; returns the rows changed. PostgreSQL: ``executemany`` (psycopg
+        pipelines it). SQLite: multi-row statements of ``ROWS_PER_STATEMENT`` rows: each statement step releases and
+        takes back the GIL (SQLite runs without it), and ``executemany`` steps once a row, each time waiting for the
+        GIL behind the engine's and the event loop's Python (see ``writes``)."""
+        if not self._new_by_rowid:
+            cursor.executemany(statement.one, rows)
+            return max(cursor.rowcount, 0)
+        changed = 0
+        for chunk in _chunks(rows):
+            cursor.execute(statement.many.format(rows=_marks(len(chunk), statement.row)), [v for r in chunk for v in r])
+            changed += max(cursor.rowcount, 0)
+        return changed
 
     def write_spans(
         self, cursor: Cursor, spans: SpanColumns, hosts: HostRefs, now_ns: int
@@ -175,8 +215,8 @@ class RequestSql:
         if self._new_by_rowid:
             cursor.execute("SELECT COALESCE(MAX(rowid), 0) FROM spans")
             last_rowid = int(cursor.fetchone()[0])
-            cursor.executemany(self._insert_span, rows)
-            if cursor.rowcount != len(keys):
+            inserted = self._many(cursor, self._insert_span, list(rows))
+            if inserted != len(keys):
                 # some were stored already: the rowids past the table's last before the insert are the new ones
                 # (one writer at a time: no one else's rows among them)
                 cursor.execute("SELECT request_id, span_id FROM spans WHERE rowid > ?", (last_rowid,))
@@ -234,7 +274,7 @@ class RequestSql:
             rows = list(by_request.values())
         if not self._new_by_rowid:
             rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
-        cursor.executemany(self._insert_pending, rows)
+        self._many(cursor, self._insert_pending, rows)
 
     def write_bindings(
         self, cursor: Cursor, bindings: Sequence[ProcessBindingRow], hosts: HostRefs
@@ -282,7 +322,7 @@ class RequestSql:
             rows = r.rows()
             if not self._new_by_rowid:
                 rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
-            cursor.executemany(self._insert_results, rows)
+            changed = self._many(cursor, self._insert_results, rows)
         else:
             update = list(
                 zip(r.status, r.hosts, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.updated_ns, r.request_id,
@@ -290,8 +330,8 @@ class RequestSql:
             )  # fmt: skip
             if not self._new_by_rowid:
                 update.sort(key=itemgetter(8))  # PostgreSQL: row locks in one order
-            cursor.executemany(self._update_results, update)
-        if cursor.rowcount == len(r):  # a stale result's row is neither inserted nor updated
+            changed = self._many(cursor, self._update_results, update)
+        if changed == len(r):  # a stale result's row is neither inserted nor updated
             return []
         rows = r.rows()
         counts: dict[str, int] = {}
@@ -303,7 +343,7 @@ class RequestSql:
             counts.update((str(rid), int(count)) for rid, count in cursor.fetchall())
         missing = [row for row in rows if row[0] not in counts]
         if missing:  # not stored (pruned meanwhile): the whole row
-            cursor.executemany(self._insert_results, missing)
+            self._many(cursor, self._insert_results, missing)
         return [row[0] for row in rows if counts.get(row[0], -1) > row[14]]
 
     # -- reads
