@@ -156,11 +156,14 @@ class RequestSql:
         # the engine's results: a stored request gets its status, hosts and energies (see write_results)
         update = "status = ?, hosts = ?, active_j = ?, full_j = ?, gpu_j = ?, cpu_j = ?, dram_j = ?, updated_ns = ?"
         names = [part.split(" = ")[0] for part in update.split(", ")]
+        # many: a VALUES list's columns are column1, column2... (SQLite); no WITH before UPDATE, which would hide
+        # the rows changed (Python's sqlite3 counts them only for a statement that starts INSERT, UPDATE...)
         self._update_results = _Statement(
             f"UPDATE requests SET {update} WHERE request_id = ? AND span_count <= ?",
-            f"WITH v ({', '.join(names)}, request_id, span_count) AS (VALUES {{rows}}) UPDATE requests SET "
-            + ", ".join(f"{name} = v.{name}" for name in names)
-            + " FROM v WHERE requests.request_id = v.request_id AND requests.span_count <= v.span_count",
+            "UPDATE requests SET "
+            + ", ".join(f"{name} = v.column{i}" for i, name in enumerate(names, 1))
+            + " FROM (VALUES {rows}) AS v WHERE requests.request_id = v.column"
+            + f"{len(names) + 1} AND requests.span_count <= v.column{len(names) + 2}",
             "(" + ", ".join(["?"] * (len(names) + 2)) + ")",
         )
 

@@ -4,6 +4,7 @@ fixture is parametrized)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from bench import store_requests as bench_store_requests
 from collector.aggregator.spans import MAX_TEXT
 from collector.store import Store
-from collector.store.base import ProcessBindingRow, RequestResult, RequestSummaryRow, SpanRow
+from collector.store.base import ProcessBindingRow, RequestResult, RequestSummaryRow, ResultColumns, SpanRow
 from tests.store.builders import T0_NS, batch
 
 S = 1_000_000_000
@@ -144,6 +145,43 @@ def test_results_are_upserted_and_their_status_checked(store: Store) -> None:
     with pytest.raises(ValueError, match="status 'done'"):
         store.write_request_results([bad])
     assert store.write_request_results([]) == 0
+
+
+def columns_of(results: list[RequestResult]) -> ResultColumns:
+    rows = [
+        (r.request_id, r.status, r.model, r.tenant, json.dumps(list(r.hosts)), r.start_ns, r.end_ns, r.input_tokens,
+         r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns)
+        for r in results
+    ]  # fmt: skip
+    return ResultColumns(*(list(column) for column in zip(*rows, strict=True)))
+
+
+def test_the_engines_results_update_status_hosts_and_energies_and_stale_ones_stay_pending(store: Store) -> None:
+    many = [span(f"req-{i:04d}", input_tokens=1, output_tokens=2) for i in range(1_200)]  # several statements
+    store.write_spans([*many, span("req-a", host="host-1"), span("req-b", start_s=3, end_s=4)])
+    everything = [(s.request_id, 1) for s in many] + [("req-a", 1), ("req-b", 1)]
+    assert sorted(store.pending_request_counts(2_000)) == sorted(everything)
+    # the engine's model, times and tokens are what the spans say; a stored request keeps the stored ones
+    done = [result(s.request_id, 2.0, input_tokens=1, output_tokens=2, model="other", updated_ns=7) for s in many]
+    assert store.write_result_columns(columns_of(done)) == []
+    got = store.request("req-0042")
+    assert got == result("req-0042", 2.0, input_tokens=1, output_tokens=2, updated_ns=7)
+    store.write_spans([span("req-a", "s2", host="host-2", start_s=2, end_s=5)])  # after the engine read req-a
+    stale = result("req-a", 4.0, hosts=("host-1",), updated_ns=8)  # computed from its first span only
+    fresh = result("req-b", 1.0, start_ns=T0_NS + 3 * S, end_ns=T0_NS + 4 * S, input_tokens=100, updated_ns=8)
+    elsewhere = result("req-unknown", 3.0, tenant="t", updated_ns=8)  # not stored (pruned): the whole row
+    assert store.write_result_columns(columns_of([stale, fresh, elsewhere])) == ["req-a"]
+    assert store.request("req-a") == RequestResult(
+        "req-a", "pending", "llama", "", ("host-1", "host-2"), T0_NS, T0_NS + 5 * S, 200, 20, spans=2,
+        updated_ns=store.request("req-a").updated_ns,  # type: ignore[union-attr]
+    )  # fmt: skip
+    assert store.request("req-b") == fresh
+    assert store.request("req-unknown") == elsewhere
+    assert store.pending_request_counts(10) == [("req-a", 2)]
+    both = result("req-a", 5.0, hosts=("host-1", "host-2"), end_ns=T0_NS + 5 * S, spans=2, updated_ns=9)
+    assert store.write_result_columns(columns_of([both])) == []
+    assert store.request("req-a") == dataclasses.replace(both, input_tokens=200, output_tokens=20)
+    assert store.pending_request_counts(10) == []
 
 
 def test_pending_requests_oldest_end_first(store: Store) -> None:
