@@ -2,15 +2,21 @@
 
 Every ``[requests] interval_s`` (at once again after a full pass), one pass:
 
-1. up to ``max_per_pass`` pending requests (``Store.pending_requests``, oldest end first) and all their spans;
+1. up to ``max_per_pass`` pending requests (``Store.pending_request_counts``, oldest end first, with how many spans
+   the store holds of each) and all their spans;
 2. their neighbours: every span on their hosts overlapping them (a request's energy depends on every request that
    shared its workload). Neighbour requests whose stored result a new span may have changed are recomputed too;
 3. per host and cluster of overlapping time, every span overlapping the cluster, its workload resolved
    (``request_resolve``), the workloads' per-device counters, the devices' samples and idle series loaded once,
    and the energy split (``request_split``, with the kernel ``request_energy.attribute_requests``);
-4. per request, its spans summed (a request may have spans on several hosts; energies and tokens add up), its
-   status decided, and the results written in one transaction (the store keeps a request pending when a span came
-   after the engine read them: ``RequestResult.spans`` is how many it was computed from).
+4. per request, its spans summed with numpy (a request may have spans on several hosts; energies and tokens add
+   up), its status decided, and the results written as columns in one transaction (the store keeps a request
+   pending when a span came after the engine read them: the span count it was computed from is the guard).
+
+Spans come from the engine's memory (``request_window``: the store hands it every span write's new spans once
+committed), not from the store: a request's spans when the memory holds as many as the store counts, a host's
+neighbours when the memory covers the time. The store is read for the rest: after a restart (spans stored before
+the engine began), for spans older than the memory keeps, and for a request whose result came back stale.
 
 Status: ``final`` once every span is ready (``request_split``: samples cover it and are there past its end on every
 device of its workload, with no gap); else, ``finalize_grace_s`` after its end, ``approximate`` (what the samples
