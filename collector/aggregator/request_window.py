@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from collector.store.base import Int64Array, SpanColumns, SpanKey
+from collector.store.base import Int64Array, SpanColumns
 
 S = 1_000_000_000
 WINDOW_NS = 60 * S  # spans ending this long before the newest end seen are dropped (a pending request is younger)
@@ -127,7 +127,6 @@ class SpanWindow:
         self._arrays = [np.empty(room, np.int64) for _ in range(7)]
         for into, values in zip(self._arrays, (*spans._arrays(), host), strict=True):
             into[:n] = values
-        self._keys: set[SpanKey] = set(zip(self._lists[0], self._lists[1], strict=True))
         self._by_request: dict[str, int | list[int]] = {}
         self._index(self._lists[0], 0)
         self._view: SpanSet | None = None
@@ -192,18 +191,8 @@ class SpanWindow:
         """Take in the spans added since the last refresh, and drop the old ones (engine thread)."""
         with self._lock:
             incoming, self._incoming = self._incoming, []
-        for columns in incoming:
-            keys = list(zip(columns.request_id, columns.span_id, strict=True))
-            known = self._keys
-            if any(key in known for key in keys) or len(set(keys)) < len(keys):  # loaded from the store before
-                chosen: dict[SpanKey, int] = {}
-                for i, key in enumerate(keys):
-                    if key not in known:
-                        chosen.setdefault(key, i)
-                columns = columns.take(chosen.values())
-                keys = list(chosen)
-            if keys:
-                known.update(keys)
+        for columns in incoming:  # new spans only: the store hands each span once, when it is first stored
+            if len(columns):
                 self._append(columns)
         self._drop_old()
 
