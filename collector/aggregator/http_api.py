@@ -146,6 +146,8 @@ def request_json(result: RequestResult) -> dict[str, Any]:
             "dram": _joules(result.dram_j),
         },
         "joules_per_output_token": _joules(result.joules_per_output_token),
+        "co2_g": _joules(result.co2_g),
+        "cost": _joules(result.cost),
         "spans": result.spans,
         "updated_ns": result.updated_ns,
     }

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from itertools import islice, repeat
 
 import numpy as np
+import numpy.typing as npt
 
 from collector.aggregator.config import RequestsConfig
 from collector.aggregator.request_metrics import RequestMetrics
@@ -59,6 +60,7 @@ from collector.aggregator.request_resolve import HostBindings, HostWorkloads
 from collector.aggregator.request_split import Device, Series, SpanEnergy, split, summed
 from collector.aggregator.request_weights import stretches
 from collector.aggregator.request_window import SpanSet, SpanWindow
+from collector.carbon.series import IntensitySeries
 from collector.store.base import (
     HostRow,
     Int64Array,
@@ -193,8 +195,11 @@ class RequestEngine:
         metrics: RequestMetrics | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         window: SpanWindow | None = None,
+        carbon: Callable[[], IntensitySeries] | None = None,
     ) -> None:
         self.store = store
+        self.carbon = carbon
+        """The grid's current intensity and price series ([carbon]); None: requests get no gCO2e or cost."""
         self.config = config
         self.metrics = metrics if metrics is not None else RequestMetrics(config.max_label_values)
         self.clock_ns = clock_ns
@@ -215,6 +220,26 @@ class RequestEngine:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="request-engine", daemon=True)
         self._thread.start()
+
+    def _footprints(
+        self, start_ns: npt.NDArray[np.int64], end_ns: npt.NDArray[np.int64], active_j: list[float | None]
+    ) -> tuple[list[float | None], list[float | None]]:
+        """gCO2e and cost of each result's active energy over its time (``RequestResult.co2_g``); Nones without
+        [carbon] or energy. A series that cannot price (a broken CSV) leaves them None rather than failing the pass."""
+        none: list[float | None] = [None] * len(active_j)
+        if self.carbon is None or not active_j:
+            return none, list(none)
+        try:
+            series = self.carbon()
+            energy = np.array([0.0 if j is None else j for j in active_j])
+            grams, cost = series.per_interval(start_ns, end_ns, energy)
+        except Exception:  # the energy results are written all the same
+            log.exception("pricing requests' energy failed")
+            return none, list(none)
+        has = [j is not None for j in active_j]
+        co2 = [g if h else None for g, h in zip(grams.tolist(), has, strict=True)]
+        money = none if cost is None else [c if h else None for c, h in zip(cost.tolist(), has, strict=True)]
+        return co2, list(money)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
@@ -502,6 +527,7 @@ class RequestEngine:
                 for i, c in enumerate(codes):
                     if c == 2:
                         column[i] = None
+        co2_g, cost = self._footprints(req_start[pick], req_end[pick], energies[0])
         out = ResultColumns(
             [ids[k] for k in chosen],
             [STATUS_NAMES[c] for c in codes],
@@ -519,6 +545,8 @@ class RequestEngine:
             energies[4],
             computed[pick].tolist(),
             [now] * len(chosen),
+            co2_g,
+            cost,
         )
         stale = set(self.store.write_result_columns(out)) if chosen else set()
         done_ids = out.request_id if not stale else [rid for rid in out.request_id if rid not in stale]

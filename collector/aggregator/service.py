@@ -9,6 +9,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from collector.aggregator.checker import Checker, InlineChecker
@@ -22,6 +23,7 @@ from collector.aggregator.processes import ProcessChecker
 from collector.aggregator.request_engine import RequestEngine
 from collector.aggregator.request_metrics import RequestMetrics
 from collector.aggregator.writer import GroupWriter
+from collector.carbon.series import IntensitySeries
 from collector.config import parse_listen
 from collector.exporters.prometheus import MetricsHTTPServer, server_ssl_context
 from collector.sdnotify import LoopHeartbeat, Notifier, Watchdog
@@ -91,12 +93,21 @@ class Aggregator:
         self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, config.ingest)
         self.request_metrics = RequestMetrics(config.requests.max_label_values)
         self.metrics.providers.append(self.request_metrics.families)
-        self.requests = RequestEngine(self.store, config.requests, self.request_metrics)
+        self.requests = RequestEngine(self.store, config.requests, self.request_metrics, carbon=self._request_carbon())
         self._http_thread: threading.Thread | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._serving = False
         self.notifier = Notifier()
         self._watchdog: Watchdog | None = None
+
+    def _request_carbon(self) -> Callable[[], IntensitySeries] | None:
+        """The intensity series the request engine prices requests with (its own source: it runs on its thread)."""
+        if self.config.carbon is None:
+            return None
+        from collector.carbon.series import CarbonSeriesSource
+
+        source = CarbonSeriesSource(self.config.carbon)
+        return lambda: source.current(time.monotonic())
 
     def _checker(self) -> Checker:
         ingest = self.config.ingest

@@ -143,6 +143,29 @@ class IntensitySeries:
             return Footprint(0.0, 0.0, None if self.price is None else 0.0)
         return self.integrate_intervals(times[:-1], times[1:], np.diff(energy))
 
+    def per_interval(
+        self, start_ns: npt.ArrayLike, end_ns: npt.ArrayLike, joules: npt.ArrayLike
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
+        """gCO2e and cost of each ``joules[i]`` drawn evenly over ``[start_ns[i], end_ns[i])`` (one value each, as
+        ``grams_for_interval`` gives for one; energy at times without data counts as none). Cost is None without a
+        price."""
+        starts = np.asarray(start_ns, dtype=np.int64)
+        ends = np.asarray(end_ns, dtype=np.int64)
+        energy = np.asarray(joules, dtype=np.float64)
+        if starts.size == 0:
+            return np.zeros(0), None if self.price is None else np.zeros(0)
+        lo, hi = int(starts.min()), int(max(ends.max(), starts.max() + 1))
+        segments = self.segments(lo, hi)
+        bounds = np.array([s.start_ns for s in segments] + [segments[-1].end_ns], dtype=np.int64)
+        scale = self.pue / J_PER_KWH
+        mean_g, _ = self._per_joule(starts, ends, bounds, [s.g_per_kwh for s in segments])
+        grams: npt.NDArray[np.float64] = energy * mean_g * scale
+        if self.price is None:
+            return grams, None
+        mean_price, _ = self._per_joule(starts, ends, bounds, [s.price_per_kwh for s in segments])
+        cost: npt.NDArray[np.float64] = energy * mean_price * scale
+        return grams, cost
+
     def grams_for_interval(self, start_ns: int, end_ns: int, joules: float) -> Footprint:
         """gCO2e and cost of ``joules`` used over ``[start_ns, end_ns]``, with the intensity averaged over that time
         weighted uniformly (a request's energy is taken as drawn evenly over its duration). For per-request

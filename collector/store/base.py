@@ -286,6 +286,15 @@ class ResultColumns:
     dram_j: list[float | None]
     span_count: list[int]
     updated_ns: list[int]
+    # gCO2e and cost of each request's active energy (None: no [carbon], or no energy; see RequestResult); left
+    # empty: None for all
+    co2_g: list[float | None] = field(default_factory=list)
+    cost: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("co2_g", "cost"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, [None] * len(self.request_id))
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -382,6 +391,11 @@ class RequestResult:
     dram_j: float | None = None
     spans: int = 0  # the spans it was computed from (a result from fewer than are stored is stale: not written)
     updated_ns: int = 0
+    # gCO2e and cost (in the [carbon] currency) of ``active_j`` at the grid's intensity and price over the request's
+    # time (averaged evenly over it), times the [carbon] pue; None without [carbon] (or without a price for cost),
+    # or without energy
+    co2_g: float | None = None
+    cost: float | None = None
 
     @property
     def joules_per_output_token(self) -> float | None:

@@ -226,4 +226,15 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        version=4,
+        description="requests: gCO2e and cost next to their energy",
+        statements=(
+            "ALTER TABLE requests ADD COLUMN co2_g {real}",
+            "ALTER TABLE requests ADD COLUMN cost {real}",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -50,9 +50,9 @@ _SELECT_SPANS = (
 )
 _REQUEST_COLUMNS = (
     "request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, output_tokens, active_j, full_j, "
-    "gpu_j, cpu_j, dram_j, span_count, updated_ns"
+    "gpu_j, cpu_j, dram_j, span_count, updated_ns, co2_g, cost"
 )
-_REQUEST_ROW = "(" + ", ".join(["?"] * 16) + ")"
+_REQUEST_ROW = "(" + ", ".join(["?"] * 18) + ")"
 _SELECT_REQUESTS = f"SELECT {_REQUEST_COLUMNS} FROM requests"
 
 
@@ -119,7 +119,7 @@ class RequestSql:
                 end_ns = {greatest}(requests.end_ns, excluded.end_ns),
                 input_tokens = requests.input_tokens + excluded.input_tokens,
                 output_tokens = requests.output_tokens + excluded.output_tokens,
-                active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, dram_j = NULL,
+                active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, dram_j = NULL, co2_g = NULL, cost = NULL,
                 span_count = requests.span_count + excluded.span_count,
                 updated_ns = {greatest}(requests.updated_ns, excluded.updated_ns)"""
         )
@@ -154,7 +154,10 @@ class RequestSql:
             f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES {{rows}}" + self._upsert_results, _REQUEST_ROW
         )
         # the engine's results: a stored request gets its status, hosts and energies (see write_results)
-        update = "status = ?, hosts = ?, active_j = ?, full_j = ?, gpu_j = ?, cpu_j = ?, dram_j = ?, updated_ns = ?"
+        update = (
+            "status = ?, hosts = ?, active_j = ?, full_j = ?, gpu_j = ?, cpu_j = ?, dram_j = ?, co2_g = ?, cost = ?, "
+            "updated_ns = ?"
+        )
         names = [part.split(" = ")[0] for part in update.split(", ")]
         # many: a VALUES list's columns are column1, column2... (SQLite); no WITH before UPDATE, which would hide
         # the rows changed (Python's sqlite3 counts them only for a statement that starts INSERT, UPDATE...)
@@ -328,11 +331,11 @@ class RequestSql:
             changed = self._many(cursor, self._insert_results, rows)
         else:
             update = list(
-                zip(r.status, r.hosts, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.updated_ns, r.request_id,
-                    r.span_count, strict=True)
+                zip(r.status, r.hosts, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.co2_g, r.cost,
+                    r.updated_ns, r.request_id, r.span_count, strict=True)
             )  # fmt: skip
             if not self._new_by_rowid:
-                update.sort(key=itemgetter(8))  # PostgreSQL: row locks in one order
+                update.sort(key=itemgetter(10))  # PostgreSQL: row locks in one order (by request_id)
             changed = self._many(cursor, self._update_results, update)
         if changed == len(r):  # a stale result's row is neither inserted nor updated
             return []
@@ -509,4 +512,6 @@ def _result(row: Sequence[Any]) -> RequestResult:
         dram_j=_joules(row[13]),
         spans=int(row[14]),
         updated_ns=int(row[15]),
+        co2_g=_joules(row[16]),
+        cost=_joules(row[17]),
     )

@@ -170,7 +170,7 @@ class SqlStore(StepsReads, Store):
             return 0
         rows = [
             (r.request_id, r.status, r.model, r.tenant, hosts_text(r.hosts), r.start_ns, r.end_ns, r.input_tokens,
-             r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns)
+             r.output_tokens, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.spans, r.updated_ns, r.co2_g, r.cost)
             for r in latest.values()
         ]  # fmt: skip
         columns = ResultColumns(*(list(column) for column in zip(*rows, strict=True)))

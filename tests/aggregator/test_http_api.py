@@ -204,7 +204,7 @@ def served(start_aggregator: AggregatorFactory) -> tuple[RunningAggregator, int]
         [
             result("r-1", now - 50 * 60 * SECOND, 10.0, tenant="acme"),
             result("r-2", now - 40 * 60 * SECOND, 20.0, tenant="acme"),
-            result("r-3", now - 30 * 60 * SECOND, 30.0, hosts=("host-a", "host-b")),
+            result("r-3", now - 30 * 60 * SECOND, 30.0, hosts=("host-a", "host-b"), co2_g=3.5),
             result("r-4", now - 20 * 60 * SECOND, 40.0, status="approximate"),
             result("m-1", now - 10 * 60 * SECOND, 4.0, model="mistral", output_tokens=0, hosts=("host-b",)),
             result("old", now - 3 * HOUR, 1000.0),
@@ -233,6 +233,8 @@ def test_a_request_by_id(served: tuple[RunningAggregator, int]) -> None:
         "status": "final",
         "energy_j": {"active": 30.0, "full": 60.0, "gpu": 28.5, "cpu": 1.0, "dram": 0.5},
         "joules_per_output_token": 0.3,
+        "co2_g": 3.5,
+        "cost": None,
         "spans": 1,
         "updated_ns": 0,
     }

@@ -310,3 +310,47 @@ def test_metrics_render_and_pass_promtool(store: Store) -> None:
     assert "wattmeter_requests_pending 0.0" in text
     checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_co2_and_cost_at_the_intensity_over_the_request_not_at_its_end(store: Store) -> None:
+    """Intensity 100 g/kWh until T0 + 4 s, then 500; price 0.1, then 0.3; PUE 1.5. A request from T0 + 2 s to T0 + 6 s
+    draws 400 J, half at each intensity: 400 J / 3.6e6 x (100 + 500) / 2 x 1.5 (priced at its end it would be 500)."""
+    from collector.carbon.series import IntensitySeries
+    from collector.carbon.steps import TableSteps
+
+    constant_host(store)  # 100 W
+    store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm", model="m")])
+    series = IntensitySeries(
+        TableSteps([T0, T0 + 4 * S], [100.0, 500.0], 4 * S),
+        TableSteps([T0, T0 + 4 * S], [0.1, 0.3], 4 * S),
+        pue=1.5,
+    )
+    engine = RequestEngine(store, RequestsConfig(), clock_ns=Clock(T0 + 30 * S), carbon=lambda: series)
+    engine.run_pass()
+    a = result(store, "a")
+    assert (a.status, a.active_j) == ("final", pytest.approx(400.0, rel=1e-9))
+    assert a.co2_g == pytest.approx(400.0 / 3.6e6 * 300.0 * 1.5, rel=1e-9)
+    assert a.cost == pytest.approx(400.0 / 3.6e6 * 0.2 * 1.5, rel=1e-9)
+
+
+def test_no_co2_without_carbon_or_without_energy(store: Store) -> None:
+    from collector.carbon.series import IntensitySeries
+    from collector.carbon.steps import ConstantSteps
+
+    constant_host(store)
+    store.write_spans(
+        [
+            SpanRow("measured", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm"),
+            SpanRow("unmeasured", "s", "host-z", T0 + 2 * S, T0 + 6 * S, workload="vllm"),
+        ]
+    )
+    series = IntensitySeries(ConstantSteps(400.0), None)
+    engine = RequestEngine(store, RequestsConfig(), clock_ns=Clock(T0 + 300 * S), carbon=lambda: series)
+    engine.run_pass()
+    measured, unmeasured = result(store, "measured"), result(store, "unmeasured")
+    assert measured.co2_g == pytest.approx(400.0 / 3.6e6 * 400.0, rel=1e-9) and measured.cost is None
+    assert (unmeasured.status, unmeasured.co2_g, unmeasured.cost) == ("no_samples", None, None)
+    constant_host(store, hostname="host-b")
+    store.write_spans([SpanRow("plain", "s", "host-b", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    engine_for(store, Clock(T0 + 300 * S)).run_pass()
+    assert result(store, "plain").co2_g is None
