@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -44,17 +43,6 @@ PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 HOST = "e2e-host"
 SCRAPE_S = 1
 DATA_WAIT_S = 45.0  # from the stack's start, for every panel to have data (a loaded 2-core VM)
-# Built by other issues at the same time as these dashboards: a target that needs one of these is checked once the
-# aggregator exports it, and skipped (with this reason) before.
-PENDING_METRICS = {
-    "wattmeter_request_energy_joules": "issue 5's request metrics",
-    "wattmeter_request_energy_joules_total": "issue 5's request metrics",
-    "wattmeter_requests_total": "issue 5's request metrics",
-    "wattmeter_output_tokens_total": "issue 5's request metrics",
-    "wattmeter_requests_pending": "issue 5's request metrics",
-    "wattmeter_workload_co2_grams_total": "the aggregator's carbon metrics",
-    "wattmeter_fleet_co2_grams_total": "the aggregator's carbon metrics",
-}
 # watts each fake RAPL zone draws
 RAPL_WATTS = {"0": 95.0, "0:0": 60.0, "0:1": 9.0, "0:2": 14.0, "1": 240.0}
 
@@ -193,12 +181,6 @@ def ready(url: str) -> bool:
         return http_get(url, timeout_s=2.0)[0] == 200
     except OSError:  # not listening yet
         return False
-
-
-def exported_families(url: str) -> set[str]:
-    status, body = http_get(url + "/metrics")
-    assert status == 200
-    return set(re.findall(r"^# TYPE (\S+) ", body.decode(), flags=re.MULTILINE))
 
 
 class RaplLoad:
@@ -459,12 +441,6 @@ def test_panel_target_returns_data(
     stack: Stack, board_file: str, panel: dict[str, Any], target: dict[str, Any]
 ) -> None:
     board = load_dashboard(GRAFANA_DIR / "dashboards" / board_file)
-    variables = [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
-    needs = set().union(*(_pending_metrics_needed(text) for text in [target["expr"], *variables]))
-    exported = exported_families(stack.aggregator) | exported_families(stack.agent)
-    missing = sorted(name for name in needs if _family(name) not in exported)
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not exported yet ({PENDING_METRICS[missing[0]]}): checked once they are")
     values = variable_values(stack, board)
     expr = dashboards.expand(target["expr"], values, stack.builtins())
     poll(
@@ -473,32 +449,6 @@ def test_panel_target_returns_data(
         *stack.processes,
         timeout_s=max(1.0, DATA_WAIT_S - (time.monotonic() - stack.started)),
     )
-
-
-def _family(name: str) -> str:
-    """The exposition's family name of a sample name (# TYPE lines name a histogram or counter without suffixes;
-    ours keep _total on counters)."""
-    return re.sub(r"_(bucket|sum|count)$", "", name)
-
-
-RECORDED_FROM: dict[str, set[str]] = {}
-for _path in sorted((PROMETHEUS_DIR / "rules").glob("*.yml")):
-    for _group in yaml.safe_load(_path.read_text())["groups"]:
-        for _rule in _group["rules"]:
-            if "record" in _rule:
-                RECORDED_FROM[_rule["record"]] = set(re.findall(r"[\w:]*wattmeter_\w*(?::\w+)?", _rule["expr"]))
-
-
-def _pending_metrics_needed(expr: str) -> set[str]:
-    names = set(re.findall(r"[\w:]*wattmeter_\w*(?::\w+)?", expr))
-    expanded: set[str] = set()
-    while names:
-        name = names.pop()
-        if name in RECORDED_FROM:
-            names |= RECORDED_FROM[name]
-        else:
-            expanded.add(name)
-    return {name for name in expanded if name in PENDING_METRICS or _family(name) in PENDING_METRICS}
 
 
 @pytest.mark.skipif(not os.environ.get("WATTMETER_RENDER_DOCS"), reason="set WATTMETER_RENDER_DOCS=docs to draw")

@@ -170,7 +170,14 @@ def test_the_agent_reaches_gpus_and_rapl_and_nothing_more() -> None:
     assert found["RuntimeDirectory"] == ["wattmeter"]
     assert found["ExecStartPre"] == ["+/usr/local/libexec/wattmeter/rapl-access"]  # `+`: root for this step only
     allowed = found["DeviceAllow"]
-    for device in ("/dev/nvidiactl rw", "char-nvidia-frontend rw", "/dev/nvidia-uvm rw", "char-nvidia-caps r"):
+    # the GPUs' major is "nvidia" in /proc/devices since driver 550.40, "nvidia-frontend" before: both must be allowed
+    for device in (
+        "/dev/nvidiactl rw",
+        "char-nvidia rw",
+        "char-nvidia-frontend rw",
+        "/dev/nvidia-uvm rw",
+        "char-nvidia-caps r",
+    ):
         assert device in allowed
     assert "ProtectProc" not in found  # the workload scanner reads every process's /proc/<pid>/stat
     dropin = directives(ENVIRON)
