@@ -97,8 +97,10 @@ def test_spans_from_batches_report_spans_and_otlp_get_their_energy(aggregator: R
         provider.shutdown()
 
     assert wait_final(aggregator, "by-pid").active_j == pytest.approx(400.0, rel=1e-9)
-    grpc_1 = wait_final(aggregator, "grpc-1")
+    # otlp-1 first: grpc-1 may be final (400 J alone) before the OTLP span arrives; the pass that finalises otlp-1
+    # revises grpc-1 in the same write
     otlp_1 = wait_final(aggregator, "otlp-1")
+    grpc_1 = wait_final(aggregator, "grpc-1")
     assert grpc_1.active_j == pytest.approx(200.0 + 100.0, rel=1e-9)
     assert otlp_1.active_j == pytest.approx(100.0 + 400.0, rel=1e-9)
     assert (otlp_1.model, otlp_1.input_tokens, otlp_1.output_tokens, otlp_1.hosts) == ("llama-8b", 100, 60, ("gpu-01",))
