@@ -152,6 +152,10 @@ class Ingest:
         self.max_instances = max_instances
         self._instances: OrderedDict[str, _InstanceState] = OrderedDict()
         self.store_error: str | None = None  # why the last write failed; None once one succeeds
+        self.on_late_samples: Callable[[str, int, int], None] | None = None
+        """Called with (host, first, last sample ns) of a stored batch whose samples began more than
+        ``late_after_ns`` ago (an agent replaying its spool): requests finalised without them are computed again."""
+        self.late_after_ns = 0
 
     def forget(self, instance_id: str) -> None:
         """Its next batch re-reads what the store holds of ``instance_id`` (another aggregator sharing the
@@ -251,6 +255,10 @@ class Ingest:
             log.info("%s", note)
         self.metrics.count_spans(len(checked.spans), checked.rejected_spans)
         self.metrics.add_stored(checked.samples, settled.energy, {checked.host.hostname: checked.power})
+        if self.on_late_samples is not None and checked.first_time_ns:
+            first = min(checked.first_time_ns)
+            if first < self.clock_ns() - self.late_after_ns:
+                self.on_late_samples(checked.host.hostname, first, max(checked.last_time_ns))
         return Outcome("stored", ack, instance_id)
 
     async def _write(self, state: _InstanceState, batch: StoredBatch, samples: int) -> WriteResult:

@@ -90,6 +90,8 @@ class Aggregator:
         self.writer = GroupWriter(self.store, on_commit=self.metrics.count_commit)
         self.checker = self._checker()
         self.ingest = Ingest(self.store, self.checker, self.writer, self.metrics, self.executor)
+        self.ingest.on_late_samples = self._reopen_requests
+        self.ingest.late_after_ns = round(config.requests.finalize_grace_s * 1e9)
         self.grpc = GrpcServer(config.grpc, self.ingest, self.metrics, config.ingest)
         self.request_metrics = RequestMetrics(config.requests.max_label_values)
         self.metrics.providers.append(self.request_metrics.families)
@@ -99,6 +101,21 @@ class Aggregator:
         self._serving = False
         self.notifier = Notifier()
         self._watchdog: Watchdog | None = None
+
+    def _reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> None:
+        """Samples of a time past the grace arrived (a spool replayed): the requests then finalised as approximate or
+        no_samples on that host go back to pending, off the event loop; the engine's next pass computes them again."""
+
+        def reopen() -> None:
+            try:
+                reopened = self.store.reopen_requests(hostname, since_ns, until_ns)
+            except Exception:  # they stay as they were: approximate or no_samples, as before the samples came
+                log.exception("reopening requests on %s after late samples failed", hostname)
+                return
+            if reopened:
+                log.info("%d requests on %s computed again: their samples arrived late", reopened, hostname)
+
+        self.executor.submit(reopen)
 
     def _request_carbon(self) -> Callable[[], IntensitySeries] | None:
         """The intensity series the request engine prices requests with (its own source: it runs on its thread)."""

@@ -34,6 +34,10 @@ class StoreError(WattmeterError):
     """
 
 
+class StoreMissing(StoreError):
+    """Opened with ``create=False`` and there is no database there (nothing was created)."""
+
+
 @dataclass(frozen=True)
 class HostInfo:
     hostname: str
@@ -417,12 +421,27 @@ class RequestSummaryRow:
     joules_per_output_token: float | None  # energy_j / output_tokens; None without tokens
 
 
+@dataclass(frozen=True)
+class RequestHourRow:
+    """Final and approximate requests of one model that started in one UTC hour (``hour_ns``: its start)."""
+
+    model: str
+    hour_ns: int
+    count: int
+    energy_j: float  # active J, summed
+
+
 class Store(abc.ABC):
     """Storage behind the aggregator. Methods may be called from several threads; each call is one transaction."""
 
     @abc.abstractmethod
     def migrate(self) -> int:
         """Create or upgrade the schema to the latest version; returns that version. Safe to call every start."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The schema version the database holds (0: no wattmeter schema at all), read without changing anything:
+        for readers that must not migrate (``wattmeter report``)."""
 
     @abc.abstractmethod
     def write_batch(self, batch: StoredBatch) -> WriteResult:
@@ -542,6 +561,12 @@ class Store(abc.ABC):
         span count are what its stored spans say already (a request not stored gets the whole row)."""
 
     @abc.abstractmethod
+    def reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> int:
+        """Make ``approximate`` and ``no_samples`` requests with a span on ``hostname`` overlapping
+        [since_ns, until_ns] ``pending`` again (energies dropped), because samples of that time arrived after their
+        grace (an agent replaying its spool after an outage); returns how many. The engine computes them again."""
+
+    @abc.abstractmethod
     def request(self, request_id: str) -> RequestResult | None:
         """The request's current result (``pending`` when only its spans are known); None when unknown."""
 
@@ -565,6 +590,12 @@ class Store(abc.ABC):
         """Per group, the final and approximate requests with start_ns in [since_ns, until_ns), largest energy
         first. A request on several hosts counts in each of its hosts' groups. Percentiles interpolate linearly
         between the sorted energies (numpy's default)."""
+
+    @abc.abstractmethod
+    def request_hours(self, since_ns: int, until_ns: int) -> list[RequestHourRow]:
+        """Per model and UTC hour of start_ns, the final and approximate requests with start_ns in [since_ns,
+        until_ns): their count and active J, summed by the database (one row per model and hour, whatever the
+        number of requests), ordered by model and hour."""
 
     # Training steps and workload labels (issue 7), written with their batches.
 

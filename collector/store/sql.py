@@ -19,6 +19,7 @@ from collector.store.base import (
     HostRow,
     LastSample,
     ProcessBindingRow,
+    RequestHourRow,
     RequestResult,
     RequestSummaryRow,
     ResultColumns,
@@ -92,6 +93,24 @@ class SqlStore(StepsReads, Store):
             return LATEST_VERSION
 
         return self._run(work, write=True)
+
+    def schema_version(self) -> int:
+        if self._dialect.name == "sqlite":
+            exists = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        else:
+            exists = (
+                "SELECT COUNT(*) FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_name = 'schema_version'"
+            )
+
+        def work(cursor: Cursor) -> int:
+            cursor.execute(exists)
+            if not int(cursor.fetchone()[0]):
+                return 0
+            cursor.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            return int(cursor.fetchone()[0])
+
+        return self._run(work, write=False)
 
     # -- writes
 
@@ -383,6 +402,20 @@ class SqlStore(StepsReads, Store):
     def pending_requests(self, limit: int) -> list[str]:
         return [rid for rid, _ in self.pending_request_counts(limit)]
 
+    def reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> int:
+        sql = (
+            "UPDATE requests SET status = 'pending', active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, "
+            "dram_j = NULL, co2_g = NULL, cost = NULL WHERE status IN ('approximate', 'no_samples') AND request_id IN "
+            "(SELECT s.request_id FROM spans s JOIN span_hosts h ON h.id = s.host_ref "
+            "WHERE h.hostname = ? AND s.end_ns >= ? AND s.start_ns <= ?)"
+        )
+
+        def work(cursor: Cursor) -> int:
+            cursor.execute(self._dialect.format(sql), (text(hostname), since_ns, until_ns))
+            return max(cursor.rowcount, 0)
+
+        return self._run(work, write=True)
+
     def pending_request_counts(self, limit: int) -> list[tuple[str, int]]:
         return self._run(lambda cursor: self._requests.pending_requests(cursor, limit), write=False)
 
@@ -421,6 +454,9 @@ class SqlStore(StepsReads, Store):
         return self._run(
             lambda cursor: self._requests.requests(cursor, model, since_ns, until_ns, limit, order), write=False
         )
+
+    def request_hours(self, since_ns: int, until_ns: int) -> list[RequestHourRow]:
+        return self._run(lambda cursor: self._requests.request_hours(cursor, since_ns, until_ns), write=False)
 
     def request_summary(
         self, by: Literal["model", "tenant", "host"], since_ns: int, until_ns: int

@@ -354,3 +354,32 @@ def test_no_co2_without_carbon_or_without_energy(store: Store) -> None:
     store.write_spans([SpanRow("plain", "s", "host-b", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
     engine_for(store, Clock(T0 + 300 * S)).run_pass()
     assert result(store, "plain").co2_g is None
+
+
+def test_late_samples_reopen_an_approximate_request_which_then_comes_out_final(store: Store) -> None:
+    """An agent that replays its spool after an outage brings the samples past the grace: the request finalised as
+    approximate on a lower bound is computed again (``reopen_requests``, called by ingest for such batches)."""
+    writer = constant_host(store, seconds=5)  # samples stop at 5 s
+    store.write_spans(
+        [
+            SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm"),
+            SpanRow("other-host", "s", "host-b", T0 + 2 * S, T0 + 8 * S, workload="vllm"),
+        ]
+    )
+    clock = Clock(T0 + 8 * S + 30 * S)
+    engine = engine_for(store, clock, finalize_grace_s=30)
+    engine.run_pass()
+    assert (result(store, "r").status, result(store, "r").active_j) == ("approximate", pytest.approx(300.0))
+    assert result(store, "other-host").status == "no_samples"
+    for second in range(5, 20):  # the rest of the samples, late
+        t = T0 + second * S + np.arange(1, 11, dtype=np.int64) * (S // 10)
+        joules = 100.0 * (t - T0) / S
+        writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
+    assert store.reopen_requests("host-a", T0 + 5 * S + S // 10, T0 + 20 * S) == 1
+    assert (result(store, "r").status, result(store, "r").active_j) == ("pending", None)
+    assert result(store, "other-host").status == "no_samples"  # another host's: not touched
+    assert store.reopen_requests("host-a", T0 + 9 * S, T0 + 20 * S) == 0  # none of its spans there
+    clock.now_ns += S
+    engine.run_pass()
+    r = result(store, "r")
+    assert (r.status, r.active_j) == ("final", pytest.approx(600.0, rel=1e-9))  # [2, 8] s of 100 W

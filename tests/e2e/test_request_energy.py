@@ -111,3 +111,34 @@ def test_spans_from_batches_report_spans_and_otlp_get_their_energy(aggregator: R
     assert 'wattmeter_requests_total{model="llama-8b",tenant=""} 2.0' in text
     assert 'wattmeter_output_tokens_total{model="llama-8b"} 100.0' in text
     assert "wattmeter_requests_pending 0.0" in text
+
+
+def test_samples_replayed_after_the_grace_turn_an_approximate_request_final(tmp_path: Path) -> None:
+    """An agent cut off from the aggregator spools its batches; the request its host served is finalised as
+    approximate meanwhile (a lower bound). When the agent replays the spool, the late samples reopen it, and the
+    engine computes it again from all of them."""
+    running = RunningAggregator(base_config(tmp_path, requests={"interval_s": 0.1, "finalize_grace_s": 1.0}))
+    try:
+        t0 = (time.time_ns() - 30 * S) // S * S
+        batches = agent_batches(t0, 12)
+        span = pb.RequestSpan(request_id="cut-off", span_id="a", start_ns=t0 + 2 * S, end_ns=t0 + 8 * S,
+                              hostname="gpu-01", workload="vllm")  # fmt: skip
+        with grpc.insecure_channel(running.target) as channel:
+            assert send(channel, batches[:4]).code is None  # samples of [0, 4) s, then the agent is cut off
+            report = channel.unary_unary(
+                "/wattmeter.v1.Telemetry/ReportSpans",
+                request_serializer=pb.SpanReport.SerializeToString,
+                response_deserializer=pb.SpanReportResult.FromString,
+            )
+            assert report(pb.SpanReport(spans=[span]), timeout=WAIT_S).accepted == 1
+            store = running.aggregator.store
+            deadline = time.monotonic() + WAIT_S
+            while (found := store.request("cut-off")) is None or found.status != "approximate":
+                assert time.monotonic() < deadline, found
+                time.sleep(0.05)
+            assert found.active_j is not None and found.active_j < 400.0  # [2, 4) s at most: a lower bound
+            assert send(channel, batches[4:]).code is None  # the spool, replayed
+        final = wait_final(running, "cut-off")
+        assert final.active_j == pytest.approx(200.0 * 6, rel=1e-9)
+    finally:
+        running.stop()
