@@ -157,9 +157,10 @@ class Agent:
                 bindings_interval_s=config.workloads.interval_s,
             )
         self.carbon: WorkloadCarbon | None = None
-        if config.carbon is not None and self.workloads is not None:
-            self.carbon = WorkloadCarbon(CarbonSeriesSource(config.carbon))
-            self.workloads.add_split_listener(self.carbon.on_split)
+        if config.carbon is not None:  # the grid's intensity and price always; CO2 per workload needs [workloads]
+            self.carbon = WorkloadCarbon(CarbonSeriesSource(config.carbon), per_workload=self.workloads is not None)
+            if self.workloads is not None:
+                self.workloads.add_split_listener(self.carbon.on_split)
         self.exporter.cache.providers = self._providers()
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, SamplerProgress(self.sampler))

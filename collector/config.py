@@ -387,11 +387,19 @@ def check_file(path: Path, model: type[BaseModel] | None = None, example: str = 
     """Errors in one config file of ``model`` (default: the agent's) on its own (no environment, no CLI): one line
     each; empty when it is valid."""
     try:
-        (model or AgentConfig).model_validate(read_toml(path))
+        config = (model or AgentConfig).model_validate(read_toml(path))
     except ConfigError as exc:
         return str(exc).splitlines()
     except ValidationError as exc:
         return format_validation_error(exc, str(path), example=example)
+    carbon = getattr(config, "carbon", None)
+    if isinstance(carbon, CarbonConfig) and carbon.csv is not None:
+        from collector.carbon.series import CarbonSeriesSource
+
+        try:  # the CSV's rows, read and checked as the agent and the aggregator do at start
+            CarbonSeriesSource(carbon)
+        except ConfigError as exc:
+            return [f"{path}: [carbon] csv: {line}" for line in str(exc).splitlines()]
     return []
 
 

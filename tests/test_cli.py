@@ -310,3 +310,36 @@ def test_agent_port_in_use_exits_1(tmp_path: Path) -> None:
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- config check: the [carbon] CSV's rows ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "problem"),
+    [
+        ("2027-01-01T00:00Z,100\n2027-01-01T01:00Z,-5\n", "line 3: g_per_kwh is -5; it must be finite and 0 or more"),
+        ("2027-01-01T00:00Z,100\n2027-01-01T01:00Z,100\n2027-01-01T04:00Z,100\n", "rows are not evenly spaced"),
+    ],
+)
+@pytest.mark.parametrize("aggregator", [False, True])
+def test_config_check_reads_the_carbon_csv_as_the_agent_does_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: str, problem: str, aggregator: bool
+) -> None:
+    from collector.carbon.config import CarbonConfig
+    from collector.carbon.series import CarbonSeriesSource
+    from collector.errors import ConfigError
+
+    csv = tmp_path / "grid.csv"
+    csv.write_text("timestamp,g_per_kwh\n" + rows)
+    grpc = '[grpc]\nlisten = "127.0.0.1:50051"\n\n' if aggregator else ""
+    path = write(tmp_path, f'{grpc}[carbon]\ncsv = "{csv}"\n')
+    assert main(["config", "check", *(["--aggregator"] if aggregator else []), str(path)]) == 2
+    out, err = capsys.readouterr()
+    with pytest.raises(ConfigError) as at_start:  # what the agent and the aggregator refuse to start with
+        CarbonSeriesSource(CarbonConfig(csv=csv))
+    assert out == ""
+    assert err.strip() == f"{path}: [carbon] csv: {at_start.value}"
+    assert problem in err
+    csv.write_text("timestamp,g_per_kwh\n2027-01-01T00:00Z,100\n2027-01-01T01:00Z,100\n")
+    assert main(["config", "check", *(["--aggregator"] if aggregator else []), str(path)]) == 0

@@ -73,6 +73,16 @@ class CarbonConfig(BaseModel):
     monthly_price_per_kwh: dict[str, list[float]] = Field(default_factory=dict)
     csv_check_interval_s: float = Field(30.0, gt=0, le=86400, description="how often the CSV's mtime/size is checked")
 
+    @property
+    def price_keys(self) -> list[str]:
+        """The price keys set here: a CSV with a price column must come without them (see ``read_csv``)."""
+        given = {
+            "price_per_kwh": self.price_per_kwh is not None,
+            "hourly_price_per_kwh": self.hourly_price_per_kwh is not None,
+            "monthly_price_per_kwh": bool(self.monthly_price_per_kwh),
+        }
+        return [key for key, is_set in given.items() if is_set]
+
     @field_validator("hourly_g_per_kwh", "hourly_price_per_kwh")
     @classmethod
     def _hourly(cls, value: list[float] | None) -> list[float] | None:
@@ -103,6 +113,27 @@ class CarbonConfig(BaseModel):
     def _one_intensity_source(self) -> CarbonConfig:
         if self.csv is not None and (self.hourly_g_per_kwh is not None or self.monthly_g_per_kwh):
             raise ValueError("set either csv or hourly_g_per_kwh/monthly_g_per_kwh, not both")
+        # intensity_g_per_kwh has a default: only a value given explicitly conflicts (and would be ignored)
+        if "intensity_g_per_kwh" in self.model_fields_set:
+            other = (
+                "csv"
+                if self.csv is not None
+                else "hourly_g_per_kwh"
+                if self.hourly_g_per_kwh is not None
+                else "monthly_g_per_kwh"
+                if self.monthly_g_per_kwh
+                else None
+            )
+            if other is not None:
+                raise ValueError(
+                    f"intensity_g_per_kwh and {other} are both set, and {other} would win: keep {other} for "
+                    "intensity that changes over time, or intensity_g_per_kwh alone for a constant"
+                )
+        if self.price_per_kwh is not None and self.hourly_price_per_kwh is not None:
+            raise ValueError(
+                "price_per_kwh and hourly_price_per_kwh are both set, and hourly_price_per_kwh would win: keep "
+                "hourly_price_per_kwh for a price by hour, or price_per_kwh alone for a constant"
+            )
         if self.monthly_g_per_kwh and self.hourly_g_per_kwh is None and len(self.monthly_g_per_kwh) < len(MONTHS):
             missing = ", ".join(m for m in MONTHS if m not in self.monthly_g_per_kwh)
             raise ValueError(f"monthly_g_per_kwh lacks {missing}: give every month, or hourly_g_per_kwh for the rest")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from collector.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NS = 10**9
+HEADER = "timestamp,g_per_kwh[,price_per_kwh]"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,14 @@ def _number(text: str, what: str, where: str) -> float:
     return value
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _duration(ns: int) -> str:
     seconds = ns / NS
     return (
@@ -74,6 +84,8 @@ def parse_csv(text: str, name: str = "csv") -> CsvSeries:
         if fields[0].lower() == "timestamp" and not times:
             continue  # header
         where = f"{name} line {number}"
+        if not times and not _is_number(fields[-1]) and not fields[0][:1].isdigit():
+            raise ConfigError(f"{where}: header {line!r}: the header, if any, must be {HEADER}")
         if len(fields) not in (2, 3):
             raise ConfigError(f"{where}: {len(fields)} fields; expected timestamp,g_per_kwh[,price_per_kwh]")
         if columns is None:
@@ -99,15 +111,19 @@ def parse_csv(text: str, name: str = "csv") -> CsvSeries:
     step = times[1] - times[0]
     for i in range(2, len(times)):
         if times[i] - times[i - 1] != step:
+            # which distance is the wrong one the file cannot say: name both
             raise ConfigError(
-                f"{name} line {lines[i]}: {_duration(times[i] - times[i - 1])} after line {lines[i - 1]}, but the "
-                f"series steps every {_duration(step)} (from its first two rows); give one row per step, no gaps"
+                f"{name}: rows are not evenly spaced: line {lines[1]} is {_duration(step)} after line {lines[0]}, "
+                f"but line {lines[i]} is {_duration(times[i] - times[i - 1])} after line {lines[i - 1]}; give one "
+                "row per step, with no gaps"
             )
     price = TableSteps(times, prices, step) if prices else None
     return CsvSeries(TableSteps(times, intensities, step), price)
 
 
-def read_csv(path: Path) -> CsvSeries:
+def read_csv(path: Path, price_keys: Sequence[str] = ()) -> CsvSeries:
+    """The file's series. ``price_keys``: the [carbon] price keys set beside it; a price column with any of them
+    is refused (one of the two would be ignored)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -116,16 +132,26 @@ def read_csv(path: Path) -> CsvSeries:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_csv(text, str(path))
+    series = parse_csv(text, str(path))
+    if series.price is not None and price_keys:
+        keys = " and ".join(price_keys)
+        raise ConfigError(
+            f"{path}: has a price_per_kwh column and [carbon] sets {keys} too, which the column would override: "
+            f"keep one (remove {keys}, or drop the column)"
+        )
+    return series
 
 
 class CsvWatcher:
     """The file's series, re-read when its mtime or size changes (a ``stat`` per check). A change that does not
     parse keeps the series already read, and ``error`` says why."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, price_keys: Sequence[str] = ()) -> None:
         self.path = path
-        self.series = read_csv(path)  # the first read must succeed: a config with no intensity data is refused
+        self.price_keys = tuple(price_keys)
+        self.series = read_csv(
+            path, self.price_keys
+        )  # the first read must succeed: a config with no intensity data is refused
         self._signature = self._stat()
         self.error: str | None = None
         self.reloads = 0
@@ -149,7 +175,7 @@ class CsvWatcher:
             return False
         self._signature = signature
         try:
-            self.series = read_csv(self.path)
+            self.series = read_csv(self.path, self.price_keys)
         except ConfigError as exc:
             self.error = str(exc)
             log.error("[carbon] csv changed but is invalid, keeping the series read before: %s", exc)

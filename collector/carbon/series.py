@@ -179,7 +179,7 @@ def series_from_config(config: CarbonConfig, csv: CsvWatcher | None = None) -> I
     intensity: Steps
     price: Steps | None = None
     if config.csv is not None:
-        watcher = csv if csv is not None else CsvWatcher(config.csv)
+        watcher = csv if csv is not None else CsvWatcher(config.csv, config.price_keys)
         intensity = watcher.series.intensity
         price = watcher.series.price
     elif config.hourly_g_per_kwh is not None or config.monthly_g_per_kwh:
@@ -203,7 +203,7 @@ class CarbonSeriesSource:
 
     def __init__(self, config: CarbonConfig) -> None:
         self.config = config
-        self.watcher = CsvWatcher(config.csv) if config.csv is not None else None
+        self.watcher = CsvWatcher(config.csv, config.price_keys) if config.csv is not None else None
         self._series = series_from_config(config, self.watcher)
         self._checked_s: float | None = None
 

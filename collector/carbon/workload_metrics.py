@@ -7,7 +7,8 @@ Families (rendered fresh per scrape from the totals held here):
 ``wattmeter_workload_co2_grams_total{workload,phase,job}``, ``wattmeter_workload_cost_total{workload,phase,job,
 currency}`` (only with a price configured), ``wattmeter_grid_carbon_intensity_grams_per_kwh``,
 ``wattmeter_grid_price_per_kwh{currency}``, and ``wattmeter_carbon_uncovered_joules_total``: energy used at times
-the intensity data does not cover (a CSV series that ended), which has no grams rather than guessed ones.
+the intensity data does not cover (a CSV series that ended), which has no grams rather than guessed ones. With
+``[workloads]`` off (``per_workload=False``) only the two grid gauges.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ class WorkloadCarbon:
         source: CarbonSeriesSource,
         monotonic: Callable[[], float] = time.monotonic,
         clock_ns: Callable[[], int] = time.time_ns,
+        *,
+        per_workload: bool = True,
     ) -> None:
         self.source = source
+        self.per_workload = per_workload  # False: the grid's intensity and price only ([workloads] off)
         self._monotonic = monotonic
         self._clock_ns = clock_ns
         self._lock = threading.Lock()
@@ -85,8 +89,8 @@ class WorkloadCarbon:
         )
         for labels, value in grams:
             co2.add(labels, value)
-        families = [co2]
-        if priced:
+        families = [co2] if self.per_workload else []
+        if priced and self.per_workload:
             money = Family(
                 "wattmeter_workload_cost",
                 "counter",
@@ -115,5 +119,6 @@ class WorkloadCarbon:
             (),
         )
         gap.add((), uncovered)
-        families.append(gap)
+        if self.per_workload:
+            families.append(gap)
         return families

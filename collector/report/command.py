@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from datetime import datetime
@@ -46,6 +47,26 @@ def parse_time(value: str, now_ns: int) -> int:
     return int(stamp.timestamp() * 1e9)
 
 
+def schema_problem(version: int, url: str) -> str | None:
+    """Why a store whose schema is at ``version`` cannot be reported on by this wattmeter, or None when it can."""
+    from collector.store.migrations import LATEST_VERSION
+    from collector.store.urls import redact
+
+    if version == LATEST_VERSION:
+        return None
+    if version == 0:
+        return f"{redact(url)} holds no wattmeter data (no schema): check --storage or the config's [storage] url"
+    if version < LATEST_VERSION:
+        return (
+            f"the store's schema is version {version}, older than this wattmeter's {LATEST_VERSION}: start this "
+            "version's aggregator on it once (it migrates the store), then run the report again"
+        )
+    return (
+        f"the store's schema is version {version}, newer than this wattmeter's {LATEST_VERSION}: upgrade wattmeter "
+        "to the version that wrote it"
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from collector.aggregator.config import load_aggregator_config, parse_duration
     from collector.carbon.series import series_from_config
@@ -55,7 +76,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from collector.report.html import render_html
     from collector.report.render import render_json, render_text
     from collector.store import open_store
-    from collector.store.base import StoreError
+    from collector.store.base import StoreError, StoreMissing
 
     now_ns = time.time_ns()
     try:
@@ -68,6 +89,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     if until_ns <= since_ns:
         print("wattmeter report: --until must be after --since", file=sys.stderr)
         return EXIT_USAGE
+    for pattern in args.flexible or ():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            print(
+                f"wattmeter report: --flexible {pattern!r} is not a regular expression ({exc}): "
+                "fix it, or quote it so the shell passes it whole",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     try:
         # the report serves nothing: a loopback listen keeps a file without [grpc] TLS valid here
         config = load_aggregator_config(args.config or env_config_path(), {"grpc": {"listen": "127.0.0.1:0"}})
@@ -77,9 +108,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     url = args.storage or config.storage.url
     try:
-        store = open_store(url)
+        store = open_store(url, create=False)  # a report reads the store as it is: it creates and migrates nothing
         try:
-            store.migrate()
+            problem = schema_problem(store.schema_version(), url)
+            if problem is not None:
+                print(f"wattmeter report: {problem}", file=sys.stderr)
+                return EXIT_USAGE
             report = build_report(
                 store,
                 series,
@@ -92,6 +126,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             )
         finally:
             store.close()
+    except StoreMissing as exc:
+        print(f"wattmeter report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except StoreError as exc:
         print(f"wattmeter report: storage: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,10 @@ Training steps (``collector.client.step()``, per workload and minute in the stor
 energy in the hours it stepped over the steps it did in them, and its mean power and steps/s over the minutes it
 stepped. Workloads the advisor may move: phase training, a ``flexible`` label of true/1/yes (any case, from the
 labels its processes registered with), or a name ``--flexible REGEX`` matches.
+
+Per model (and ``--by model``): counts, energy and percentiles over every request of the period; kg and cost from
+the store's sums of active J per model and hour (``Store.request_hours``), priced at the hour the requests started
+in. Only the power-cap quartiles read requests one by one, the newest ``MAX_REQUESTS``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collector.store.base import RequestResult, Store, StoredLabelsRow
 
 GroupBy = Literal["workload", "phase", "model", "host"]
 TOP_WORKLOADS = 10
-MAX_REQUESTS = 200_000  # requests read for per-request CO2 and the power-cap evidence
+MAX_REQUESTS = 200_000  # requests read for the power-cap evidence (the per-model figures count them all)
 POWER_BINS = 4
 WorkloadKey = tuple[str, str, str, str]  # host, workload, phase, job
 FLEXIBLE_LABEL = "flexible"
@@ -256,26 +260,33 @@ def _requests(store: Store, since_ns: int, until_ns: int) -> tuple[list[RequestR
     return done, note
 
 
-def _model_rows(
-    store: Store, series: IntensitySeries, since_ns: int, until_ns: int, done: list[RequestResult]
-) -> tuple[list[ModelRow], str]:
+def _model_energy(store: Store, period: _Period) -> dict[str, npt.NDArray[np.float64]]:
+    """Per model: its requests' active J per hour of the period, by the hour each request started in (summed by
+    the store, so every request counts however many there are)."""
+    n = len(period.hour_starts)
+    since_ns = int(period.hour_starts[0])
+    out: dict[str, npt.NDArray[np.float64]] = {}
+    for row in store.request_hours(since_ns, since_ns + n * HOUR_NS):
+        out.setdefault(row.model, np.zeros(n))[(row.hour_ns - since_ns) // HOUR_NS] += row.energy_j
+    return out
+
+
+def _model_rows(store: Store, period: _Period) -> tuple[list[ModelRow], str]:
+    """Per model: requests, energy, percentiles, and kg and cost at the intensity and price of the hour each
+    request started in (a request is seconds long: within an hour of exact for most; priced like the rest)."""
+    since_ns = int(period.hour_starts[0])
+    until_ns = since_ns + len(period.hour_starts) * HOUR_NS
     try:
         summary = store.request_summary("model", since_ns, until_ns)
     except NotImplementedError:
         return [], "no request data: this store does not keep request results"
     if not summary:
         return [], "no request data in the period"
-    footprints: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
-    for result in done:
-        assert result.active_j is not None
-        footprint = series.grams_for_interval(result.start_ns, result.end_ns, result.active_j)
-        footprints[result.model].append((footprint.grams, footprint.cost))
+    energy = _model_energy(store, period)
     rows = []
     for row in summary:
-        parts = footprints.get(row.group, [])
-        kg = sum(g for g, _ in parts) / 1000 if parts else None
-        costs = [c for _, c in parts]
-        cost = sum(c for c in costs if c is not None) if parts and all(c is not None for c in costs) else None
+        hourly = energy.get(row.group)
+        amount = _amount(period.rates, hourly) if hourly is not None else None
         rows.append(
             ModelRow(
                 row.group or "(none)",
@@ -284,8 +295,8 @@ def _model_rows(
                 row.p50_j,
                 row.p95_j,
                 row.joules_per_output_token,
-                kg,
-                cost,
+                amount.kg if amount is not None else None,
+                amount.cost if amount is not None else None,
             )
         )
     return rows, ""
@@ -468,15 +479,13 @@ def build_report(
 
     groups_note = ""
     done, requests_note = _requests(store, since_ns, until_ns)
+    models, models_note = _model_rows(store, now)
     if by == "model":
-        models, models_note = _model_rows(store, series, since_ns, until_ns, done)
-        groups = [GroupRow(m.model, Amount(m.energy_kwh, m.kg or 0.0, m.cost), None) for m in models]
+        before = {m.model: m for m in _model_rows(store, previous)[0]}
+        groups = [GroupRow(m.model, _model_amount(m), _previous_amount(before.get(m.model))) for m in models]
         groups_note = models_note or "request energy (active J), not the hosts' whole energy"
     else:
         groups = _group_rows(now, previous, by)
-        models, models_note = _model_rows(store, series, since_ns, until_ns, done)
-    if requests_note and not models_note:
-        models_note = requests_note
 
     phases = _group_rows(now, previous, "phase")
     workload_rows = [
@@ -503,7 +512,7 @@ def build_report(
     step_power = _step_power(now, steps_by_key)
     step_note = "" if step_power else "no training steps in the period (collector.client.step() reports them)"
 
-    power_note = "" if done else (requests_note or "no request data")
+    power_note = requests_note or ("" if done else "no request data")  # a capped read says so here
     return Report(
         since_ns,
         until_ns,
@@ -530,6 +539,14 @@ def build_report(
         step_note,
         movable,
     )
+
+
+def _model_amount(row: ModelRow) -> Amount:
+    return Amount(row.energy_kwh, row.kg or 0.0, row.cost)
+
+
+def _previous_amount(row: ModelRow | None) -> Amount | None:
+    return None if row is None else _model_amount(row)
 
 
 def _sum_cost(parts: Sequence[Amount]) -> float | None:

@@ -193,6 +193,8 @@ def render_html(report: Report) -> str:
                 for b in report.power_bins
             ],
         )
+        if report.power_note:  # the quartiles come from the newest requests only
+            power += _note(f"requests: {report.power_note}")
     else:
         power += _note(f"requests: {report.power_note or 'too few requests per model (8 needed) to compare'}")
     power += _note(STEP_NOTE)

@@ -221,6 +221,8 @@ def power_lines(report: Report) -> list[str]:
                 for b in report.power_bins
             ],
         )
+        if report.power_note:  # the quartiles come from the newest requests only
+            out.append(f"requests: {report.power_note}")
     else:
         out.append(f"requests: {report.power_note or 'too few requests per model (8 needed) to compare'}")
     out.append(STEP_NOTE)

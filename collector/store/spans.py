@@ -23,6 +23,7 @@ import numpy as np
 
 from collector.store.base import (
     ProcessBindingRow,
+    RequestHourRow,
     RequestResult,
     RequestStatus,
     RequestSummaryRow,
@@ -36,6 +37,7 @@ from collector.store.writes import Cursor, Refs, _chunks, _insert, _marks
 HostKey = tuple[str]
 RequestOrder = Literal["start", "energy"]
 STATUSES = frozenset(get_args(RequestStatus))
+HOUR_NS = 3600 * 10**9
 SUMMARY_COLUMN = {"model": "model", "tenant": "tenant", "host": "hosts"}
 
 _SPAN_COLUMNS = (
@@ -465,6 +467,21 @@ class RequestSql:
             )
         rows.sort(key=lambda row: (-row.energy_j, row.group))
         return rows
+
+    @staticmethod
+    def request_hours(cursor: Cursor, since_ns: int, until_ns: int) -> list[RequestHourRow]:
+        # the hour as a literal (PostgreSQL would not match a parameter in SELECT to another in GROUP BY), and by
+        # integer division (both databases truncate integers; the store's SQL has no % for psycopg's placeholders)
+        cursor.execute(
+            f"SELECT model, start_ns / {HOUR_NS} * {HOUR_NS}, COUNT(*), SUM(active_j) FROM requests "
+            "WHERE start_ns >= ? AND start_ns < ? AND status IN ('final', 'approximate') AND active_j IS NOT NULL "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+            (since_ns, until_ns),
+        )
+        return [
+            RequestHourRow(str(model), int(hour), int(count), float(energy))
+            for model, hour, count, energy in cursor.fetchall()
+        ]
 
 
 _PENDING_ROW = "(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"

@@ -12,8 +12,9 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
-from collector.store.base import StoreError
+from collector.store.base import StoreError, StoreMissing
 from collector.store.dialect import SQLITE
 from collector.store.pool import ConnectionPool
 from collector.store.sql import Cursor, SqlStore, T
@@ -22,12 +23,28 @@ BUSY_TIMEOUT_S = 30.0  # another process holding the write lock (a second aggreg
 
 
 class SqliteStore(SqlStore):
-    def __init__(self, path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S, max_idle_readers: int = 4) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+        max_idle_readers: int = 4,
+        create: bool = True,
+    ) -> None:
+        """``create=False``: open an existing file read-only (``mode=ro``), creating nothing; StoreMissing if there
+        is none."""
         super().__init__(SQLITE)
         self.path = path
         self._busy_timeout_s = busy_timeout_s
+        self._read_only = not create
+        if not create and not path.is_file():
+            raise StoreMissing(
+                f"no SQLite database at {path}: check the storage url (the aggregator creates the file when it "
+                "first starts)"
+            )
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(
                 f"cannot create the directory of SQLite database {path}: {exc.strerror or exc}; "
@@ -39,13 +56,20 @@ class SqliteStore(SqlStore):
         self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
+        target = f"file:{quote(str(self.path))}?mode=ro" if self._read_only else str(self.path)
         try:
             # isolation_level=None: transactions are the explicit BEGIN/COMMIT in _transaction
             connection = sqlite3.connect(
-                self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+                target,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=self._read_only,
             )
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
+        if self._read_only:  # reads only: the file's journal mode is the writer's business
+            return connection
         try:
             (journal_mode,) = connection.execute("PRAGMA journal_mode=WAL").fetchone()
             connection.execute("PRAGMA synchronous=FULL")

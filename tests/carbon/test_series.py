@@ -146,7 +146,15 @@ def test_csv_energy_outside_the_series_is_uncovered_not_guessed(tmp_path: Path) 
         ),
         (
             "2027-01-01T00:00Z,1\n2027-01-01T01:00Z,1\n2027-01-01T03:00Z,1\n",
-            "line 3: 2 h after line 2, but the series steps every 1 h",
+            "rows are not evenly spaced: line 2 is 1 h after line 1, but line 3 is 2 h after line 2",
+        ),
+        (  # the gap is between the first two rows: both distances are named, neither blamed
+            "2027-01-01T00:00Z,1\n2027-01-01T02:00Z,1\n2027-01-01T03:00Z,1\n",
+            "rows are not evenly spaced: line 2 is 2 h after line 1, but line 3 is 1 h after line 2",
+        ),
+        (
+            "time,g_per_kwh\n2027-01-01T00:00Z,1\n2027-01-01T01:00Z,1\n",
+            r"line 1: header 'time,g_per_kwh': the header, if any, must be timestamp,g_per_kwh\[,price_per_kwh\]",
         ),
         (
             "2027-01-01T00:00Z,1\n2027-01-01T01:00Z,1\n2027-01-01T01:00Z,1\n",
@@ -180,6 +188,33 @@ def test_csv_is_re_read_when_it_changes_and_a_bad_change_keeps_the_old_series(tm
     os.utime(path, ns=(2, 2))
     assert source.current(20.0).at(t).g_per_kwh == 250.0  # the invalid file is not taken
     assert source.error is not None and "no gaps" in source.error
+
+
+def test_csv_price_column_beside_a_configured_price_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "grid.csv"
+    path.write_text("timestamp,g_per_kwh,price_per_kwh\n2027-01-01T00:00Z,100,0.2\n2027-01-01T01:00Z,100,0.3\n")
+    with pytest.raises(ConfigError, match="price_per_kwh column and \\[carbon\\] sets price_per_kwh too"):
+        CarbonSeriesSource(CarbonConfig(csv=path, price_per_kwh=0.1))
+    assert CarbonSeriesSource(CarbonConfig(csv=path)).current(0.0).price is not None
+
+
+@pytest.mark.parametrize(
+    ("carbon", "message"),
+    [
+        ({"csv": "grid.csv", "intensity_g_per_kwh": 300}, "intensity_g_per_kwh and csv are both set"),
+        ({"hourly_g_per_kwh": [1.0] * 24, "intensity_g_per_kwh": 400}, "intensity_g_per_kwh and hourly_g_per_kwh"),
+        ({"monthly_g_per_kwh": {"jan": [1.0] * 24}, "hourly_g_per_kwh": [1.0] * 24, "intensity_g_per_kwh": 1}, "keep"),
+        ({"price_per_kwh": 0.2, "hourly_price_per_kwh": [0.1] * 24}, "price_per_kwh and hourly_price_per_kwh"),
+    ],
+)
+def test_a_value_another_key_would_override_is_refused(carbon: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        CarbonConfig.model_validate(carbon)
+
+
+def test_the_default_intensity_beside_a_profile_and_a_price_fallback_are_fine() -> None:
+    CarbonConfig(hourly_g_per_kwh=[1.0] * 24)
+    CarbonConfig(monthly_price_per_kwh={"jan": [0.1] * 24}, price_per_kwh=0.2)  # price_per_kwh: the other months
 
 
 def test_csv_watcher_refuses_a_missing_file_at_start(tmp_path: Path) -> None:

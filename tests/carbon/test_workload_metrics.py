@@ -88,3 +88,33 @@ def test_agent_exports_co2_of_a_simulated_gpu(tmp_path: Path) -> None:
     assert float(lines['wattmeter_grid_price_per_kwh{currency="USD"}']) == 0.3
     co2 = {k: float(v) for k, v in lines.items() if k.startswith("wattmeter_workload_co2_grams_total")}
     assert co2 and all(v > 0 for v in co2.values())
+
+
+def test_agent_exports_the_grid_gauges_with_workloads_off(tmp_path: Path) -> None:
+    config = AgentConfig.model_validate(
+        {
+            "prometheus": {"listen": "127.0.0.1:0"},
+            "sources": {
+                "nvml": {"enabled": False},
+                "rapl": {"enabled": False},
+                "cpu_model": {"enabled": False},
+                "simulated": {"gpus": 1, "interval_s": 0.05},
+            },
+            "workloads": {"enabled": False},
+            "api": {"socket": str(tmp_path / "agent.sock")},
+            "carbon": {"intensity_g_per_kwh": 250, "price_per_kwh": 0.3, "currency": "USD"},
+        }
+    )
+    agent = Agent(config)
+    assert agent.workloads is None
+    agent.sampler.start()
+    try:
+        wait_for(lambda: b"wattmeter_grid_carbon_intensity_grams_per_kwh" in agent.exporter.cache.body(), timeout_s=10)
+        text = agent.exporter.cache.body().decode()
+    finally:
+        agent.shutdown()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(lines["wattmeter_grid_carbon_intensity_grams_per_kwh"]) == 250.0
+    assert float(lines['wattmeter_grid_price_per_kwh{currency="USD"}']) == 0.3
+    assert "wattmeter_workload_co2_grams" not in text  # per workload: needs [workloads]
+    assert "wattmeter_carbon_uncovered_joules" not in text

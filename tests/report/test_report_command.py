@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,6 +14,7 @@ from collector.cli import main
 from collector.report.html import SECTIONS
 from collector.store import Store, open_store
 from collector.store.base import RequestResult
+from collector.store.migrations import LATEST_VERSION
 from tests.store.builders import INFERENCE, TRAINING, batch
 
 HOUR_NS = 3600 * 10**9
@@ -190,3 +193,167 @@ def test_requests_give_j_per_request_and_power_quartiles(
     assert model["kg"] == pytest.approx(sum(100 + 10 * i for i in range(8)) / 3.6e6 * 300 / 1000)
     bins = data["power_bins"]
     assert [b["mean_w"] for b in bins] == pytest.approx([105.0, 125.0, 145.0, 165.0])
+
+
+def test_a_missing_sqlite_file_is_one_line_and_nothing_is_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nonexistent" / "x.db"
+    assert main(["report", "--storage", f"sqlite:///{missing}", "--config", "/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"wattmeter report: no SQLite database at {missing}:")
+    assert not missing.parent.exists()
+
+
+def test_a_file_without_a_schema_is_refused_and_left_as_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()  # an empty file is an empty SQLite database
+    assert main(["report", "--storage", f"sqlite:///{empty}", "--config", "/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no wattmeter data" in err
+    assert empty.stat().st_size == 0
+
+
+def _execute(url: str, sql: str, *params: object) -> None:
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as lite, lite:
+            lite.execute(sql, params)
+        return
+    import psycopg
+
+    with psycopg.connect(url) as pg:
+        pg.execute(sql.replace("?", "%s"), params)
+
+
+def _stored_version(url: str) -> int:
+    store = open_store(url)
+    try:
+        return store.schema_version()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("older", f"schema is version {LATEST_VERSION - 1}, older than this wattmeter's {LATEST_VERSION}: start"),
+        ("newer", f"schema is version {LATEST_VERSION + 1}, newer than this wattmeter's {LATEST_VERSION}: upgrade"),
+    ],
+)
+def test_a_schema_of_another_version_is_one_line_and_not_migrated(
+    store_url: str, change: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = open_store(store_url)
+    store.migrate()
+    store.close()
+    if change == "older":
+        _execute(store_url, "DELETE FROM schema_version WHERE version = ?", LATEST_VERSION)
+        expected = LATEST_VERSION - 1
+    else:
+        _execute(
+            store_url,
+            "INSERT INTO schema_version (version, description, applied_ns) VALUES (?, 'future', 0)",
+            LATEST_VERSION + 1,
+        )
+        expected = LATEST_VERSION + 1
+    assert main(["report", "--storage", store_url, "--config", "/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wattmeter report: the store's") and message in err
+    assert _stored_version(store_url) == expected  # the report migrated nothing
+
+
+def test_a_bad_flexible_regex_is_one_line(setup: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _, config = setup
+    assert main(["report", "--config", str(config), "--flexible", "train", "--flexible", "("]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("wattmeter report: --flexible '(' is not a regular expression (missing ), unterminated")
+
+
+def _request(i: int, model: str, start_ns: int, joules: float) -> RequestResult:
+    return RequestResult(
+        f"{model}-{i}",
+        "final",
+        model=model,
+        hosts=("host-1",),
+        start_ns=start_ns,
+        end_ns=start_ns + 10**9,
+        output_tokens=10,
+        active_j=joules,
+        gpu_j=joules,
+        cpu_j=0.0,
+        dram_j=0.0,
+        full_j=joules,
+        spans=1,
+    )
+
+
+def test_model_co2_and_cost_count_every_request_beyond_the_read_cap(
+    store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("collector.report.data.MAX_REQUESTS", 5)
+    store = open_store(store_url)
+    store.migrate()
+    # llama: 12 requests at noon (300 g) and 6 at 18:00 (500 g); mistral: 3 at 01:00 (100 g); one pending, not counted
+    results = [_request(i, "llama", DAY0 + 12 * HOUR_NS + i * 10**9, 1000.0) for i in range(12)]
+    results += [_request(12 + i, "llama", DAY0 + 18 * HOUR_NS + i * 10**9, 2000.0) for i in range(6)]
+    results += [_request(i, "mistral", DAY0 + 1 * HOUR_NS + i * 10**9, 500.0) for i in range(3)]
+    results.append(dataclasses.replace(_request(99, "llama", DAY0 + 13 * HOUR_NS, 1e9), status="pending"))
+    try:
+        store.write_request_results(results)
+        hours = store.request_hours(DAY0, DAY0 + 86400 * 10**9)
+    finally:
+        store.close()
+    assert [(h.model, (h.hour_ns - DAY0) // HOUR_NS, h.count, h.energy_j) for h in hours] == [
+        ("llama", 12, 12, 12000.0),
+        ("llama", 18, 6, 12000.0),
+        ("mistral", 1, 3, 1500.0),
+    ]
+    config = tmp_path / "carbon.toml"
+    config.write_text(f"[carbon]\nhourly_g_per_kwh = {PROFILE}\nprice_per_kwh = 0.25\n")
+    window = ["--since", iso(DAY0), "--until", iso(DAY0 + 86400 * 10**9)]
+    data = json.loads(run(capsys, "--storage", store_url, "--config", str(config), *window, "--format", "json"))
+    models = {m["model"]: m for m in data["models"]}
+    assert models["llama"]["requests"] == 18
+    assert models["llama"]["kg"] == pytest.approx((12000 * 300 + 12000 * 500) / 3.6e6 / 1000)
+    assert models["llama"]["cost"] == pytest.approx(24000 / 3.6e6 * 0.25)
+    assert models["mistral"]["kg"] == pytest.approx(1500 * 100 / 3.6e6 / 1000)
+    assert data["models_note"] == ""
+    assert data["power_note"] == "the newest 5 requests only"  # the power quartiles alone read requests one by one
+
+
+def test_by_model_and_by_phase_show_the_trend_against_the_previous_period(
+    setup: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, config = setup
+    store = open_store(url)
+    try:  # llama: 2 kJ the day before (the previous period of a one-day window), 6 kJ on the day; mistral: new
+        store.write_request_results(
+            [
+                _request(0, "llama", DAY0 - 12 * HOUR_NS, 2000.0),
+                _request(1, "llama", DAY0 + 12 * HOUR_NS, 6000.0),
+                _request(2, "mistral", DAY0 + 12 * HOUR_NS, 1000.0),
+            ]
+        )
+    finally:
+        store.close()
+    window = ["--config", str(config), "--since", iso(DAY0), "--until", iso(DAY0 + 86400 * 10**9)]
+    data = json.loads(run(capsys, *window, "--by", "model", "--format", "json"))
+    groups = {g["name"]: g for g in data["groups"]}
+    assert groups["llama"]["now"]["kwh"] == pytest.approx(6000 / 3.6e6)
+    assert groups["llama"]["previous"]["kwh"] == pytest.approx(2000 / 3.6e6)
+    assert groups["llama"]["previous"]["kg"] == pytest.approx(2000 / 3.6e6 * 300 / 1000)  # noon the day before
+    assert groups["mistral"]["previous"] is None
+    text = run(capsys, *window, "--by", "model")
+    assert "+200.0%" in text  # llama: 6 kJ against 2 kJ
+
+    data = json.loads(run(capsys, *window, "--by", "phase", "--format", "json"))
+    groups = {g["name"]: g for g in data["groups"]}
+    assert groups["training"]["now"]["kwh"] == pytest.approx(2 * 360 * KJ / 3.6e6)
+    assert groups["training"]["previous"]["kwh"] == pytest.approx(360 * KJ / 3.6e6)
+    assert groups["inference"]["now"]["kwh"] == pytest.approx(180 * KJ / 3.6e6)
+    assert groups["inference"]["previous"] is None

@@ -118,6 +118,9 @@ def test_text_and_html_show_steps_and_flexible_workloads(
 
 def test_no_steps_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'empty.db'}"
+    store = open_store(url)  # the aggregator's doing: a report creates no store
+    store.migrate()
+    store.close()
     assert main(["report", "--storage", url, "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["step_power"] == [] and "no training steps" in data["step_note"]
