@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 
 from collector.report.data import GroupRow, Report
-from collector.report.render import POWER_NOTE, SHIFT_MODEL, STEP_NOTE, money, step_table, trend, when
+from collector.report.render import POWER_NOTE, SHIFT_MODEL, STEP_NOTE, money, power_bin_table, step_table, trend, when
 
 SECTIONS = ("totals", "groups", "phases", "top-workloads", "requests", "shift", "power-cap", "hourly")
 STYLE = """
@@ -179,20 +179,7 @@ def render_html(report: Report) -> str:
     shift_html += "".join(_note(n) for n in shift.notes)
     power = _note(POWER_NOTE)
     if report.power_bins:
-        power += _table(
-            ["model", "power quartile", "requests", "mean W", "J/request median", "J/output token"],
-            [
-                [
-                    b.model,
-                    str(b.quartile),
-                    str(b.requests),
-                    f"{b.mean_w:.1f}",
-                    f"{b.median_j_per_request:.1f}",
-                    "-" if b.joules_per_output_token is None else f"{b.joules_per_output_token:.3f}",
-                ]
-                for b in report.power_bins
-            ],
-        )
+        power += _table(*power_bin_table(report))
         if report.power_note:  # the quartiles come from the newest requests only
             power += _note(f"requests: {report.power_note}")
     else:

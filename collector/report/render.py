@@ -204,23 +204,29 @@ def step_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+POWER_BIN_HEADERS = ["model", "power quartile", "requests", "mean W", "J/request median", "J/output token"]
+
+
+def power_bin_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """The power-cap evidence per model and power quartile: headers and rows, for the text and HTML reports."""
+    rows = [
+        [
+            b.model,
+            str(b.quartile),
+            str(b.requests),
+            f"{b.mean_w:.1f}",
+            f"{b.median_j_per_request:.1f}",
+            "-" if b.joules_per_output_token is None else f"{b.joules_per_output_token:.3f}",
+        ]
+        for b in report.power_bins
+    ]
+    return POWER_BIN_HEADERS, rows
+
+
 def power_lines(report: Report) -> list[str]:
     out = [POWER_NOTE]
     if report.power_bins:
-        out += table(
-            ["model", "power quartile", "requests", "mean W", "J/request median", "J/output token"],
-            [
-                [
-                    b.model,
-                    str(b.quartile),
-                    str(b.requests),
-                    f"{b.mean_w:.1f}",
-                    f"{b.median_j_per_request:.1f}",
-                    "-" if b.joules_per_output_token is None else f"{b.joules_per_output_token:.3f}",
-                ]
-                for b in report.power_bins
-            ],
-        )
+        out += table(*power_bin_table(report))
         if report.power_note:  # the quartiles come from the newest requests only
             out.append(f"requests: {report.power_note}")
     else:
