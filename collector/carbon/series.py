@@ -94,21 +94,36 @@ class IntensitySeries:
         energy = np.asarray(joules, dtype=np.float64)
         if starts.size == 0:
             return Footprint(0.0, 0.0, None if self.price is None else 0.0)
-        lo, hi = int(starts.min()), int(max(ends.max(), starts.max() + 1))
-        segments = self.segments(lo, hi)
-        bounds = np.array([s.start_ns for s in segments] + [segments[-1].end_ns], dtype=np.int64)
-        grams, uncovered = self._per_joule(starts, ends, bounds, [s.g_per_kwh for s in segments])
+        grams, uncovered, money, unpriced = self._means(starts, ends)
         total_j = float(energy.sum())
         scale = self.pue / J_PER_KWH
         result_grams = float(np.dot(energy, grams)) * scale
         uncovered_j = float(np.dot(energy, uncovered))
         cost: float | None = None
         unpriced_j = 0.0
-        if self.price is not None:
-            money, unpriced = self._per_joule(starts, ends, bounds, [s.price_per_kwh for s in segments])
+        if money is not None and unpriced is not None:
             cost = float(np.dot(energy, money)) * scale
             unpriced_j = float(np.dot(energy, unpriced))
         return Footprint(total_j, result_grams, cost, uncovered_j, unpriced_j)
+
+    def _means(
+        self, starts: npt.NDArray[np.int64], ends: npt.NDArray[np.int64]
+    ) -> tuple[
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64] | None,
+        npt.NDArray[np.float64] | None,
+    ]:
+        """Per interval (at least one): the time-mean intensity and the share of it without intensity data, then the
+        same for the price (None without a price)."""
+        lo, hi = int(starts.min()), int(max(ends.max(), starts.max() + 1))
+        segments = self.segments(lo, hi)
+        bounds = np.array([s.start_ns for s in segments] + [segments[-1].end_ns], dtype=np.int64)
+        grams, uncovered = self._per_joule(starts, ends, bounds, [s.g_per_kwh for s in segments])
+        if self.price is None:
+            return grams, uncovered, None, None
+        money, unpriced = self._per_joule(starts, ends, bounds, [s.price_per_kwh for s in segments])
+        return grams, uncovered, money, unpriced
 
     @staticmethod
     def _per_joule(
@@ -154,15 +169,11 @@ class IntensitySeries:
         energy = np.asarray(joules, dtype=np.float64)
         if starts.size == 0:
             return np.zeros(0), None if self.price is None else np.zeros(0)
-        lo, hi = int(starts.min()), int(max(ends.max(), starts.max() + 1))
-        segments = self.segments(lo, hi)
-        bounds = np.array([s.start_ns for s in segments] + [segments[-1].end_ns], dtype=np.int64)
+        mean_g, _, mean_price, _ = self._means(starts, ends)
         scale = self.pue / J_PER_KWH
-        mean_g, _ = self._per_joule(starts, ends, bounds, [s.g_per_kwh for s in segments])
         grams: npt.NDArray[np.float64] = energy * mean_g * scale
-        if self.price is None:
+        if mean_price is None:
             return grams, None
-        mean_price, _ = self._per_joule(starts, ends, bounds, [s.price_per_kwh for s in segments])
         cost: npt.NDArray[np.float64] = energy * mean_price * scale
         return grams, cost
 
