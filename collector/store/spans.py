@@ -370,6 +370,19 @@ class RequestSql:
         ]
 
     @staticmethod
+    def reopen(cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> int:
+        """``Store.reopen_requests``: approximate and no_samples requests with a span on the host overlapping
+        [since_ns, until_ns] become pending, their energies dropped; returns how many."""
+        cursor.execute(
+            "UPDATE requests SET status = 'pending', active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, "
+            "dram_j = NULL, co2_g = NULL, cost = NULL WHERE status IN ('approximate', 'no_samples') AND request_id IN "
+            "(SELECT s.request_id FROM spans s JOIN span_hosts h ON h.id = s.host_ref "
+            "WHERE h.hostname = ? AND s.end_ns >= ? AND s.start_ns <= ?)",
+            (hostname, since_ns, until_ns),
+        )
+        return max(cursor.rowcount, 0)
+
+    @staticmethod
     def pending_requests(cursor: Cursor, limit: int) -> list[tuple[str, int]]:
         """(request id, spans stored) of up to ``limit`` pending requests, oldest end first."""
         # the literal 'pending' (not a parameter) lets SQLite's planner use the partial index

@@ -403,18 +403,8 @@ class SqlStore(StepsReads, Store):
         return [rid for rid, _ in self.pending_request_counts(limit)]
 
     def reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> int:
-        sql = (
-            "UPDATE requests SET status = 'pending', active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, "
-            "dram_j = NULL, co2_g = NULL, cost = NULL WHERE status IN ('approximate', 'no_samples') AND request_id IN "
-            "(SELECT s.request_id FROM spans s JOIN span_hosts h ON h.id = s.host_ref "
-            "WHERE h.hostname = ? AND s.end_ns >= ? AND s.start_ns <= ?)"
-        )
-
-        def work(cursor: Cursor) -> int:
-            cursor.execute(self._dialect.format(sql), (text(hostname), since_ns, until_ns))
-            return max(cursor.rowcount, 0)
-
-        return self._run(work, write=True)
+        host = text(hostname)
+        return self._run(lambda cursor: self._requests.reopen(cursor, host, since_ns, until_ns), write=True)
 
     def pending_request_counts(self, limit: int) -> list[tuple[str, int]]:
         return self._run(lambda cursor: self._requests.pending_requests(cursor, limit), write=False)
