@@ -208,6 +208,10 @@ class DeviceSplitter(Generic[K]):
         rest_key = IDLE if kind is DeviceKind.GPU else SYSTEM
         self._shares.setdefault(device_id, _Shares({}, 1.0, rest_key))
 
+    def baseline_j(self, device_id: str) -> float | None:
+        """The energy of the device's last reading taken in (joules), or None before its first."""
+        return self._last_energy_j.get(device_id)
+
     def rebase(self, device_id: str) -> None:
         """Forget the device's last energy: its next reading is a new baseline (another source took it over)."""
         self._last_energy_j.pop(device_id, None)
@@ -252,12 +256,24 @@ class _Series:
 
     def __init__(self) -> None:
         self.total_j = 0.0
-        self.recent: deque[tuple[float, float]] = deque()  # (now_s, joules), oldest first
+        # (since_s, now_s, joules), oldest first: joules used over (since_s, now_s]; since_s == now_s for a point
+        self.recent: deque[tuple[float, float, float]] = deque()
 
     def prune(self, cutoff_s: float) -> None:
         recent = self.recent
-        while recent and recent[0][0] <= cutoff_s:
+        while recent and recent[0][1] <= cutoff_s:
             recent.popleft()
+
+    def joules_after(self, cutoff_s: float) -> float:
+        """The joules of the increments after ``cutoff_s``; one that straddles it counts for its part after it
+        (spread evenly over its interval)."""
+        total = 0.0
+        for since_s, now_s, joules in self.recent:
+            if since_s >= cutoff_s or now_s <= since_s:
+                total += joules
+            elif now_s > cutoff_s:
+                total += joules * (now_s - cutoff_s) / (now_s - since_s)
+        return total
 
 
 class WorkloadEnergy(Generic[K]):
@@ -265,7 +281,8 @@ class WorkloadEnergy(Generic[K]):
 
     ``power_window_s`` (seconds): a series' power is the joules added to it in the last ``power_window_s``
     (``now_s - window < t <= now_s``), divided by ``power_window_s``; a series younger than the window therefore
-    reads low until it is a window old.
+    reads low until it is a window old. An increment added with ``since_s`` covers ``(since_s, now_s]`` and counts
+    for the part of it inside the window (the joules spread evenly over it).
 
     ``retain_s`` (seconds): a workload key not seen (``add``) for longer than that is dropped at the next
     ``snapshot``: its series disappear and, should it come back, start again from 0 as new series.
@@ -319,8 +336,11 @@ class WorkloadEnergy(Generic[K]):
         """Whether ``key``'s joules go into ``OTHER``."""
         return key in self._folded
 
-    def add(self, key: K | SpecialKey, device_id: str, joules: float, now_s: float) -> None:
-        """Add ``joules`` used by ``key`` on ``device_id``; ``now_s`` (seconds) also marks ``key`` as seen.
+    def add(
+        self, key: K | SpecialKey, device_id: str, joules: float, now_s: float, since_s: float | None = None
+    ) -> None:
+        """Add ``joules`` used by ``key`` on ``device_id`` over ``(since_s, now_s]`` (at ``now_s`` when
+        ``since_s`` is None); ``now_s`` (seconds) also marks ``key`` as seen.
 
         Raises ValueError when ``joules`` is negative or not finite: a counter must never go backwards.
         """
@@ -339,14 +359,20 @@ class WorkloadEnergy(Generic[K]):
             self._count += 1
         series.total_j += joules
         if joules > 0:
-            series.recent.append((now_s, joules))
+            series.recent.append((now_s if since_s is None else min(since_s, now_s), now_s, joules))
         series.prune(now_s - self.power_window_s)
         if new and self._count > self.max_series:
             self._fold()
 
-    def add_many(self, device_id: str, joules_by_key: Mapping[K | SpecialKey, float], now_s: float) -> None:
-        """``add`` of each (key, joules) on ``device_id`` at ``now_s``, in order: one device reading's split
-        (``DeviceSplitter.on_reading``). The same result as one ``add`` per key, for less work per key.
+    def add_many(
+        self,
+        device_id: str,
+        joules_by_key: Mapping[K | SpecialKey, float],
+        now_s: float,
+        since_s: float | None = None,
+    ) -> None:
+        """``add`` of each (key, joules) on ``device_id`` over ``(since_s, now_s]``, in order: one split of the
+        device's energy (``DeviceSplitter.on_reading``). The same result as one ``add`` per key, for less work.
 
         Raises ValueError, before adding anything, when any ``joules`` is negative or not finite.
         """
@@ -354,24 +380,25 @@ class WorkloadEnergy(Generic[K]):
             if not 0.0 <= joules < math.inf:  # NaN fails too
                 _check_energy(joules)
         cutoff_s = now_s - self.power_window_s
+        start_s = now_s if since_s is None else min(since_s, now_s)
         folded = self._folded
         last_seen = self._last_seen_s
         all_series = self._series
         for key, joules in joules_by_key.items():
             if folded and key in folded:
-                self.add(key, device_id, joules, now_s)
+                self.add(key, device_id, joules, now_s, since_s)
                 continue
             by_device = all_series.get(key)
             series = by_device.get(device_id) if by_device is not None else None
             if series is None:  # a new series, which may fold others
-                self.add(key, device_id, joules, now_s)
+                self.add(key, device_id, joules, now_s, since_s)
                 continue
             last_seen[key] = now_s
             if joules > 0:
                 series.total_j += joules
                 recent = series.recent
-                recent.append((now_s, joules))
-                while recent[0][0] <= cutoff_s:  # never the increment just added: the window is positive
+                recent.append((start_s, now_s, joules))
+                while recent[0][1] <= cutoff_s:  # never the increment just added: the window is positive
                     recent.popleft()
 
     def snapshot(self, now_s: float) -> list[tuple[K | SpecialKey, str, float, float]]:
@@ -382,7 +409,7 @@ class WorkloadEnergy(Generic[K]):
         for key, by_device in self._series.items():
             for device_id, series in by_device.items():
                 series.prune(cutoff_s)
-                power_w = sum(joules for _, joules in series.recent) / self.power_window_s
+                power_w = series.joules_after(cutoff_s) / self.power_window_s
                 rows.append((key, device_id, series.total_j, power_w))
         return rows
 
@@ -418,7 +445,7 @@ class WorkloadEnergy(Generic[K]):
                 self._count += 1
                 continue
             target.total_j += series.total_j
-            target.recent = deque(sorted([*target.recent, *series.recent], key=lambda item: item[0]))
+            target.recent = deque(sorted([*target.recent, *series.recent], key=lambda item: item[1]))
         other_seen = self._last_seen_s.get(OTHER)
         folded_seen = self._folded[key]
         self._last_seen_s[OTHER] = folded_seen if other_seen is None else max(other_seen, folded_seen)

@@ -244,6 +244,22 @@ def test_power_is_joules_in_the_last_window_over_the_window() -> None:
     assert power_w == 0.0
 
 
+def test_an_increment_over_an_interval_counts_for_its_part_inside_the_window() -> None:
+    energy: WorkloadEnergy[str] = WorkloadEnergy(max_series=10, retain_s=60.0, power_window_s=1.0)
+    energy.add_many("gpu0", {"a": 40.0}, now_s=2.0, since_s=0.0)  # 20 W over (0, 2]
+    energy.add_many("gpu0", {"a": 10.0}, now_s=2.5, since_s=2.0)  # 20 W over (2, 2.5]
+    [(_, _, joules, power_w)] = energy.snapshot(2.5)
+    assert joules == 50.0
+    assert power_w == pytest.approx(20.0)  # 10 J of the first (1.5 .. 2) and all of the second
+    [(_, _, _, power_w)] = energy.snapshot(2.9)
+    assert power_w == pytest.approx(2.0 + 10.0)  # 0.1 s of the first, all of the second
+    energy.add("a", "gpu0", 5.0, now_s=3.0, since_s=3.0)  # a point
+    [(_, _, _, power_w)] = energy.snapshot(3.4)
+    assert power_w == pytest.approx(10.0 * 0.1 / 0.5 + 5.0)
+    [(_, _, _, power_w)] = energy.snapshot(4.0)
+    assert power_w == 0.0
+
+
 def test_negative_joules_are_refused() -> None:
     energy: WorkloadEnergy[str] = WorkloadEnergy(max_series=10, retain_s=60.0, power_window_s=1.0)
     with pytest.raises(ValueError):

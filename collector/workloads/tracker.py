@@ -1,15 +1,18 @@
 """Which workload used each device's energy: process scans set the shares, every reading is split by them.
 
 A scan (every ``[workloads] interval_s``) reads the process table, resolves the processes that used CPU time
-since the last scan (and those on each GPU) to workload identities, and sets each device's shares; every device
-reading between two scans is split with those shares as it arrives (a sampler listener), so workload energy keeps
-the device's own time resolution. Per device, the workloads plus ``idle`` (GPUs) or ``system`` (CPU, DRAM) add up
-to the device's energy.
+since the last scan (and those on each GPU) to workload identities, and sets each device's shares; the device
+energy between two scans is split with those shares: each reading as it arrives when split listeners want every
+split (the stream, carbon pricing), otherwise what the device used since its last split, at the next scan or
+snapshot (the same joules: the shares hold between scans). Either way workload energy is exact to the device's
+latest reading. Per device, the workloads plus ``idle`` (GPUs) or ``system`` (CPU, DRAM) add up to the device's
+energy.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -77,6 +80,9 @@ class WorkloadTracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._split_listeners: list[SplitListener] = []
+        # device id -> its latest reading not split yet, and when it came (monotonic seconds)
+        self._unsplit: dict[str, tuple[DeviceReading, float]] = {}
+        self._split_at_s: dict[str, float] = {}  # device id -> when its energy was last split (monotonic s)
 
     @property
     def errors_total(self) -> int:
@@ -111,6 +117,77 @@ class WorkloadTracker:
 
     # --- readings: split as they arrive --------------------------------------------------------------------------
 
+    def add_split_listener(self, listener: SplitListener) -> None:
+        """Call ``listener(reading, joules_by_key, in_host_total)`` with every reading's split (the joules each key
+        used since the device's previous reading; ``in_host_total``: whether the device counts in host totals,
+        False for parts of a package and for psys). Runs on the source's thread under the tracker's lock: be quick."""
+        with self._lock:
+            self._flush_locked()  # from now on each reading is split as it comes
+            self._split_listeners.append(listener)
+
+    def on_readings(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
+        """Take in a source's readings. With split listeners, each is split now; without, only the device's latest
+        reading is kept, and what the device used since its last split is split at the next flush (a scan, a
+        snapshot): the shares hold between scans, so one split of the sum is the sum of the splits, for a fraction
+        of the work at 10 Hz. A reading that is the device's first, or lower than the one before it, is split
+        at once (a baseline), as is whatever was pending before it."""
+        with self._lock:
+            if self._split_listeners:
+                now_s = time.monotonic()
+                for reading in readings:
+                    if self._device_source.get(reading.device_id) != source_name:
+                        self._declare(source_name, reading.device_id)
+                    self._split(reading, now_s)
+                return
+            unsplit = self._unsplit
+            arrived_s = time.monotonic()
+            for reading in readings:
+                device_id = reading.device_id
+                if self._device_source.get(device_id) != source_name:
+                    self._declare(source_name, device_id)
+                energy_j = reading.energy_j
+                if not math.isfinite(energy_j):
+                    continue  # ignored, as the splitter would
+                pending = unsplit.get(device_id)
+                floor_j = pending[0].energy_j if pending is not None else self.splitter.baseline_j(device_id)
+                if floor_j is not None and energy_j >= floor_j:
+                    unsplit[device_id] = (reading, arrived_s)
+                    continue
+                if pending is not None:
+                    self._split(*unsplit.pop(device_id))
+                self._split(reading, arrived_s)
+
+    def flush(self) -> None:
+        """Split what every device used up to its latest reading (see ``on_readings``)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        unsplit, self._unsplit = self._unsplit, {}
+        for reading, arrived_s in unsplit.values():
+            self._split(reading, arrived_s)
+
+    def _split(self, reading: DeviceReading, now_s: float) -> None:
+        """Split what the device used since its last split reading and add it up, as used over the time since
+        that split up to ``now_s``, when the reading came (monotonic seconds; the tracker's lock held)."""
+        device_id = reading.device_id
+        split = self.splitter.on_reading(reading)
+        if not split:
+            self._split_at_s[device_id] = now_s
+            return
+        self.energy.add_many(device_id, split, now_s, self._split_at_s.get(device_id))
+        self._split_at_s[device_id] = now_s
+        counted = self._phase_counted[device_id]
+        for listener in self._split_listeners:
+            listener(reading, split, counted)
+        if not counted:
+            return
+        phase_energy_j = self.phase_energy_j
+        for key, joules in split.items():
+            if not isinstance(key, SpecialKey):
+                phase = key[1]
+                phase_energy_j[phase] = phase_energy_j.get(phase, 0.0) + joules
+
     def _declare(self, source_name: str, device_id: str) -> bool:
         """First reading of a device from this source: declare it; returns whether it counts in phase totals."""
         info = next(
@@ -119,7 +196,11 @@ class WorkloadTracker:
         )
         kind = info.kind if info is not None else DeviceKind.GPU
         if self._device_source.get(device_id) not in (None, source_name):
+            pending = self._unsplit.pop(device_id, None)
+            if pending is not None:  # what the old source's readings said the device used stays counted
+                self._split(*pending)
             self.splitter.rebase(device_id)  # another source took the device over (RAPL after the estimate)
+            self._split_at_s.pop(device_id, None)
         else:
             self.splitter.add_device(device_id, kind)
         self._device_source[device_id] = source_name
@@ -127,35 +208,6 @@ class WorkloadTracker:
         counted = info is None or kind is not DeviceKind.CPU or info.domain == "package"
         self._phase_counted[device_id] = counted
         return counted
-
-    def add_split_listener(self, listener: SplitListener) -> None:
-        """Call ``listener(reading, joules_by_key, in_host_total)`` with every reading's split (the joules each key
-        used since the device's previous reading; ``in_host_total``: whether the device counts in host totals,
-        False for parts of a package and for psys). Runs on the source's thread under the tracker's lock: be quick."""
-        self._split_listeners.append(listener)
-
-    def on_readings(self, source_name: str, readings: Sequence[DeviceReading]) -> None:
-        now_s = time.monotonic()
-        with self._lock:
-            phase_energy_j = self.phase_energy_j
-            for reading in readings:
-                device_id = reading.device_id
-                if self._device_source.get(device_id) == source_name:
-                    counted = self._phase_counted[device_id]
-                else:
-                    counted = self._declare(source_name, device_id)
-                split = self.splitter.on_reading(reading)
-                if not split:
-                    continue
-                self.energy.add_many(device_id, split, now_s)
-                for listener in self._split_listeners:
-                    listener(reading, split, counted)
-                if not counted:
-                    continue
-                for key, joules in split.items():
-                    if not isinstance(key, SpecialKey):
-                        phase = key[1]
-                        phase_energy_j[phase] = phase_energy_j.get(phase, 0.0) + joules
 
     # --- scans: set the shares ---------------------------------------------------------------------------------
 
@@ -185,6 +237,7 @@ class WorkloadTracker:
     def scan(self) -> None:
         started = time.perf_counter()
         with self._lock:
+            self._flush_locked()  # with the shares of the scan before
             live = self.energy.keys()
         # facts of workloads whose series expired go too; first, so what this scan resolves stays until its
         # series exist (only this thread writes identities; the exporter reads single keys)
@@ -198,6 +251,7 @@ class WorkloadTracker:
         last_total, self._total_ticks = self._total_ticks, total
         gpu_shares = self._gpu_shares(snapshot)
         with self._lock:
+            self._flush_locked()  # readings that came during the scan go by the old shares too
             if last_total is not None and ticks_by_key is not None:
                 for state in self.sampler.states:
                     for info in state.devices:
@@ -291,6 +345,7 @@ class WorkloadTracker:
 
     def snapshot(self) -> tuple[list[tuple[WorkloadKey | SpecialKey, str, float, float]], dict[str, float]]:
         with self._lock:
+            self._flush_locked()
             series = self.energy.snapshot(time.monotonic())
             phases = dict(self.phase_energy_j)
         return series, phases

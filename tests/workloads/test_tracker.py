@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector.attribution import IDLE, SYSTEM
 from collector.config import WorkloadsConfig
@@ -313,3 +317,92 @@ def test_a_live_workload_idle_past_retain_s_keeps_its_series(tmp_path: Path) -> 
     tracker.scan()
     time.sleep(0.06)
     assert (key, "cpu0") not in totals(tracker)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Split now (with split listeners) or at the next flush (without): the same joules
+
+
+def _program_world(root: Path, listen: bool) -> tuple[FakeProc, ScriptedSource, Sampler, WorkloadTracker, list[float]]:
+    proc = fake_host(root)
+    proc.add(101, 1, "python", "python train.py", environ={"WATTMETER_WORKLOAD": "trainer"}, utime=100)
+    proc.add(200, 1, "vllm", "vllm serve meta-llama/Llama-3.1-8B", utime=50)
+    source, sampler, tracker = attach(proc)
+    heard: list[float] = []
+    if listen:
+        tracker.add_split_listener(lambda reading, split, counted: heard.append(sum(split.values())))
+    return proc, source, sampler, tracker, heard
+
+
+_events = st.lists(
+    st.one_of(
+        st.tuples(st.just("step"), st.floats(0, 1000), st.floats(0, 100)),
+        st.tuples(st.just("drop"), st.sampled_from(["gpu0", "cpu0"]), st.floats(0, 1)),
+        st.tuples(st.just("nan"), st.sampled_from(["gpu0", "cpu0"]), st.just(0.0)),
+        st.tuples(st.just("scan"), st.integers(0, 300), st.integers(0, 300)),
+        st.tuples(st.just("snapshot"), st.just(0.0), st.just(0.0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_events)
+def test_split_at_flush_gives_what_splitting_each_reading_gives(events: list[tuple[str, object, object]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        worlds = [_program_world(Path(tmp) / name, listen) for name, listen in (("lazy", False), ("eager", True))]
+        ticks = [0, 0, 0]  # trainer, server, host total
+        for kind, a, b in events:
+            if kind == "scan":
+                ticks = [ticks[0] + int(a), ticks[1] + int(b), ticks[2] + int(a) + int(b) + 100]  # type: ignore[call-overload]
+            for proc, source, sampler, tracker, _ in worlds:
+                if kind == "step":
+                    step(source, sampler, gpu_j=float(a), cpu_j=float(b))  # type: ignore[arg-type]
+                elif kind == "drop":  # a counter that went backwards: a new baseline
+                    source.energy[str(a)] *= float(b)  # type: ignore[arg-type]
+                    sampler._read_once(sampler.states[0])
+                elif kind == "nan":  # ignored, the baseline stays
+                    kept = source.energy[str(a)]
+                    source.energy[str(a)] = math.nan
+                    sampler._read_once(sampler.states[0])
+                    source.energy[str(a)] = kept
+                elif kind == "scan":
+                    proc.set_cpu(101, utime=100 + ticks[0], stime=0)
+                    proc.set_cpu(200, utime=50 + ticks[1], stime=0)
+                    proc.set_total_cpu(1000 + ticks[2])
+                    source.gpu_processes = (
+                        GpuProcess(101, sm_utilization_ratio=0.1 + ticks[0] % 7),
+                        GpuProcess(200, sm_utilization_ratio=0.1 + ticks[1] % 5),
+                    )
+                    sampler._status_once(sampler.states[0])
+                    tracker.scan()
+                else:
+                    tracker.snapshot()
+        (lazy, lazy_phases), (eager, eager_phases) = (world[3].snapshot() for world in worlds)
+        assert {(k, d): pytest.approx(j, rel=1e-9, abs=1e-9) for k, d, j, _ in eager} == {
+            (k, d): j for k, d, j, _ in lazy
+        }
+        assert eager_phases == pytest.approx(lazy_phases, rel=1e-9, abs=1e-9)
+        heard = worlds[1][4]
+        assert sum(heard) == pytest.approx(sum(j for _, _, j, _ in eager), rel=1e-9, abs=1e-9)
+        for world in worlds:
+            world[3].table.close()
+
+
+def test_without_listeners_readings_are_split_at_the_next_scan_with_the_shares_they_came_under(
+    world: tuple,  # type: ignore[type-arg]
+) -> None:
+    proc, source, sampler, tracker = world
+    tracker.scan()
+    proc.set_cpu(101, utime=400, stime=0)
+    proc.set_total_cpu(2000)
+    tracker.scan()  # the trainer has 30% of the CPU from now on
+    step(source, sampler, gpu_j=0.0, cpu_j=100.0)
+    assert tracker.energy.series_count == 0  # nothing split yet
+    proc.set_cpu(101, utime=400, stime=0)  # then it sleeps
+    proc.set_total_cpu(3000)
+    tracker.scan()  # splits the 100 J by the shares they came under, then sets new ones
+    step(source, sampler, gpu_j=0.0, cpu_j=50.0)
+    got = totals(tracker)
+    assert got[(("torchrun", "training", "j7"), "cpu0")] == pytest.approx(30.0)
+    assert got[(SYSTEM, "cpu0")] == pytest.approx(70.0 + 50.0)
