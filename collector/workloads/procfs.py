@@ -29,6 +29,8 @@ _ENVIRON_PREFIXES: tuple[bytes, ...] = tuple(key.encode() + b"=" for key in ENVI
 _READ_CHUNK = 8192
 #: ``stat``'s fields up to ``starttime`` (field 22) take at most about 530 bytes (a 64-byte comm, 20-digit numbers).
 _STAT_READ = 1024
+#: ``schedstat``: three decimal numbers (nanoseconds on the CPU, nanoseconds waiting for it, timeslices).
+_SCHEDSTAT_READ = 96
 # A process whose stat did not change for QUIET_AFTER scans is read once every QUIET_READ_EVERY scans.
 QUIET_AFTER = 5
 QUIET_READ_EVERY = 10
@@ -228,14 +230,17 @@ def raise_fd_limit() -> int:
 
 
 class _Open:
-    """A process's ``stat`` kept open between scans, with what it held at the last read."""
+    """A process's ``stat`` kept open between scans, with what it held at the last read; and its ``schedstat``
+    where that could be kept open too (``sched_fd`` -1 otherwise)."""
 
-    __slots__ = ("bucket", "data", "fd", "quiet", "sample")
+    __slots__ = ("bucket", "data", "fd", "quiet", "sample", "sched", "sched_fd")
 
-    def __init__(self, fd: int, data: bytes, sample: ProcessSample) -> None:
+    def __init__(self, fd: int, data: bytes, sample: ProcessSample, sched_fd: int = -1, sched: bytes = b"") -> None:
         self.fd = fd
         self.data = data
         self.sample = sample
+        self.sched_fd = sched_fd
+        self.sched = sched  # schedstat at the last read: time on the CPU, time waiting for it, timeslices
         self.quiet = 0  # reads in a row that found the same bytes
         self.bucket = -1  # the quiet bucket it sits in; -1: read every scan
 
@@ -246,10 +251,10 @@ class ProcessTable:
     Nothing here raises for one process: a process that exits mid-scan, or a file that holds garbage, is skipped
     and counted in ``errors``. Only a proc root that cannot be listed at all raises (``SourceUnavailable``).
 
-    ``stat`` files the kernel generates (``st_size`` 0) stay open between scans, up to ``max_open`` of them
-    (default: the soft ``RLIMIT_NOFILE``, raised to the hard limit, less ``FD_HEADROOM``, and at most
-    ``MAX_CACHED_FDS``); past that, and for regular files (a fake tree), each scan opens, reads and closes.
-    ``close()`` releases them.
+    ``stat`` files the kernel generates (``st_size`` 0) stay open between scans, each with its process's
+    ``schedstat``, up to ``max_open`` descriptors in all (default: the soft ``RLIMIT_NOFILE``, raised to the
+    hard limit, less ``FD_HEADROOM``, and at most ``MAX_CACHED_FDS``); past that, and for regular files (a fake
+    tree), each scan opens, reads and closes ``stat``. ``close()`` releases them.
 
     A scan is incremental, so a host of thousands of sleeping processes costs little:
 
@@ -257,7 +262,11 @@ class ProcessTable:
       ``loadavg`` moved), and at least every ``LIST_EVERY`` scans; between listings, processes that exit are
       noticed when their kept-open ``stat`` fails to read;
     - a process whose ``stat`` stayed the same ``QUIET_AFTER`` reads in a row is read once every
-      ``QUIET_READ_EVERY`` scans (in turn with the others); the CPU time it did use shows at its next read.
+      ``QUIET_READ_EVERY`` scans (in turn with the others); the CPU time it did use shows at its next read;
+    - a read looks at ``schedstat`` first (a third of the kernel's work of ``stat``): a process that has not run
+      since (the same time on the CPU) has the same CPU time, command and parent as far as a scan cares, so its
+      ``stat`` is read again only when it ran. A parent that exits re-parents a sleeping child unseen: its
+      ``ppid`` is as of its last run, when it was the one that counted.
 
     After each scan, ``changed_pids`` holds the pids whose ``ProcessSample`` is not the one the previous scan
     returned (new processes included), so a caller can look at those alone.
@@ -273,6 +282,7 @@ class ProcessTable:
         self._statics: dict[tuple[int, int], ProcessStatic | None] = {}
         self._max_open = max_open
         self._open: dict[str, _Open] = {}  # by the pid's directory name
+        self._kept_fds = 0  # the descriptors of ``_open`` (one or two each)
         self._active: dict[str, _Open] = {}  # the kept-open entries read every scan
         self._quiet: list[dict[str, _Open]] = [{} for _ in range(QUIET_READ_EVERY)]
         self._unkept: set[str] = set()  # listed processes whose stat is opened afresh each scan
@@ -288,8 +298,8 @@ class ProcessTable:
         return self._max_open
 
     def open_files(self) -> int:
-        """How many ``stat`` files are kept open between scans now."""
-        return len(self._open)
+        """How many descriptors (``stat`` and ``schedstat`` files) are kept open between scans now."""
+        return self._kept_fds
 
     def close(self) -> None:
         """Close the ``stat`` files kept open; the next scan lists and opens them again."""
@@ -299,8 +309,11 @@ class ProcessTable:
         self._unkept = set()
         self._samples = {}
         self._last_pid = None
+        self._kept_fds = 0
         for entry in kept.values():
             os.close(entry.fd)
+            if entry.sched_fd >= 0:
+                os.close(entry.sched_fd)
 
     def scan(self) -> dict[int, ProcessSample]:
         """Every process now, by pid (a new dict each scan). Static facts of processes gone (or pids reused) are
@@ -344,10 +357,24 @@ class ProcessTable:
         due += self._quiet[self.scans % QUIET_READ_EVERY].items()
         pread = os.pread
         for name, entry in due:
-            try:
-                data = pread(entry.fd, _STAT_READ, 0)
-            except OSError:  # ESRCH: reaped (the pid may be someone else's now)
+            sched_fd = entry.sched_fd
+            if sched_fd >= 0:
+                try:
+                    sched = pread(sched_fd, _SCHEDSTAT_READ, 0)
+                except OSError:  # ESRCH: reaped
+                    sched = b""
+                if sched and sched == entry.sched:  # not run since: its stat is as it was
+                    data = entry.data
+                else:
+                    entry.sched = sched
+                    data = b""
+            else:
                 data = b""
+            if not data:
+                try:
+                    data = pread(entry.fd, _STAT_READ, 0)
+                except OSError:  # ESRCH: reaped (the pid may be someone else's now)
+                    data = b""
             if data == entry.data:
                 entry.quiet += 1
                 if entry.quiet == QUIET_AFTER and entry.bucket < 0:
@@ -373,7 +400,7 @@ class ProcessTable:
             new_names.append(name)
         new_names += self._unkept  # not kept open (a fake tree, or past max_open): opened every scan
         self._unkept = set()
-        room = self.max_open - len(self._open)
+        room = self.max_open - self._kept_fds
         for index, name in enumerate(new_names):
             pid = int(name)
             try:
@@ -407,9 +434,11 @@ class ProcessTable:
                 samples[pid] = parsed
                 changed.append(pid)
             if keep:
-                entry = _Open(fd, data, parsed)
+                entry = _Open(fd, data, parsed, *self._open_schedstat(name, fd, room - 1))
                 self._open[name] = self._active[name] = entry
-                room -= 1
+                kept = 1 if entry.sched_fd < 0 else 2
+                self._kept_fds += kept
+                room -= kept
             else:
                 self._unkept.add(name)
         for name in gone:
@@ -428,6 +457,25 @@ class ProcessTable:
                 del self._statics[key]
         return dict(samples)
 
+    def _open_schedstat(self, name: str, stat_fd: int, room: int) -> tuple[int, bytes]:
+        """(descriptor, contents) of the process's ``schedstat``, kept open beside its ``stat`` (``stat_fd``);
+        (-1, b"") when there is no room, no such file (a kernel without ``CONFIG_SCHED_INFO``) or the process is
+        gone."""
+        if room < 1:
+            return -1, b""
+        try:
+            sched_fd = os.open(f"{self._root}/{name}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1, b""
+        try:
+            sched = os.pread(sched_fd, _SCHEDSTAT_READ, 0)
+            # stat's descriptor still reads: the process is alive, so the pid was not reused for the open above
+            os.pread(stat_fd, 1, 0)
+        except OSError:
+            os.close(sched_fd)
+            return -1, b""
+        return sched_fd, sched
+
     def _forget(self, name: str) -> None:
         entry = self._open.pop(name)
         if entry.bucket >= 0:
@@ -435,6 +483,10 @@ class ProcessTable:
         else:
             del self._active[name]
         os.close(entry.fd)
+        self._kept_fds -= 1
+        if entry.sched_fd >= 0:
+            os.close(entry.sched_fd)
+            self._kept_fds -= 1
 
     def _read_last_pid(self) -> bytes | None:
         """The last pid the kernel handed out (``loadavg``'s fifth field), or None when it cannot be read."""

@@ -4,6 +4,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector.errors import SourceUnavailable
-from collector.workloads.procfs import CgroupInfo, ProcessTable, executable_name, parse_cgroup, parse_stat
+from collector.workloads.procfs import (
+    QUIET_AFTER,
+    CgroupInfo,
+    ProcessTable,
+    executable_name,
+    parse_cgroup,
+    parse_stat,
+)
 from tests.fakes.nobody import open_up, run_as_nobody
 from tests.fakes.proc import FakeProc
 
@@ -493,11 +501,12 @@ def test_real_proc_failed_pread_reopens(sleeper: subprocess.Popen[bytes], monkey
     table = ProcessTable(Path("/proc"))
     try:
         table.scan()
-        stale_fd = table._open[str(sleeper.pid)].fd
+        entry = table._open[str(sleeper.pid)]
+        stale_fds = {entry.fd, entry.sched_fd}  # a reaped process's stat and schedstat both fail
         real_pread = os.pread
 
         def pread_esrch(fd: int, length: int, offset: int) -> bytes:
-            if fd == stale_fd:
+            if fd in stale_fds:
                 raise ProcessLookupError(errno.ESRCH, "No such process")
             return real_pread(fd, length, offset)
 
@@ -557,11 +566,14 @@ def test_a_sleeping_process_is_read_once_every_few_scans(monkeypatch: pytest.Mon
         entry = table._open.get(str(sleeper.pid))
         assert entry is not None, "stat of a live process is kept open"
         reads: list[int] = []
+        stat_reads: list[int] = []
         real_pread = os.pread
 
         def counting_pread(fd: int, length: int, offset: int) -> bytes:
-            if fd == entry.fd:
+            if fd in (entry.fd, entry.sched_fd):
                 reads.append(fd)
+            if fd == entry.fd:
+                stat_reads.append(fd)
             return real_pread(fd, length, offset)
 
         monkeypatch.setattr(procfs.os, "pread", counting_pread)
@@ -569,9 +581,42 @@ def test_a_sleeping_process_is_read_once_every_few_scans(monkeypatch: pytest.Mon
         for _ in range(scans):
             assert sleeper.pid in table.scan()  # still listed every scan, read or not
         assert procfs.QUIET_AFTER <= len(reads) <= procfs.QUIET_AFTER + 4, reads
+        if entry.sched_fd >= 0:  # a kernel with schedstat: a process that never ran has its stat never read again
+            assert stat_reads == []
+        table.close()
     finally:
         sleeper.kill()
         sleeper.wait(5)
+
+
+@needs_proc
+def test_real_proc_a_process_that_runs_has_its_stat_read_again() -> None:
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfor line in sys.stdin: sum(range(300_000))"], stdin=subprocess.PIPE
+    )
+    assert busy.stdin is not None
+    table = ProcessTable(Path("/proc"))
+    try:
+        time.sleep(0.3)
+        first = table.scan()[busy.pid]
+        for _ in range(QUIET_AFTER + 2):  # quiet now: read once in a while at most
+            table.scan()
+        entry = table._open[str(busy.pid)]
+        if entry.sched_fd < 0:
+            pytest.skip("no schedstat on this kernel")
+        for _ in range(40):  # about 0.4 s on the CPU: its CPU time moves past a tick
+            busy.stdin.write(b"x\n")
+        busy.stdin.flush()
+        deadline = time.monotonic() + 10
+        ticks = first.cpu_ticks
+        while ticks == first.cpu_ticks and time.monotonic() < deadline:
+            time.sleep(0.1)
+            ticks = table.scan()[busy.pid].cpu_ticks
+        assert ticks > first.cpu_ticks  # schedstat moved, so stat was read again
+    finally:
+        table.close()
+        busy.kill()
+        busy.wait(5)
 
 
 # --- incremental scans -----------------------------------------------------------------------------------------
