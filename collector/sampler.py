@@ -83,6 +83,7 @@ class SourceState:
     devices: tuple[DeviceInfo, ...] = ()
     readings: dict[str, DeviceReading] = field(default_factory=dict)
     device_up: dict[str, bool] = field(default_factory=dict)
+    all_up: bool = False  # every device answered the last read
     device_errors: frozenset[str] = frozenset()
     statuses: dict[str, DeviceStatus] = field(default_factory=dict)
     read_durations: DurationHistogram = field(default_factory=DurationHistogram)
@@ -132,6 +133,7 @@ class Sampler:
 
     def mark_opened(self, state: SourceState) -> None:
         state.devices = tuple(state.source.devices())
+        state.all_up = False  # device_up is rebuilt for these devices at the next read
         state.opened = True
         state.ready.set()
 
@@ -300,15 +302,21 @@ class Sampler:
         if failure:
             self._fail(state, failure)  # after the duration is recorded, so one render sees both
             return
-        device_errors = frozenset(state.source.device_errors())
-        new_errors = len(device_errors - state.device_errors)  # each device failure once, not once per read
-        state.device_errors = device_errors
+        errors = state.source.device_errors()
+        new_errors = 0
+        if errors or state.device_errors:
+            device_errors = frozenset(errors)
+            new_errors = len(device_errors - state.device_errors)  # each device failure once, not once per read
+            state.device_errors = device_errors
         merged = dict(state.readings)
         for reading in readings:
             merged[reading.device_id] = reading
         state.readings = merged
-        answered = {reading.device_id for reading in readings}
-        state.device_up = {info.device_id: info.device_id in answered for info in state.devices}
+        # rebuilt only when it changes: every device answered this read and the last (the usual case) keeps it
+        if not (state.all_up and len(readings) == len(state.devices)):
+            answered = {reading.device_id for reading in readings}
+            state.device_up = {info.device_id: info.device_id in answered for info in state.devices}
+            state.all_up = len(answered) == len(state.devices) and all(state.device_up.values())
         if state.hung or not state.up:
             log.info("source %s is up", state.name)
         state.up, state.hung, state.last_error = True, False, ""

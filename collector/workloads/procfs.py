@@ -33,9 +33,9 @@ _STAT_READ = 1024
 _SCHEDSTAT_READ = 96
 # A process whose stat did not change for QUIET_AFTER scans is read once every QUIET_READ_EVERY scans.
 QUIET_AFTER = 5
-QUIET_READ_EVERY = 10
+QUIET_READ_EVERY = 20
 #: Scans between listings of the proc root when no process was created (a backstop for a stalled last pid).
-LIST_EVERY = 10
+LIST_EVERY = 30
 #: File descriptors left free for everything else the agent opens (sockets, sysfs, NVML) when stat files are kept.
 FD_HEADROOM = 256
 #: Kept-open stat files at most, whatever the limit: each costs the kernel about 1 KiB.
