@@ -279,8 +279,10 @@ class _Series:
 class WorkloadEnergy(Generic[K]):
     """Cumulative joules per (key, device id), for export as counters that never go backwards.
 
-    ``power_window_s`` (seconds): a series' power is the joules added to it in the last ``power_window_s``
-    (``now_s - window < t <= now_s``), divided by ``power_window_s``; a series younger than the window therefore
+    ``power_window_s`` (seconds): a series' power is the joules added to it in the window of ``power_window_s``
+    that ends at its device's latest increment (``end - window < t <= end``), divided by ``power_window_s``: energy
+    is known up to the device's latest reading, not up to the snapshot. A device with no increment for a whole
+    window has its window end at the snapshot's ``now_s`` (its power falls to 0). A series younger than the window
     reads low until it is a window old. An increment added with ``since_s`` covers ``(since_s, now_s]`` and counts
     for the part of it inside the window (the joules spread evenly over it).
 
@@ -310,6 +312,7 @@ class WorkloadEnergy(Generic[K]):
         self._last_seen_s: dict[K | SpecialKey, float] = {}
         self._folded: dict[K | SpecialKey, float] = {}  # folded key -> last seen (seconds)
         self._count = 0  # number of (key, device) series
+        self._device_now_s: dict[str, float] = {}  # device id -> the end of its latest increment
 
     @property
     def series_count(self) -> int:
@@ -345,6 +348,8 @@ class WorkloadEnergy(Generic[K]):
         Raises ValueError when ``joules`` is negative or not finite: a counter must never go backwards.
         """
         _check_energy(joules)
+        if now_s > self._device_now_s.get(device_id, -math.inf):
+            self._device_now_s[device_id] = now_s
         if key in self._folded:
             self._folded[key] = now_s
             key = OTHER
@@ -381,6 +386,8 @@ class WorkloadEnergy(Generic[K]):
                 _check_energy(joules)
         cutoff_s = now_s - self.power_window_s
         start_s = now_s if since_s is None else min(since_s, now_s)
+        if joules_by_key and now_s > self._device_now_s.get(device_id, -math.inf):
+            self._device_now_s[device_id] = now_s
         folded = self._folded
         last_seen = self._last_seen_s
         all_series = self._series
@@ -404,10 +411,14 @@ class WorkloadEnergy(Generic[K]):
     def snapshot(self, now_s: float) -> list[tuple[K | SpecialKey, str, float, float]]:
         """Drop keys not seen for ``retain_s``, then (key, device id, cumulative joules, power watts) per series."""
         self._expire(now_s)
-        cutoff_s = now_s - self.power_window_s
+        window_s = self.power_window_s
+        cutoffs: dict[str, float] = {}
+        for device_id, end_s in self._device_now_s.items():
+            cutoffs[device_id] = (end_s if now_s - end_s < window_s else now_s) - window_s
         rows: list[tuple[K | SpecialKey, str, float, float]] = []
         for key, by_device in self._series.items():
             for device_id, series in by_device.items():
+                cutoff_s = cutoffs.get(device_id, now_s - window_s)
                 series.prune(cutoff_s)
                 power_w = series.joules_after(cutoff_s) / self.power_window_s
                 rows.append((key, device_id, series.total_j, power_w))

@@ -237,11 +237,22 @@ def test_power_is_joules_in_the_last_window_over_the_window() -> None:
     [(_, _, joules, power_w)] = energy.snapshot(3.0)
     assert joules == 30.0
     assert power_w == pytest.approx(10.0)
-    [(_, _, joules, power_w)] = energy.snapshot(3.55)  # increments at 2.6 .. 3.0 left in the window
+    # energy is known up to the device's latest increment: the window ends there, not at the snapshot
+    [(_, _, joules, power_w)] = energy.snapshot(3.55)
     assert joules == 30.0
-    assert power_w == pytest.approx(5.0)
+    assert power_w == pytest.approx(10.0)
+    [(_, _, _, power_w)] = energy.snapshot(4.5)  # nothing for a whole window: it ends at the snapshot
+    assert power_w == 0.0
     [(_, _, _, power_w)] = energy.snapshot(10.0)
     assert power_w == 0.0
+
+
+def test_the_window_ends_at_each_device_s_latest_increment() -> None:
+    energy: WorkloadEnergy[str] = WorkloadEnergy(max_series=10, retain_s=60.0, power_window_s=1.0)
+    energy.add_many("gpu0", {"a": 10.0, "b": 0.0}, now_s=5.0, since_s=4.0)  # b idle on gpu0
+    energy.add_many("gpu1", {"b": 30.0}, now_s=5.9, since_s=4.9)
+    power = {(key, device): watts for key, device, _, watts in energy.snapshot(5.95)}
+    assert power == {("a", "gpu0"): pytest.approx(10.0), ("b", "gpu0"): 0.0, ("b", "gpu1"): pytest.approx(30.0)}
 
 
 def test_an_increment_over_an_interval_counts_for_its_part_inside_the_window() -> None:
@@ -252,10 +263,10 @@ def test_an_increment_over_an_interval_counts_for_its_part_inside_the_window() -
     assert joules == 50.0
     assert power_w == pytest.approx(20.0)  # 10 J of the first (1.5 .. 2) and all of the second
     [(_, _, _, power_w)] = energy.snapshot(2.9)
-    assert power_w == pytest.approx(2.0 + 10.0)  # 0.1 s of the first, all of the second
+    assert power_w == pytest.approx(20.0)  # the window ends at the device's latest increment, 2.5
     energy.add("a", "gpu0", 5.0, now_s=3.0, since_s=3.0)  # a point
     [(_, _, _, power_w)] = energy.snapshot(3.4)
-    assert power_w == pytest.approx(10.0 * 0.1 / 0.5 + 5.0)
+    assert power_w == pytest.approx(10.0 + 5.0)  # (2, 3]: all of the second and the point
     [(_, _, _, power_w)] = energy.snapshot(4.0)
     assert power_w == 0.0
 

@@ -94,6 +94,15 @@ class ProcessStatic:
     slurm_job: str = ""
 
 
+def threads_of(data: bytes) -> int:
+    """The thread count of a ``/proc/<pid>/stat`` (field 20); 0 when it cannot be read from ``data``."""
+    fields = data.rpartition(b")")[2].split(None, 18)
+    try:
+        return int(fields[17])
+    except (IndexError, ValueError):
+        return 0
+
+
 def parse_stat(data: bytes, pid: int) -> ProcessSample | None:
     """Parse one ``/proc/<pid>/stat``; None when it is not a stat line of ``pid``.
 
@@ -233,14 +242,17 @@ class _Open:
     """A process's ``stat`` kept open between scans, with what it held at the last read; and its ``schedstat``
     where that could be kept open too (``sched_fd`` -1 otherwise)."""
 
-    __slots__ = ("bucket", "data", "fd", "quiet", "sample", "sched", "sched_fd")
+    __slots__ = ("bucket", "data", "fd", "quiet", "sample", "sched", "sched_fd", "single")
 
     def __init__(self, fd: int, data: bytes, sample: ProcessSample, sched_fd: int = -1, sched: bytes = b"") -> None:
         self.fd = fd
         self.data = data
         self.sample = sample
         self.sched_fd = sched_fd
-        self.sched = sched  # schedstat at the last read: time on the CPU, time waiting for it, timeslices
+        # schedstat at the last read (the main thread's time on the CPU, time waiting for it, timeslices); it
+        # speaks for the whole process only while that is its one thread (``single``, from stat)
+        self.sched = sched
+        self.single = threads_of(data) == 1
         self.quiet = 0  # reads in a row that found the same bytes
         self.bucket = -1  # the quiet bucket it sits in; -1: read every scan
 
@@ -263,10 +275,11 @@ class ProcessTable:
       noticed when their kept-open ``stat`` fails to read;
     - a process whose ``stat`` stayed the same ``QUIET_AFTER`` reads in a row is read once every
       ``QUIET_READ_EVERY`` scans (in turn with the others); the CPU time it did use shows at its next read;
-    - a read looks at ``schedstat`` first (a third of the kernel's work of ``stat``): a process that has not run
-      since (the same time on the CPU) has the same CPU time, command and parent as far as a scan cares, so its
-      ``stat`` is read again only when it ran. A parent that exits re-parents a sleeping child unseen: its
-      ``ppid`` is as of its last run, when it was the one that counted.
+    - for a process of one thread, a read looks at ``schedstat`` first (a third of the kernel's work of
+      ``stat``): one that has not run since (the same time on the CPU) has the same CPU time, command and parent
+      as far as a scan cares, so its ``stat`` is read again only when it ran. ``schedstat`` counts the main
+      thread alone, so a process of several threads has its ``stat`` read every time. A parent that exits
+      re-parents a sleeping child unseen: its ``ppid`` is as of its last run, when it was the one that counted.
 
     After each scan, ``changed_pids`` holds the pids whose ``ProcessSample`` is not the one the previous scan
     returned (new processes included), so a caller can look at those alone.
@@ -292,7 +305,8 @@ class ProcessTable:
 
     @property
     def max_open(self) -> int:
-        """How many ``stat`` files may stay open (decided at the first scan unless given)."""
+        """How many descriptors (``stat`` and ``schedstat`` files) may stay open (decided at the first scan
+        unless given)."""
         if self._max_open is None:
             self._max_open = max(0, min(MAX_CACHED_FDS, raise_fd_limit() - FD_HEADROOM))
         return self._max_open
@@ -363,7 +377,7 @@ class ProcessTable:
                     sched = pread(sched_fd, _SCHEDSTAT_READ, 0)
                 except OSError:  # ESRCH: reaped
                     sched = b""
-                if sched and sched == entry.sched:  # not run since: its stat is as it was
+                if entry.single and sched and sched == entry.sched:  # not run since: its stat is as it was
                     data = entry.data
                 else:
                     entry.sched = sched
@@ -386,6 +400,7 @@ class ProcessTable:
                 parsed = parse_stat(data, entry.sample.pid)
                 if parsed is not None and parsed.starttime == entry.sample.starttime:
                     entry.data = data
+                    entry.single = threads_of(data) == 1
                     entry.sample = parsed
                     samples[parsed.pid] = parsed
                     changed.append(parsed.pid)
@@ -434,7 +449,7 @@ class ProcessTable:
                 samples[pid] = parsed
                 changed.append(pid)
             if keep:
-                entry = _Open(fd, data, parsed, *self._open_schedstat(name, fd, room - 1))
+                entry = _Open(fd, data, parsed, *self._open_schedstat(name, fd, data, room - 1))
                 self._open[name] = self._active[name] = entry
                 kept = 1 if entry.sched_fd < 0 else 2
                 self._kept_fds += kept
@@ -457,11 +472,12 @@ class ProcessTable:
                 del self._statics[key]
         return dict(samples)
 
-    def _open_schedstat(self, name: str, stat_fd: int, room: int) -> tuple[int, bytes]:
-        """(descriptor, contents) of the process's ``schedstat``, kept open beside its ``stat`` (``stat_fd``);
-        (-1, b"") when there is no room, no such file (a kernel without ``CONFIG_SCHED_INFO``) or the process is
-        gone."""
-        if room < 1:
+    def _open_schedstat(self, name: str, stat_fd: int, stat: bytes, room: int) -> tuple[int, bytes]:
+        """(descriptor, contents) of the process's ``schedstat``, kept open beside its ``stat`` (``stat_fd``, read
+        as ``stat``); (-1, b"") for a process of several threads (schedstat counts the main thread alone), when
+        descriptors are past half of ``max_open`` (the rest stay for ``stat`` files), without such a file or with
+        one that says nothing (a kernel without ``CONFIG_SCHED_INFO``), or when the process is gone."""
+        if room < self.max_open // 2 or threads_of(stat) != 1:
             return -1, b""
         try:
             sched_fd = os.open(f"{self._root}/{name}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
@@ -469,12 +485,16 @@ class ProcessTable:
             return -1, b""
         try:
             sched = os.pread(sched_fd, _SCHEDSTAT_READ, 0)
-            # stat's descriptor still reads: the process is alive, so the pid was not reused for the open above
-            os.pread(stat_fd, 1, 0)
+            # stat's descriptor still reads: the process is alive, so the pid was not reused for the open above;
+            # and if stat moved since it was read, the process ran in between: its next scan reads stat again
+            moved = os.pread(stat_fd, _STAT_READ, 0) != stat
         except OSError:
             os.close(sched_fd)
             return -1, b""
-        return sched_fd, sched
+        if not sched or sched.startswith(b"0 "):  # no run time on record: nothing to tell a change by
+            os.close(sched_fd)
+            return -1, b""
+        return sched_fd, b"" if moved else sched
 
     def _forget(self, name: str) -> None:
         entry = self._open.pop(name)

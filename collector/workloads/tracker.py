@@ -60,9 +60,11 @@ class WorkloadTracker:
         self.table = ProcessTable(config.proc_root)
         self.resolver = Resolver(config.rules)
         self.splitter: DeviceSplitter[WorkloadKey] = DeviceSplitter()
-        # power is the energy added over a window; it must hold at least two reads of the slowest source
+        # power is the energy added over a window; it must hold at least two reads of the slowest source, and a
+        # scan interval: without split listeners, energy is split at scans (and scrapes), so one increment may
+        # cover a whole interval
         slowest_s = max((state.source.interval_s for state in sampler.states), default=0.0)
-        window_s = max(MIN_POWER_WINDOW_S, 2 * slowest_s)
+        window_s = max(MIN_POWER_WINDOW_S, 2 * slowest_s, config.interval_s)
         self.energy: WorkloadEnergy[WorkloadKey] = WorkloadEnergy(config.max_series, config.retain_s, window_s)
         self.phase_energy_j: dict[str, float] = {}
         self.identities: dict[WorkloadKey, WorkloadIdentity] = {}
@@ -173,7 +175,8 @@ class WorkloadTracker:
         device_id = reading.device_id
         split = self.splitter.on_reading(reading)
         if not split:
-            self._split_at_s[device_id] = now_s
+            if math.isfinite(reading.energy_j):  # a baseline; an ignored reading leaves the last one as it was
+                self._split_at_s[device_id] = now_s
             return
         self.energy.add_many(device_id, split, now_s, self._split_at_s.get(device_id))
         self._split_at_s[device_id] = now_s

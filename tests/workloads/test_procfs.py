@@ -619,6 +619,40 @@ def test_real_proc_a_process_that_runs_has_its_stat_read_again() -> None:
         busy.wait(5)
 
 
+@needs_proc
+def test_real_proc_a_process_whose_other_threads_run_has_its_stat_read() -> None:
+    # schedstat counts the main thread alone: here it waits in join() while a worker spins
+    script = (
+        "import sys, threading, time\n"
+        "def spin():\n"
+        "    for line in sys.stdin:\n"
+        "        end = time.monotonic() + 0.5\n"
+        "        while time.monotonic() < end: pass\n"
+        "worker = threading.Thread(target=spin)\n"
+        "worker.start()\n"
+        "worker.join()\n"
+    )
+    busy = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    assert busy.stdin is not None
+    table = ProcessTable(Path("/proc"))
+    try:
+        time.sleep(0.5)
+        for _ in range(QUIET_AFTER + 2):  # quiet by now
+            first = table.scan()[busy.pid]
+        busy.stdin.write(b"x\n")
+        busy.stdin.flush()
+        deadline = time.monotonic() + 10
+        ticks = first.cpu_ticks
+        while ticks < first.cpu_ticks + 20 and time.monotonic() < deadline:  # 0.5 s on the CPU: about 50 ticks
+            time.sleep(0.1)
+            ticks = table.scan()[busy.pid].cpu_ticks
+        assert ticks >= first.cpu_ticks + 20
+    finally:
+        table.close()
+        busy.kill()
+        busy.wait(5)
+
+
 # --- incremental scans -----------------------------------------------------------------------------------------
 
 
