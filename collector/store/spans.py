@@ -206,9 +206,10 @@ class RequestSql:
                 first.setdefault(key, i)
             spans = spans.take(sorted(first.values()))
             keys = list(zip(spans.request_id, spans.span_id, strict=True))
-        if not self._new_by_rowid:
-            # PostgreSQL writers lock keys in one order
-            order = sorted(range(len(keys)), key=keys.__getitem__)
+        # in key order: PostgreSQL writers lock keys in one order; and each index page is visited once, not once
+        # a row (measured, SQLite, 400,000 random request ids: 5.6 against 10.2 us an index insert)
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        if any(order[i] > order[i + 1] for i in range(len(order) - 1)):
             spans = spans.take(order)
             keys = [keys[i] for i in order]
         refs_column = (
@@ -280,8 +281,7 @@ class RequestSql:
             for rid, names in several.items():
                 by_request[rid][3] = hosts_text(names)
             rows = list(by_request.values())
-        if not self._new_by_rowid:
-            rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
+        rows.sort(key=itemgetter(0))  # in key order (see write_spans); PostgreSQL: row locks in one order
         self._many(cursor, self._insert_pending, rows)
 
     def write_bindings(
@@ -328,16 +328,14 @@ class RequestSql:
         r = results
         if whole:
             rows = r.rows()
-            if not self._new_by_rowid:
-                rows.sort(key=itemgetter(0))  # PostgreSQL: row locks in one order
+            rows.sort(key=itemgetter(0))  # in key order (see write_spans); PostgreSQL: row locks in one order
             changed = self._many(cursor, self._insert_results, rows)
         else:
             update = list(
                 zip(r.status, r.hosts, r.active_j, r.full_j, r.gpu_j, r.cpu_j, r.dram_j, r.co2_g, r.cost,
                     r.updated_ns, r.request_id, r.span_count, strict=True)
             )  # fmt: skip
-            if not self._new_by_rowid:
-                update.sort(key=itemgetter(10))  # PostgreSQL: row locks in one order (by request_id)
+            update.sort(key=itemgetter(10))  # by request_id: see write_spans; PostgreSQL: row locks in one order
             changed = self._many(cursor, self._update_results, update)
         if changed == len(r):  # a stale result's row is neither inserted nor updated
             return []
