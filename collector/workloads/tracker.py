@@ -117,7 +117,7 @@ class WorkloadTracker:
             self.errors += 1
             log.exception("workload scan failed")
 
-    # --- readings: split as they arrive --------------------------------------------------------------------------
+    # --- readings: split as they arrive, or at the next flush ------------------------------------------------------
 
     def add_split_listener(self, listener: SplitListener) -> None:
         """Call ``listener(reading, joules_by_key, in_host_total)`` with every reading's split (the joules each key
@@ -191,8 +191,8 @@ class WorkloadTracker:
                 phase = key[1]
                 phase_energy_j[phase] = phase_energy_j.get(phase, 0.0) + joules
 
-    def _declare(self, source_name: str, device_id: str) -> bool:
-        """First reading of a device from this source: declare it; returns whether it counts in phase totals."""
+    def _declare(self, source_name: str, device_id: str) -> None:
+        """First reading of a device from this source: declare it, and whether it counts in phase totals."""
         info = next(
             (i for st in self.sampler.states if st.name == source_name for i in st.devices if i.device_id == device_id),
             None,
@@ -208,9 +208,7 @@ class WorkloadTracker:
             self.splitter.add_device(device_id, kind)
         self._device_source[device_id] = source_name
         # phase totals add devices up: leave out the parts of a package (core, uncore) and the whole platform (psys)
-        counted = info is None or kind is not DeviceKind.CPU or info.domain == "package"
-        self._phase_counted[device_id] = counted
-        return counted
+        self._phase_counted[device_id] = info is None or kind is not DeviceKind.CPU or info.domain == "package"
 
     # --- scans: set the shares ---------------------------------------------------------------------------------
 
