@@ -5,7 +5,17 @@ from __future__ import annotations
 from html import escape
 
 from collector.report.data import GroupRow, Report
-from collector.report.render import POWER_NOTE, SHIFT_MODEL, STEP_NOTE, money, power_bin_table, step_table, trend, when
+from collector.report.render import (
+    POWER_NOTE,
+    SHIFT_MODEL,
+    STEP_NOTE,
+    model_table,
+    money,
+    power_bin_table,
+    step_table,
+    trend,
+    when,
+)
 
 SECTIONS = ("totals", "groups", "phases", "top-workloads", "requests", "shift", "power-cap", "hourly")
 STYLE = """
@@ -121,24 +131,7 @@ def render_html(report: Report) -> str:
         _group_rows(report.phases, c, total.kwh) if report.phases else _note("no workload energy")
     )
     top = _group_rows(report.top_workloads, c, total.kwh, with_phase=True) if report.top_workloads else _note("none")
-    if report.models:
-        requests = _table(
-            ["model", "requests", "kWh", "J/request p50", "p95", "J/output token", "kg CO2e"],
-            [
-                [
-                    m.model,
-                    str(m.requests),
-                    f"{m.energy_kwh:.4f}",
-                    f"{m.p50_j:.1f}",
-                    f"{m.p95_j:.1f}",
-                    "-" if m.joules_per_output_token is None else f"{m.joules_per_output_token:.3f}",
-                    "-" if m.kg is None else f"{m.kg:.4f}",
-                ]
-                for m in report.models
-            ],
-        )
-    else:
-        requests = _note(report.models_note)
+    requests = _table(*model_table(report)) if report.models else _note(report.models_note)
     shift = report.shift
     shift_html = _note(f"window {shift.window_s / 3600:g} h, {shift.windows} whole windows in the period")
     if report.flexible:

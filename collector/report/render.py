@@ -85,21 +85,7 @@ def render_text(report: Report) -> str:
     )
     out += ["", "## Energy per request"]
     if report.models:
-        out += table(
-            ["model", "requests", "kWh", "J/request p50", "p95", "J/output token", "kg CO2e"],
-            [
-                [
-                    m.model,
-                    str(m.requests),
-                    f"{m.energy_kwh:.4f}",
-                    f"{m.p50_j:.1f}",
-                    f"{m.p95_j:.1f}",
-                    "-" if m.joules_per_output_token is None else f"{m.joules_per_output_token:.3f}",
-                    "-" if m.kg is None else f"{m.kg:.4f}",
-                ]
-                for m in report.models
-            ],
-        )
+        out += table(*model_table(report))
     else:
         out.append(report.models_note)
     out += ["", "## Shift advisor", *shift_lines(report)]
@@ -201,6 +187,24 @@ def step_table(report: Report) -> tuple[list[str], list[list[str]]]:
                     "",
                 ]
             )
+    return headers, rows
+
+
+def model_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Energy per request by model: headers and rows, for the text and HTML reports."""
+    headers = ["model", "requests", "kWh", "J/request p50", "p95", "J/output token", "kg CO2e"]
+    rows = [
+        [
+            m.model,
+            str(m.requests),
+            f"{m.energy_kwh:.4f}",
+            f"{m.p50_j:.1f}",
+            f"{m.p95_j:.1f}",
+            _optional(m.joules_per_output_token, ".3f"),
+            _optional(m.kg, ".4f"),
+        ]
+        for m in report.models
+    ]
     return headers, rows
 
 
