@@ -10,8 +10,9 @@ batch's last samples, devices sent before) is done by ``ingest``, which orders e
 from __future__ import annotations
 
 import marshal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -551,31 +552,47 @@ def steps_error(series: pb.StepSeries, latest_ns: int) -> str | None:
     return None
 
 
-def _where_steps(index: int, identity: pb.WorkloadIdentity) -> str:
-    return f"steps[{index}] ({identity.workload[:64]}/{identity.phase[:64]}/{identity.job[:64]})"
-
-
 def _steps(batch: pb.Batch, checked: Checked, latest_ns: int) -> list[StepSeriesRow]:
     """The batch's valid steps series; an invalid one (or one past ``MAX_STEP_SERIES``) is dropped and counted,
     and the rest of the batch stored."""
-    hostname = checked.host.hostname
-    accepted: list[StepSeriesRow] = []
+    valid = _one_per_workload(
+        batch.steps, "steps", "steps series", MAX_STEP_SERIES, lambda s: steps_error(s, latest_ns), checked, "steps"
+    )
+    return [StepSeriesRow(*key, tuple(series.time_ns), tuple(series.count)) for key, series in valid]
+
+
+_PerWorkload = TypeVar("_PerWorkload", pb.StepSeries, pb.WorkloadLabels)
+
+
+def _one_per_workload(
+    items: Sequence[_PerWorkload],
+    name: str,
+    plural: str,
+    limit: int,
+    error_of: Callable[[_PerWorkload], str | None],
+    checked: Checked,
+    dropped: str,
+) -> list[tuple[tuple[str, str, str], _PerWorkload]]:
+    """(workload key, item) of the batch's valid ``name`` items: at most ``limit``, one per workload, each without
+    an ``error_of``; the others are dropped, noted and counted as ``dropped``."""
+    accepted: list[tuple[tuple[str, str, str], _PerWorkload]] = []
     seen: set[tuple[str, str, str]] = set()
-    for index, series in enumerate(batch.steps):
-        identity = series.workload
+    for index, item in enumerate(items):
+        identity = item.workload
         key = (identity.workload, identity.phase, identity.job)
-        if index >= MAX_STEP_SERIES:
-            error: str | None = f"more than {MAX_STEP_SERIES} steps series in one batch"
+        if index >= limit:
+            error: str | None = f"more than {limit} {plural} in one batch"
         elif key in seen:
-            error = "the workload's steps appear twice in the batch"
+            error = f"the workload's {name} appear twice in the batch"
         else:
-            error = steps_error(series, latest_ns)
+            error = error_of(item)
         if error is None:
             seen.add(key)
-            accepted.append(StepSeriesRow(*key, tuple(series.time_ns), tuple(series.count)))
+            accepted.append((key, item))
         else:
-            checked.notes.append(f"dropped {_where_steps(index, identity)} from {hostname}: {error}")
-            checked.dropped.append("steps")
+            where = f"{name}[{index}] ({identity.workload[:64]}/{identity.phase[:64]}/{identity.job[:64]})"
+            checked.notes.append(f"dropped {where} from {checked.host.hostname}: {error}")
+            checked.dropped.append(dropped)
     return accepted
 
 
@@ -606,24 +623,8 @@ def _has_control(text: str) -> bool:
 
 def _labels(batch: pb.Batch, checked: Checked, latest_ns: int) -> list[WorkloadLabelsRow]:
     """The batch's valid label sets, seen when the agent made the batch; an invalid one is dropped and counted."""
-    hostname = checked.host.hostname
     seen_ns = _seen_ns(batch, checked, latest_ns)
-    accepted: list[WorkloadLabelsRow] = []
-    seen: set[tuple[str, str, str]] = set()
-    for index, labels in enumerate(batch.labels):
-        identity = labels.workload
-        key = (identity.workload, identity.phase, identity.job)
-        if index >= MAX_LABEL_SETS:
-            error: str | None = f"more than {MAX_LABEL_SETS} label sets in one batch"
-        elif key in seen:
-            error = "the workload's labels appear twice in the batch"
-        else:
-            error = labels_error(labels)
-        if error is None:
-            seen.add(key)
-            accepted.append(WorkloadLabelsRow(*key, dict(labels.labels), seen_ns))
-        else:
-            where = f"labels[{index}] ({identity.workload[:64]}/{identity.phase[:64]}/{identity.job[:64]})"
-            checked.notes.append(f"dropped {where} from {hostname}: {error}")
-            checked.dropped.append("workload_labels")
-    return accepted
+    valid = _one_per_workload(
+        batch.labels, "labels", "label sets", MAX_LABEL_SETS, labels_error, checked, "workload_labels"
+    )
+    return [WorkloadLabelsRow(*key, dict(labels.labels), seen_ns) for key, labels in valid]
