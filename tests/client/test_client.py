@@ -16,7 +16,7 @@ import pytest
 
 import collector.client as client
 from collector.registration import RegistrationEvent, RegistrationServer
-from tests.fakes.client_world import GENEROUS_S, REPO_ROOT, run_with_hang_guard, subprocess_env
+from tests.fakes.client_world import GENEROUS_S, REPO_ROOT, run_python, run_with_hang_guard, subprocess_env
 from tests.fakes.registration_world import Recorder
 from tests.fakes.waiting import wait_for
 
@@ -155,15 +155,7 @@ os.waitpid(child, 0)
 print(child, flush=True)
 time.sleep(0.3)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(socket_path),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GENEROUS_S,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(code, socket_path)
     child_pid = int(result.stdout.split()[0])
     wait_for(lambda: len(recorder.disconnects) == 2)
     parent_pid = recorder.events[0].pid
@@ -275,15 +267,7 @@ for _ in range(50):
         pass
 print('done', c.dropped)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(socket_path),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GENEROUS_S,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(code, socket_path)
     assert result.stdout.startswith("done")
     assert result.stderr.count("not reachable") == 1
     assert "Permission denied" in result.stderr
@@ -405,8 +389,5 @@ def test_importing_the_client_imports_only_the_standard_library(socket_path: Pat
         "ours = sorted(m for m in sys.modules if m.startswith('collector'))\n"
         "print(heavy, ours)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env(socket_path), cwd=REPO_ROOT, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(code, socket_path)
     assert result.stdout.strip() == "[] ['collector', 'collector.client']"

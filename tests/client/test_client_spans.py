@@ -7,8 +7,6 @@ import logging
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 
 import collector.client as client
 from collector.registration import RegistrationServer, SpanEvent
-from tests.fakes.client_world import GENEROUS_S, REPO_ROOT, make_server, run_with_hang_guard, subprocess_env
+from tests.fakes.client_world import GENEROUS_S, make_server, run_python, run_with_hang_guard
 from tests.fakes.registration_world import Recorder
 from tests.fakes.waiting import wait_for
 
@@ -141,15 +139,7 @@ def test_spans_from_a_process_that_never_registered_carry_its_pid(
         "    r.tokens(input=1, output=2)\n"
         "print(os.getpid(), c.spans_sent, c.spans_dropped, flush=True)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(socket_path),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GENEROUS_S,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(code, socket_path)
     pid, sent, dropped = (int(field) for field in result.stdout.split())
     assert (sent, dropped) == (1, 0)
     wait_for(lambda: recorder.spans)

@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ import pytest
 
 import collector.client as client
 from collector.registration import RegistrationServer, StepsEvent
-from tests.fakes.client_world import GENEROUS_S, REPO_ROOT, run_with_hang_guard, subprocess_env
+from tests.fakes.client_world import GENEROUS_S, run_python, run_with_hang_guard
 from tests.fakes.registration_world import Recorder
 from tests.fakes.waiting import wait_for
 
@@ -262,15 +260,7 @@ def test_steps_are_flushed_at_exit(
     steps_server: RegistrationServer, steps_recorder: StepsRecorder, socket_path: Path
 ) -> None:
     code = "import collector.client as c\nfor _ in range(1000):\n    c.step()\nprint(c.steps_sent, c.steps_dropped)\n"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(socket_path),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GENEROUS_S,
-    )
-    assert result.returncode == 0, result.stderr
+    run_python(code, socket_path)
     wait_for(lambda: steps_recorder.total() == 1000)
     assert {event.pid for event in steps_recorder.steps} != {os.getpid()}
 
@@ -278,15 +268,7 @@ def test_steps_are_flushed_at_exit(
 def test_no_agent_at_exit_costs_no_time_and_one_warning(socket_path: Path) -> None:
     code = "import collector.client as c\nfor _ in range(1000):\n    c.step()\n"
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(socket_path),  # nothing listens there
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GENEROUS_S,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(code, socket_path)  # nothing listens there
     assert time.monotonic() - started < 10  # the interpreter's start dominates; exit never waits for an agent
     assert result.stderr.count("not reachable") == 1 and "Traceback" not in result.stderr
 
@@ -314,15 +296,7 @@ if child == 0:
 _, status = os.waitpid(child, 0)
 print(child, status, flush=True)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(socket_path),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=GENEROUS_S,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(code, socket_path)
     child_pid, status = (int(x) for x in result.stdout.split())
     assert status == 0
     wait_for(lambda: steps_recorder.total() == 9)

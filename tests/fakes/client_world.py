@@ -4,6 +4,8 @@ and a recorder of what the server heard."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -48,3 +50,17 @@ def subprocess_env(socket_path: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     env[client.ENV_SOCKET] = str(socket_path)
     return env
+
+
+def run_python(code: str, socket_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter whose client talks to ``socket_path``; it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(socket_path),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=GENEROUS_S,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
