@@ -8,9 +8,12 @@ rows per host per second instead of one per reading.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from collector.store.dialect import Dialect
+from collector.store.spans import spans_to_chunks
+from collector.store.writes import Cursor
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,8 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+    # data the statements cannot move: run after them, in the same transaction
+    convert: Callable[[Cursor, Dialect], None] | None = None
 
     def sql(self, dialect: Dialect) -> list[str]:
         return [dialect.format(statement) for statement in self.statements]
@@ -234,6 +239,28 @@ MIGRATIONS += (
             "ALTER TABLE requests ADD COLUMN co2_g {real}",
             "ALTER TABLE requests ADD COLUMN cost {real}",
         ),
+    ),
+)
+
+MIGRATIONS += (
+    Migration(
+        version=5,
+        description="request spans stored as chunks: one row per write and host",
+        statements=(
+            # the spans of one host from one write, as columns (collector.store.span_chunks); "chunks on host H
+            # overlapping [a, b]": max_end_ns >= a is the range read, min_start_ns <= b filtered
+            """CREATE TABLE span_chunks (
+                id {id_column},
+                host_ref {bigint} NOT NULL,
+                min_start_ns {bigint} NOT NULL,
+                max_end_ns {bigint} NOT NULL,
+                span_count {bigint} NOT NULL,
+                received_ns {bigint} NOT NULL,
+                data {blob} NOT NULL
+            )""",
+            "CREATE INDEX span_chunks_by_host ON span_chunks (host_ref, max_end_ns)",
+        ),
+        convert=spans_to_chunks,
     ),
 )
 

@@ -4,11 +4,12 @@
 store call of its own, or the group write of batches whose spans and bindings commit with them).
 
 Everything comes and goes as columns (``SpanColumns``, ``ResultColumns``): no object per span or per request. Spans
-are written in multi-row ``INSERT ... ON CONFLICT DO NOTHING`` statements of ``ROWS_PER_STATEMENT`` rows (SQLite:
-the rowids past the table's last tell which were new when some were stored already; PostgreSQL: ``RETURNING``), and
-only their requests become pending, in one upsert per request. A request's row keeps, while pending, what its spans
-say (model, tenant, hosts, times, tokens) so the API can show it; the engine's result (status, hosts, energies)
-replaces it unless a span arrived after the engine read them (``span_count``).
+are stored as chunks (``span_chunks``: a write's spans of one host in one row); a request's row says where its spans
+are (its hosts and times) and, while pending, what its spans say (model, tenant, hosts, times, tokens), so the API
+can show it. A write first inserts the rows of its requests (``ON CONFLICT DO NOTHING``); the spans of requests that
+were stored already are checked against their stored spans (a span sent twice is stored once) and make the request
+pending again. The engine's result (status, hosts, energies) replaces a request's row unless a span arrived after
+the engine read them (``span_count``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from collector.store import span_chunks
 from collector.store.base import (
     ProcessBindingRow,
     RequestHourRow,
@@ -40,16 +42,6 @@ STATUSES = frozenset(get_args(RequestStatus))
 HOUR_NS = 3600 * 10**9
 SUMMARY_COLUMN = {"model": "model", "tenant": "tenant", "host": "hosts"}
 
-_SPAN_COLUMNS = (
-    "request_id, span_id, start_ns, end_ns, workload, pid, service_name, model, tenant, input_tokens, "
-    "output_tokens, queue_end_ns, prefill_end_ns, received_ns, host_ref, labels"
-)
-_SPAN_ROW = "(" + ", ".join(["?"] * 16) + ")"
-_SELECT_SPANS = (
-    "SELECT s.request_id, s.span_id, h.hostname, s.start_ns, s.end_ns, s.workload, s.pid, s.service_name, s.model, "
-    "s.tenant, s.input_tokens, s.output_tokens, s.queue_end_ns, s.prefill_end_ns, s.labels, s.received_ns "
-    "FROM spans s JOIN span_hosts h ON h.id = s.host_ref"
-)
 _REQUEST_COLUMNS = (
     "request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, output_tokens, active_j, full_j, "
     "gpu_j, cpu_j, dram_j, span_count, updated_ns, co2_g, cost"
@@ -109,14 +101,15 @@ def hosts_text(hosts: Iterable[str]) -> str:
 
 class RequestSql:
     def __init__(self, dialect: Dialect) -> None:
-        # a request with new spans is pending again; what it had computed is dropped (energies are None while
-        # pending); model and tenant stay the first non-empty ones; hosts stay as they were: a pending request's
-        # hosts are read from its spans (merging JSON arrays in SQL both dialects run is not worth it)
+        # a stored request with new spans is pending again; what it had computed is dropped (energies are None while
+        # pending); model and tenant stay the first non-empty ones; hosts: the stored ones and the new spans', merged
+        # by the writer, which read the row (``write_spans``)
         self._upsert_pending = dialect.format(
             """ ON CONFLICT (request_id) DO UPDATE SET
                 status = 'pending',
                 model = CASE WHEN requests.model = '' THEN excluded.model ELSE requests.model END,
                 tenant = CASE WHEN requests.tenant = '' THEN excluded.tenant ELSE requests.tenant END,
+                hosts = excluded.hosts,
                 start_ns = {least}(requests.start_ns, excluded.start_ns),
                 end_ns = {greatest}(requests.end_ns, excluded.end_ns),
                 input_tokens = requests.input_tokens + excluded.input_tokens,
@@ -135,17 +128,23 @@ class RequestSql:
             + ", ".join(f"{column} = excluded.{column}" for column in _REQUEST_COLUMNS.split(", ")[1:])
             + " WHERE requests.span_count <= excluded.span_count"
         )
-        # SQLite: RETURNING costs a third of the span insert (measured: 123 against 87 ms per 10,000 spans), so
-        # there the count inserted tells that all were new, and when some were stored already, the rowids past the
-        # table's last before the insert tell which (one writer at a time: no one else's rows among them)
+        # SQLite: the count inserted tells that all requests were new, and when some were stored already, the rowids
+        # past the table's last before the insert tell which (one writer at a time: no one else's rows among them);
+        # PostgreSQL: RETURNING
         self._new_by_rowid = dialect.name == "sqlite"
-        self._insert_spans = (
-            f"INSERT INTO spans ({_SPAN_COLUMNS}) VALUES {{rows}} ON CONFLICT (request_id, span_id) DO NOTHING"
-            + ("" if self._new_by_rowid else " RETURNING request_id, span_id")
+        new_requests = (
+            "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
+            "output_tokens, span_count, updated_ns) VALUES {rows} ON CONFLICT (request_id) DO NOTHING"
         )
-        self._insert_span = _Statement.of(
-            f"INSERT INTO spans ({_SPAN_COLUMNS}) VALUES {{rows}} ON CONFLICT (request_id, span_id) DO NOTHING",
-            _SPAN_ROW,
+        self._insert_new_requests = _Statement.of(
+            new_requests + ("" if self._new_by_rowid else " RETURNING request_id"), _PENDING_ROW
+        )
+        # the rows of stored requests that new spans name: locked (PostgreSQL) while their hosts are merged
+        self._select_stored_unlocked = (
+            "SELECT request_id, hosts, start_ns, end_ns FROM requests WHERE request_id IN ({marks})"
+        )
+        self._select_stored = self._select_stored_unlocked + (
+            " ORDER BY request_id FOR UPDATE" if dialect.row_locks else ""
         )
         self._insert_pending = _Statement.of(
             "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
@@ -191,7 +190,7 @@ class RequestSql:
     def write_spans(
         self, cursor: Cursor, spans: SpanColumns, hosts: HostRefs, now_ns: int
     ) -> tuple[SpanColumns, dict[HostKey, int]]:
-        """Insert the spans not stored yet and make their requests pending; returns the new spans (``spans`` itself
+        """Store the spans not stored yet and make their requests pending; returns the new spans (``spans`` itself
         when all were new, as happens but for a replay) and the host ids inserted (for ``HostRefs.remember`` once
         committed)."""
         if not len(spans):
@@ -200,7 +199,7 @@ class RequestSql:
         refs, new_refs = hosts.resolve(cursor, {(name,) for name in spans.hostname})
         host_ref = {name: ref for (name,), ref in refs.items()}
         keys = list(zip(spans.request_id, spans.span_id, strict=True))
-        if len(set(keys)) < len(keys):  # of one key given twice, the insert keeps the first
+        if len(set(keys)) < len(keys):  # of one key given twice, the first is kept
             first: dict[SpanKey, int] = {}
             for i, key in enumerate(keys):
                 first.setdefault(key, i)
@@ -211,78 +210,112 @@ class RequestSql:
         order = sorted(range(len(keys)), key=keys.__getitem__)
         if any(order[i] > order[i + 1] for i in range(len(order) - 1)):
             spans = spans.take(order)
-            keys = [keys[i] for i in order]
-        refs_column = (
-            [host_ref[spans.hostname[0]]] * len(spans) if len(host_ref) == 1 else [host_ref[h] for h in spans.hostname]
-        )
-        rows = zip(
-            spans.request_id, spans.span_id, spans.start_ns, spans.end_ns, spans.workload, spans.pid,
-            spans.service_name, spans.model, spans.tenant, spans.input_tokens, spans.output_tokens,
-            spans.queue_end_ns, spans.prefill_end_ns, spans.received_ns, refs_column, spans.labels,
-            strict=True,
-        )  # fmt: skip
-        if self._new_by_rowid:
-            cursor.execute("SELECT COALESCE(MAX(rowid), 0) FROM spans")
-            last_rowid = int(cursor.fetchone()[0])
-            inserted = self._many(cursor, self._insert_span, list(rows))
-            if inserted != len(keys):
-                # some were stored already: the rowids past the table's last before the insert are the new ones
-                # (one writer at a time: no one else's rows among them)
-                cursor.execute("SELECT request_id, span_id FROM spans WHERE rowid > ?", (last_rowid,))
-                new = set(map(tuple, cursor.fetchall()))
-                spans = spans.take(i for i, key in enumerate(keys) if key in new)
-        else:
-            new = set()
-            all_rows = list(rows)
-            for chunk in _chunks(all_rows):
-                statement = self._insert_spans.format(rows=_marks(len(chunk), _SPAN_ROW))
-                cursor.execute(statement, [value for row in chunk for value in row])
-                new.update(map(tuple, cursor.fetchall()))
-            if len(new) != len(keys):
-                spans = spans.take(i for i, key in enumerate(keys) if key in new)
+        rows = _pending_rows(spans, now_ns)
+        new = self._insert_requests(cursor, rows)
+        if new is not None:  # some requests were stored already: their spans may be too
+            spans = self._add_to_stored(cursor, spans, [row for row in rows if row[0] not in new], now_ns)
         if len(spans):
-            self._mark_pending(cursor, spans, now_ns)
+            self._write_chunks(cursor, spans, host_ref, now_ns)
         return spans, new_refs
 
-    def _mark_pending(self, cursor: Cursor, spans: SpanColumns, now_ns: int) -> None:
-        """Upsert the requests of ``spans`` (new spans) as pending, one row per request."""
-        host_text = {name: hosts_text([name]) for name in set(spans.hostname)}
-        n = len(spans)
-        if len(set(spans.request_id)) == n:  # a span per request, the usual case: rows straight from the columns
-            hosts = [host_text[h] for h in spans.hostname] if len(host_text) > 1 else [host_text[spans.hostname[0]]] * n
-            rows: list[Sequence[Any]] = list(
-                zip(
-                    spans.request_id, spans.model, spans.tenant, hosts, spans.start_ns, spans.end_ns,
-                    spans.input_tokens, spans.output_tokens, [1] * n, [now_ns] * n,
-                    strict=True,
-                )
-            )  # fmt: skip
-        else:
-            by_request: dict[str, list[Any]] = {}
-            several: dict[str, set[str]] = {}
-            for rid, host, model, tenant, start, end, tokens_in, tokens_out in zip(
-                spans.request_id, spans.hostname, spans.model, spans.tenant, spans.start_ns, spans.end_ns,
-                spans.input_tokens, spans.output_tokens, strict=True,
-            ):  # fmt: skip
-                row = by_request.get(rid)
-                if row is None:
-                    row = [rid, model, tenant, host_text[host], start, end, tokens_in, tokens_out, 1, now_ns]
-                    by_request[rid] = row
-                    continue
-                row[1] = row[1] or model
-                row[2] = row[2] or tenant
-                if row[3] != host_text[host]:
-                    several.setdefault(rid, set(json.loads(row[3]))).add(host)
-                row[4] = min(row[4], start)
-                row[5] = max(row[5], end)
-                row[6] += tokens_in
-                row[7] += tokens_out
-                row[8] += 1
-            for rid, names in several.items():
-                by_request[rid][3] = hosts_text(names)
-            rows = list(by_request.values())
-        rows.sort(key=itemgetter(0))  # in key order (see write_spans); PostgreSQL: row locks in one order
-        self._many(cursor, self._insert_pending, rows)
+    def _insert_requests(self, cursor: Cursor, rows: list[list[Any]]) -> set[str] | None:
+        """Insert the pending rows of requests not stored yet; returns the ids inserted, or None when all were."""
+        if self._new_by_rowid:
+            cursor.execute("SELECT COALESCE(MAX(rowid), 0) FROM requests")
+            last_rowid = int(cursor.fetchone()[0])
+            if self._many(cursor, self._insert_new_requests, rows) == len(rows):
+                return None
+            cursor.execute("SELECT request_id FROM requests WHERE rowid > ?", (last_rowid,))
+            return {str(rid) for (rid,) in cursor.fetchall()}
+        new: set[str] = set()
+        statement = self._insert_new_requests
+        for chunk in _chunks(rows):
+            cursor.execute(statement.many.format(rows=_marks(len(chunk), statement.row)), [v for r in chunk for v in r])
+            new.update(str(rid) for (rid,) in cursor.fetchall())
+        return None if len(new) == len(rows) else new
+
+    def _add_to_stored(self, cursor: Cursor, spans: SpanColumns, rows: list[list[Any]], now_ns: int) -> SpanColumns:
+        """``spans`` without those stored already; the requests of ``rows`` (stored already) get the others' times,
+        tokens, count and hosts, and are pending again."""
+        stored = self._stored(cursor, [row[0] for row in rows], lock=True)
+        known = self._spans_of(cursor, stored)
+        had = set(zip(known.request_id, known.span_id, strict=True))
+        if had:
+            spans = spans.take(
+                i for i, key in enumerate(zip(spans.request_id, spans.span_id, strict=True)) if key not in had
+            )
+        more = spans.take(i for i, rid in enumerate(spans.request_id) if rid in stored)
+        if len(more):
+            update = _pending_rows(more, now_ns)
+            for row in update:
+                row[3] = hosts_text({*json.loads(stored[row[0]][0]), *json.loads(row[3])})
+            self._many(cursor, self._insert_pending, update)
+        return spans
+
+    def _write_chunks(self, cursor: Cursor, spans: SpanColumns, host_ref: dict[str, int], now_ns: int) -> None:
+        """``spans`` as one chunk per host."""
+        by_host: dict[str, list[int]] = {}
+        if len(set(spans.hostname)) > 1:
+            for i, host in enumerate(spans.hostname):
+                by_host.setdefault(host, []).append(i)
+        rows = []
+        for host in sorted(by_host) or [spans.hostname[0]]:
+            part = spans.take(by_host[host]) if by_host else spans
+            rows.append(
+                (host_ref[host], min(part.start_ns), max(part.end_ns), len(part), now_ns, span_chunks.encode(part))
+            )
+        _insert(
+            cursor,
+            "INSERT INTO span_chunks (host_ref, min_start_ns, max_end_ns, span_count, received_ns, data)",
+            "(?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def _stored(self, cursor: Cursor, request_ids: Sequence[str], *, lock: bool) -> dict[str, tuple[str, int, int]]:
+        """Hosts (JSON), start and end of the stored ones of ``request_ids`` (sorted); ``lock``: their rows locked
+        to the end of the transaction (PostgreSQL)."""
+        statement = self._select_stored if lock else self._select_stored_unlocked
+        stored: dict[str, tuple[str, int, int]] = {}
+        for chunk in _chunks(request_ids):
+            cursor.execute(statement.format(marks=_marks(len(chunk), "?")), list(chunk))
+            stored.update((str(rid), (hosts, int(start), int(end))) for rid, hosts, start, end in cursor.fetchall())
+        return stored
+
+    def _spans_of(self, cursor: Cursor, requests: dict[str, tuple[str, int, int]]) -> SpanColumns:
+        """The stored spans of ``requests`` (id -> their row's hosts, start and end): from the chunks of their hosts
+        overlapping their times."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for hosts_json, start, end in requests.values():
+            for host in json.loads(hosts_json):
+                ranges.setdefault(host, []).append((start, end))
+        parts = []
+        for host in sorted(ranges):
+            for since, until in span_chunks.windows(ranges[host]):
+                found = self._chunk_spans(cursor, host, since, until)
+                parts.append(found.take(i for i, rid in enumerate(found.request_id) if rid in requests))
+        spans = SpanColumns.concat(parts) if parts else SpanColumns.empty()
+        keys = list(zip(spans.request_id, spans.span_id, strict=True))
+        if len(set(keys)) < len(keys):  # a span met in two windows (it overlaps both)
+            first: dict[SpanKey, int] = {}
+            for i, key in enumerate(keys):
+                first.setdefault(key, i)
+            spans = spans.take(sorted(first.values()))
+        return spans
+
+    @staticmethod
+    def _chunk_spans(cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
+        """The spans of ``hostname`` with end_ns >= since_ns and start_ns <= until_ns, in the order stored."""
+        cursor.execute(
+            "SELECT c.data FROM span_hosts h JOIN span_chunks c ON c.host_ref = h.id "
+            "WHERE h.hostname = ? AND c.max_end_ns >= ? AND c.min_start_ns <= ? ORDER BY c.id",
+            (hostname, since_ns, until_ns),
+        )
+        parts = []
+        for (data,) in cursor.fetchall():
+            spans = span_chunks.decode(data, hostname)
+            inside = span_chunks.overlapping(spans, since_ns, until_ns)
+            parts.append(spans if len(inside) == len(spans) else spans.take(inside))
+        return SpanColumns.concat(parts) if parts else SpanColumns.empty()
 
     def write_bindings(
         self, cursor: Cursor, bindings: Sequence[ProcessBindingRow], hosts: HostRefs
@@ -352,6 +385,43 @@ class RequestSql:
             self._many(cursor, self._insert_results, missing)
         return [row[0] for row in rows if counts.get(row[0], -1) > row[14]]
 
+    @staticmethod
+    def prune_spans(cursor: Cursor, cutoff_ns: int) -> int:
+        """Delete the chunks whose spans all ended before ``cutoff_ns``; returns how many spans went."""
+        where = "FROM span_chunks WHERE host_ref IN (SELECT id FROM span_hosts) AND max_end_ns < ?"
+        cursor.execute(f"SELECT COALESCE(SUM(span_count), 0) {where}", (cutoff_ns,))
+        spans = int(cursor.fetchone()[0])
+        if spans:
+            cursor.execute(f"DELETE {where}", (cutoff_ns,))
+        return spans
+
+    def prune_orphan_spans(self, cursor: Cursor, cutoff_ns: int) -> int:
+        """Drop the spans of requests no longer stored from the chunks holding a span that started before
+        ``cutoff_ns`` (a pruned request's spans all did); returns how many spans went. Reads every such chunk: run
+        only when requests are kept less long than raw samples."""
+        cursor.execute(
+            "SELECT c.id, h.hostname, c.data FROM span_chunks c JOIN span_hosts h ON h.id = c.host_ref "
+            "WHERE c.min_start_ns < ? ORDER BY c.id",
+            (cutoff_ns,),
+        )
+        chunks = [(int(ref), str(host), span_chunks.decode(data, str(host))) for ref, host, data in cursor.fetchall()]
+        dropped = 0
+        for ref, _, spans in chunks:
+            kept = self._stored(cursor, sorted(set(spans.request_id)), lock=False)
+            keep = [i for i, rid in enumerate(spans.request_id) if rid in kept]
+            if len(keep) == len(spans):
+                continue
+            dropped += len(spans) - len(keep)
+            if not keep:
+                cursor.execute("DELETE FROM span_chunks WHERE id = ?", (ref,))
+                continue
+            part = spans.take(keep)
+            cursor.execute(
+                "UPDATE span_chunks SET min_start_ns = ?, max_end_ns = ?, span_count = ?, data = ? WHERE id = ?",
+                (min(part.start_ns), max(part.end_ns), len(part), span_chunks.encode(part), ref),
+            )
+        return dropped
+
     # -- reads
 
     @staticmethod
@@ -367,18 +437,20 @@ class RequestSql:
             for pid, workload, phase, job, seen_ns in cursor.fetchall()
         ]
 
-    @staticmethod
-    def reopen(cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> int:
+    def reopen(self, cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> int:
         """``Store.reopen_requests``: approximate and no_samples requests with a span on the host overlapping
         [since_ns, until_ns] become pending, their energies dropped; returns how many."""
-        cursor.execute(
-            "UPDATE requests SET status = 'pending', active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, "
-            "dram_j = NULL, co2_g = NULL, cost = NULL WHERE status IN ('approximate', 'no_samples') AND request_id IN "
-            "(SELECT s.request_id FROM spans s JOIN span_hosts h ON h.id = s.host_ref "
-            "WHERE h.hostname = ? AND s.end_ns >= ? AND s.start_ns <= ?)",
-            (hostname, since_ns, until_ns),
-        )
-        return max(cursor.rowcount, 0)
+        ids = sorted(set(self._chunk_spans(cursor, hostname, since_ns, until_ns).request_id))
+        reopened = 0
+        for chunk in _chunks(ids):
+            cursor.execute(
+                "UPDATE requests SET status = 'pending', active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, "
+                "dram_j = NULL, co2_g = NULL, cost = NULL WHERE status IN ('approximate', 'no_samples') "
+                f"AND request_id IN ({_marks(len(chunk), '?')})",
+                list(chunk),
+            )
+            reopened += max(cursor.rowcount, 0)
+        return reopened
 
     @staticmethod
     def pending_requests(cursor: Cursor, limit: int) -> list[tuple[str, int]]:
@@ -389,30 +461,21 @@ class RequestSql:
         )
         return [(str(rid), int(count)) for rid, count in cursor.fetchall()]
 
-    @staticmethod
-    def request_spans(cursor: Cursor, request_ids: Sequence[str]) -> SpanColumns:
-        rows: list[Any] = []
-        for chunk in _chunks(sorted(set(request_ids))):
-            cursor.execute(
-                f"{_SELECT_SPANS} WHERE s.request_id IN ({_marks(len(chunk), '?')}) ORDER BY s.request_id, s.span_id",
-                chunk,
-            )
-            rows += cursor.fetchall()
-        return SpanColumns.of_rows(rows)
+    def request_spans(self, cursor: Cursor, request_ids: Sequence[str]) -> SpanColumns:
+        """The stored spans of those requests, by request id and span id."""
+        spans = self._spans_of(cursor, self._stored(cursor, sorted(set(request_ids)), lock=False))
+        order = sorted(range(len(spans)), key=lambda i: (spans.request_id[i], spans.span_id[i]))
+        return spans.take(order)
 
-    @staticmethod
-    def spans_overlapping(cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
-        cursor.execute(
-            f"{_SELECT_SPANS} WHERE h.hostname = ? AND s.end_ns >= ? AND s.start_ns <= ? ORDER BY s.end_ns",
-            (hostname, since_ns, until_ns),
-        )
-        return SpanColumns.of_rows(cursor.fetchall())
+    def spans_overlapping(self, cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
+        spans = self._chunk_spans(cursor, hostname, since_ns, until_ns)
+        return spans.take(sorted(range(len(spans)), key=spans.end_ns.__getitem__))
 
     @staticmethod
     def latest_span_ends(cursor: Cursor) -> dict[str, int]:
-        # one index probe per host (spans_by_host), not a scan of the spans
+        # one index probe per host (span_chunks_by_host), not a scan of the chunks
         cursor.execute(
-            "SELECT h.hostname, (SELECT MAX(s.end_ns) FROM spans s WHERE s.host_ref = h.id) FROM span_hosts h"
+            "SELECT h.hostname, (SELECT MAX(c.max_end_ns) FROM span_chunks c WHERE c.host_ref = h.id) FROM span_hosts h"
         )
         return {str(host): int(end) for host, end in cursor.fetchall() if end is not None}
 
@@ -420,7 +483,7 @@ class RequestSql:
     def request(cursor: Cursor, request_id: str) -> RequestResult | None:
         cursor.execute(f"{_SELECT_REQUESTS} WHERE request_id = ?", (request_id,))
         row = cursor.fetchone()
-        return None if row is None else _with_span_hosts(cursor, [_result(row)])[0]
+        return None if row is None else _result(row)
 
     @staticmethod
     def requests(
@@ -443,7 +506,7 @@ class RequestSql:
         else:
             sql += " ORDER BY start_ns DESC, request_id LIMIT ?"
         cursor.execute(sql, [*params, limit])
-        return _with_span_hosts(cursor, [_result(row) for row in cursor.fetchall()])
+        return [_result(row) for row in cursor.fetchall()]
 
     @staticmethod
     def request_summary(
@@ -498,24 +561,45 @@ class RequestSql:
 _PENDING_ROW = "(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
-def _with_span_hosts(cursor: Cursor, results: list[RequestResult]) -> list[RequestResult]:
-    """``results`` with the hosts of the pending ones read from their spans (see ``_upsert_pending``)."""
-    pending = [result.request_id for result in results if result.status == "pending"]
-    if not pending:
-        return results
-    hosts: dict[str, set[str]] = {}
-    for chunk in _chunks(pending):
-        cursor.execute(
-            "SELECT DISTINCT s.request_id, h.hostname FROM spans s JOIN span_hosts h ON h.id = s.host_ref "
-            f"WHERE s.request_id IN ({_marks(len(chunk), '?')})",
-            chunk,
-        )
-        for request_id, hostname in cursor.fetchall():
-            hosts.setdefault(request_id, set()).add(hostname)
-    return [
-        replace(result, hosts=tuple(sorted(hosts[result.request_id]))) if result.request_id in hosts else result
-        for result in results
-    ]
+def _pending_rows(spans: SpanColumns, now_ns: int) -> list[list[Any]]:
+    """A pending row per request of ``spans`` (``_PENDING_ROW``'s values: what its spans say), by request id."""
+    host_text = {name: hosts_text([name]) for name in set(spans.hostname)}
+    n = len(spans)
+    if len(set(spans.request_id)) == n:  # a span per request, the usual case: rows straight from the columns
+        hosts = [host_text[h] for h in spans.hostname] if len(host_text) > 1 else [host_text[spans.hostname[0]]] * n
+        rows = [
+            list(row)
+            for row in zip(
+                spans.request_id, spans.model, spans.tenant, hosts, spans.start_ns, spans.end_ns,
+                spans.input_tokens, spans.output_tokens, [1] * n, [now_ns] * n,
+                strict=True,
+            )
+        ]  # fmt: skip
+    else:
+        by_request: dict[str, list[Any]] = {}
+        several: dict[str, set[str]] = {}
+        for rid, host, model, tenant, start, end, tokens_in, tokens_out in zip(
+            spans.request_id, spans.hostname, spans.model, spans.tenant, spans.start_ns, spans.end_ns,
+            spans.input_tokens, spans.output_tokens, strict=True,
+        ):  # fmt: skip
+            row = by_request.get(rid)
+            if row is None:
+                by_request[rid] = [rid, model, tenant, host_text[host], start, end, tokens_in, tokens_out, 1, now_ns]
+                continue
+            row[1] = row[1] or model
+            row[2] = row[2] or tenant
+            if row[3] != host_text[host]:
+                several.setdefault(rid, set(json.loads(row[3]))).add(host)
+            row[4] = min(row[4], start)
+            row[5] = max(row[5], end)
+            row[6] += tokens_in
+            row[7] += tokens_out
+            row[8] += 1
+        for rid, names in several.items():
+            by_request[rid][3] = hosts_text(names)
+        rows = list(by_request.values())
+    rows.sort(key=itemgetter(0))  # in key order (see write_spans); PostgreSQL: row locks in one order
+    return rows
 
 
 def _joules(value: Any) -> float | None:
@@ -543,3 +627,59 @@ def _result(row: Sequence[Any]) -> RequestResult:
         co2_g=_joules(row[16]),
         cost=_joules(row[17]),
     )
+
+
+MIGRATION_PAGE = 10_000  # spans read at a time while moving the spans table into chunks
+
+
+def spans_to_chunks(cursor: Cursor, dialect: Dialect) -> None:
+    """Schema step 5: the ``spans`` table's rows as chunks, host by host in end order, ``MIGRATION_PAGE`` spans a
+    chunk; pending requests get the hosts of all their spans (their rows had the first span's); then ``spans`` goes."""
+    del dialect  # the same SQL on both
+    cursor.execute("SELECT request_id FROM requests WHERE status = 'pending'")
+    pending = {str(rid) for (rid,) in cursor.fetchall()}
+    pending_hosts: dict[str, set[str]] = {}
+    cursor.execute("SELECT id, hostname FROM span_hosts ORDER BY id")
+    columns = (
+        "request_id, span_id, start_ns, end_ns, workload, pid, service_name, model, tenant, input_tokens, "
+        "output_tokens, queue_end_ns, prefill_end_ns, labels, received_ns"
+    )
+    for ref, hostname in cursor.fetchall():
+        after: int | None = None
+        while True:
+            if after is None:
+                cursor.execute(
+                    f"SELECT {columns} FROM spans WHERE host_ref = ? ORDER BY end_ns LIMIT ?", (ref, MIGRATION_PAGE)
+                )
+            else:
+                cursor.execute(
+                    f"SELECT {columns} FROM spans WHERE host_ref = ? AND end_ns > ? ORDER BY end_ns LIMIT ?",
+                    (ref, after, MIGRATION_PAGE),
+                )
+            rows = cursor.fetchall()
+            full = len(rows) == MIGRATION_PAGE
+            if full:  # the spans ending at the page's last end, all of them (the next page starts past it)
+                last = int(rows[-1][3])
+                rows = [row for row in rows if int(row[3]) < last]
+                cursor.execute(f"SELECT {columns} FROM spans WHERE host_ref = ? AND end_ns = ?", (ref, last))
+                rows += cursor.fetchall()
+                after = last
+            if rows:
+                spans = SpanColumns.of_rows([(r[0], r[1], hostname, *r[2:]) for r in rows])
+                for rid in spans.request_id:
+                    if rid in pending:
+                        pending_hosts.setdefault(rid, set()).add(hostname)
+                cursor.execute(
+                    "INSERT INTO span_chunks (host_ref, min_start_ns, max_end_ns, span_count, received_ns, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        ref, min(spans.start_ns), max(spans.end_ns), len(spans), max(spans.received_ns),
+                        span_chunks.encode(spans),
+                    ),
+                )  # fmt: skip
+            if not full:
+                break
+    several = sorted((rid, hosts_text(hosts)) for rid, hosts in pending_hosts.items() if len(hosts) > 1)
+    for rid, hosts in several:
+        cursor.execute("UPDATE requests SET hosts = ? WHERE request_id = ?", (hosts, rid))
+    cursor.execute("DROP TABLE spans")

@@ -86,6 +86,8 @@ class SqlStore(StepsReads, Store):
                     continue
                 for statement in migration.sql(self._dialect):
                     cursor.execute(statement)
+                if migration.convert is not None:
+                    migration.convert(cursor, self._dialect)
                 cursor.execute(
                     "INSERT INTO schema_version (version, description, applied_ns) VALUES (?, ?, ?)",
                     (migration.version, migration.description, time.time_ns()),
@@ -219,24 +221,18 @@ class SqlStore(StepsReads, Store):
                 deleted += max(cursor.rowcount, 0)
             cursor.execute("DELETE FROM rollups WHERE minute_ns <= ?", (last_old_minute,))
             deleted += max(cursor.rowcount, 0)
-            # spans go with the raw samples they were measured against; a request's result outlives them
-            cursor.execute(
-                "DELETE FROM spans WHERE host_ref IN (SELECT id FROM span_hosts) AND end_ns < ?", (raw_cutoff,)
-            )
-            deleted += max(cursor.rowcount, 0)
+            # spans go with the raw samples they were measured against (a chunk once all its spans ended before
+            # the cutoff); a request's result outlives them. Counted in spans, as rows were
+            deleted += self._requests.prune_spans(cursor, raw_cutoff)
             # a request still pending whose samples are pruned can never be computed: unknown, never 0 J
             cursor.execute(
                 "UPDATE requests SET status = 'no_samples', updated_ns = ? WHERE status = 'pending' AND end_ns < ?",
                 (now_ns, raw_cutoff),
             )
-            cursor.execute(
-                "DELETE FROM spans WHERE request_id IN "
-                "(SELECT request_id FROM requests WHERE start_ns < ? AND end_ns < ?)",
-                (rollup_cutoff, rollup_cutoff),
-            )
-            deleted += max(cursor.rowcount, 0)
             cursor.execute("DELETE FROM requests WHERE start_ns < ? AND end_ns < ?", (rollup_cutoff, rollup_cutoff))
             deleted += max(cursor.rowcount, 0)
+            if rollup_cutoff > raw_cutoff:  # requests kept less long than raw samples: their spans go with them
+                deleted += self._requests.prune_orphan_spans(cursor, rollup_cutoff)
             cursor.execute("DELETE FROM process_bindings WHERE seen_ns < ?", (raw_cutoff,))
             deleted += max(cursor.rowcount, 0)
             return deleted + prune_steps(cursor, last_old_minute, rollup_cutoff, raw_cutoff)

@@ -6,13 +6,22 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import store_requests as bench_store_requests
 from collector.aggregator.spans import MAX_TEXT
-from collector.store import Store
-from collector.store.base import ProcessBindingRow, RequestResult, RequestSummaryRow, ResultColumns, SpanRow
+from collector.store import Store, StoreError, open_store
+from collector.store.base import (
+    ProcessBindingRow,
+    RequestResult,
+    RequestSummaryRow,
+    ResultColumns,
+    SpanRow,
+    labels_json,
+)
+from collector.store.migrations import LATEST_VERSION, MIGRATIONS
 from tests.store.builders import T0_NS, batch
 
 S = 1_000_000_000
@@ -331,6 +340,86 @@ def test_process_bindings_keep_the_newest_sighting(store: Store) -> None:
     ]
     assert [b.workload for b in store.process_bindings("host-2")] == ["other"]
     assert store.process_bindings("host-3") == []
+
+
+# -- schema step 5: spans as chunks
+
+
+def _insert_v4_span(cursor: Any, row: SpanRow, host_ref: int) -> None:
+    cursor.execute(
+        "INSERT INTO spans (request_id, span_id, host_ref, start_ns, end_ns, workload, pid, service_name, model, "
+        "tenant, input_tokens, output_tokens, queue_end_ns, prefill_end_ns, labels, received_ns) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (row.request_id, row.span_id, host_ref, row.start_ns, row.end_ns, row.workload, row.pid, row.service_name,
+         row.model, row.tenant, row.input_tokens, row.output_tokens, row.queue_end_ns, row.prefill_end_ns,
+         labels_json(row.labels), row.received_ns),
+    )  # fmt: skip
+
+
+def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans stored a row each (schema 4) read back exactly after the step to chunks, paged with ties at the page
+    edge; a pending request gets the hosts of all its spans; a span sent again is still stored once."""
+    monkeypatch.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:4])
+    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", 4)
+    monkeypatch.setattr("collector.store.spans.MIGRATION_PAGE", 3)
+    old = open_store(store_url)
+    # five spans on host-1, three of them ending at the same time (the page edge falls among them)
+    on_one = [span(f"r{i}", start_s=i, end_s=[1, 2, 5, 5, 5][i], labels={"i": str(i)}) for i in range(5)]
+    multi = [span("multi", "a", host="host-1", end_s=9), span("multi", "b", host="host-2", start_s=8, end_s=9.5)]
+
+    def fill(cursor: Any) -> None:
+        for name in ("host-1", "host-2"):
+            cursor.execute("INSERT INTO span_hosts (hostname) VALUES (?)", (name,))
+        for row in [*on_one, *multi]:
+            _insert_v4_span(cursor, row, 1 if row.hostname == "host-1" else 2)
+        for rid, status, hosts, start, end, count in [
+            *((f"r{i}", "final", '["host-1"]', on_one[i].start_ns, on_one[i].end_ns, 1) for i in range(5)),
+            ("multi", "pending", '["host-1"]', multi[0].start_ns, multi[1].end_ns, 2),  # the first span's host
+        ]:
+            cursor.execute(
+                "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
+                "output_tokens, span_count, updated_ns) VALUES (?, ?, 'llama', '', ?, ?, ?, 100, 10, ?, 0)",
+                (rid, status, hosts, start, end, count),
+            )
+
+    try:
+        assert old.migrate() == 4
+        old._run(fill, write=True)  # type: ignore[attr-defined]
+    finally:
+        old.close()
+    monkeypatch.undo()
+    new = open_store(store_url)
+    try:
+        assert new.migrate() == LATEST_VERSION
+        assert new.request_spans([f"r{i}" for i in range(5)] + ["multi"]) == sorted(
+            [*on_one, *multi], key=lambda row: (row.request_id, row.span_id)
+        )
+        assert keys(new.spans_overlapping("host-1", T0_NS + 4 * S, T0_NS + 10 * S)) == [
+            ("r2", "s1"), ("r3", "s1"), ("r4", "s1"), ("multi", "a"),
+        ]  # fmt: skip
+        pending = new.request("multi")
+        assert pending is not None and pending.hosts == ("host-1", "host-2")
+        assert new.write_spans([multi[1], on_one[3]]) == 0
+        assert new.latest_span_ends() == {"host-1": multi[0].end_ns, "host-2": multi[1].end_ns}
+        with pytest.raises(StoreError):  # the old table is gone
+            new._run(lambda cursor: cursor.execute("SELECT COUNT(*) FROM spans"), write=False)  # type: ignore[attr-defined]
+    finally:
+        new.close()
+
+
+def test_a_late_span_on_another_host_joins_its_request_and_a_repeat_of_it_does_not(store: Store) -> None:
+    assert store.write_spans([span("r", "a", host="host-1", end_s=2)]) == 1
+    store.write_request_results([result("r", 4.0, input_tokens=100, end_ns=T0_NS + 2 * S)])
+    late = span("r", "b", host="host-2", start_s=1, end_s=3, input_tokens=5, output_tokens=6)
+    assert store.write_spans([late, span("other", host="host-2")]) == 2
+    again = store.request("r")
+    assert again is not None
+    assert (again.status, again.hosts, again.spans, again.active_j) == ("pending", ("host-1", "host-2"), 2, None)
+    assert (again.input_tokens, again.output_tokens, again.end_ns) == (105, 16, late.end_ns)
+    assert store.write_spans([late]) == 0
+    assert store.write_spans([span("r", "a", host="host-1", end_s=2)]) == 0
+    assert keys(store.request_spans(["r"])) == [("r", "a"), ("r", "b")]
+    assert store.request("r") == again
 
 
 # -- prune
