@@ -248,17 +248,24 @@ MIGRATIONS += (
         description="request spans stored as chunks: one row per write and host",
         statements=(
             # the spans of one host from one write, as columns (collector.store.span_chunks); "chunks on host H
-            # overlapping [a, b]": max_end_ns >= a is the range read, min_start_ns <= b filtered
+            # overlapping [a, b]": max_end_ns >= a is the range read, min_start_ns <= b filtered in the index;
+            # pruning reads min_end_ns there too
             """CREATE TABLE span_chunks (
                 id {id_column},
                 host_ref {bigint} NOT NULL,
                 min_start_ns {bigint} NOT NULL,
+                min_end_ns {bigint} NOT NULL,
                 max_end_ns {bigint} NOT NULL,
                 span_count {bigint} NOT NULL,
                 received_ns {bigint} NOT NULL,
                 data {blob} NOT NULL
             )""",
-            "CREATE INDEX span_chunks_by_host ON span_chunks (host_ref, max_end_ns)",
+            "CREATE INDEX span_chunks_by_host ON span_chunks (host_ref, max_end_ns, min_start_ns, min_end_ns)",
+            # where a request's spans are (their hosts as a JSON array, the earliest and latest of their times):
+            # kept by span writes alone, so a result written whole never hides them; NULL: no spans
+            "ALTER TABLE requests ADD COLUMN span_hosts TEXT",
+            "ALTER TABLE requests ADD COLUMN span_start_ns {bigint}",
+            "ALTER TABLE requests ADD COLUMN span_end_ns {bigint}",
         ),
         convert=spans_to_chunks,
     ),

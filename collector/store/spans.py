@@ -102,14 +102,18 @@ def hosts_text(hosts: Iterable[str]) -> str:
 class RequestSql:
     def __init__(self, dialect: Dialect) -> None:
         # a stored request with new spans is pending again; what it had computed is dropped (energies are None while
-        # pending); model and tenant stay the first non-empty ones; hosts: the stored ones and the new spans', merged
-        # by the writer, which read the row (``write_spans``)
+        # pending); model and tenant stay the first non-empty ones; hosts: those of all its spans, merged by the
+        # writer, which read the row (``write_spans``); span_*: where its spans are, only ever widened
         self._upsert_pending = dialect.format(
             """ ON CONFLICT (request_id) DO UPDATE SET
                 status = 'pending',
                 model = CASE WHEN requests.model = '' THEN excluded.model ELSE requests.model END,
                 tenant = CASE WHEN requests.tenant = '' THEN excluded.tenant ELSE requests.tenant END,
                 hosts = excluded.hosts,
+                span_hosts = excluded.span_hosts,
+                span_start_ns = COALESCE(
+                    {least}(requests.span_start_ns, excluded.span_start_ns), excluded.span_start_ns),
+                span_end_ns = COALESCE({greatest}(requests.span_end_ns, excluded.span_end_ns), excluded.span_end_ns),
                 start_ns = {least}(requests.start_ns, excluded.start_ns),
                 end_ns = {greatest}(requests.end_ns, excluded.end_ns),
                 input_tokens = requests.input_tokens + excluded.input_tokens,
@@ -134,21 +138,25 @@ class RequestSql:
         self._new_by_rowid = dialect.name == "sqlite"
         new_requests = (
             "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
-            "output_tokens, span_count, updated_ns) VALUES {rows} ON CONFLICT (request_id) DO NOTHING"
+            "output_tokens, span_count, updated_ns, span_hosts, span_start_ns, span_end_ns) VALUES {rows} "
+            "ON CONFLICT (request_id) DO NOTHING"
         )
         self._insert_new_requests = _Statement.of(
             new_requests + ("" if self._new_by_rowid else " RETURNING request_id"), _PENDING_ROW
         )
-        # the rows of stored requests that new spans name: locked (PostgreSQL) while their hosts are merged
+        # where the spans of stored requests are; locked (PostgreSQL) while new spans' hosts are merged in, in the
+        # order of the ids' code points, as the writers' statements take them (no deadlock)
         self._select_stored_unlocked = (
-            "SELECT request_id, hosts, start_ns, end_ns FROM requests WHERE request_id IN ({marks})"
+            "SELECT request_id, span_hosts, span_start_ns, span_end_ns FROM requests "
+            "WHERE request_id IN ({marks}) AND span_hosts IS NOT NULL"
         )
         self._select_stored = self._select_stored_unlocked + (
-            " ORDER BY request_id FOR UPDATE" if dialect.row_locks else ""
+            ' ORDER BY request_id COLLATE "C" FOR UPDATE' if dialect.row_locks else ""
         )
         self._insert_pending = _Statement.of(
             "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
-            "output_tokens, span_count, updated_ns) VALUES {rows}" + self._upsert_pending,
+            "output_tokens, span_count, updated_ns, span_hosts, span_start_ns, span_end_ns) VALUES {rows}"
+            + self._upsert_pending,
             _PENDING_ROW,
         )
         self._insert_results = _Statement.of(
@@ -236,19 +244,24 @@ class RequestSql:
 
     def _add_to_stored(self, cursor: Cursor, spans: SpanColumns, rows: list[list[Any]], now_ns: int) -> SpanColumns:
         """``spans`` without those stored already; the requests of ``rows`` (stored already) get the others' times,
-        tokens, count and hosts, and are pending again."""
-        stored = self._stored(cursor, [row[0] for row in rows], lock=True)
+        tokens, count and hosts, and are pending again (a row deleted meanwhile, by another aggregator's prune, is
+        written anew)."""
+        ids = [row[0] for row in rows]
+        stored = self._stored(cursor, ids, lock=True)
         known = self._spans_of(cursor, stored)
         had = set(zip(known.request_id, known.span_id, strict=True))
         if had:
             spans = spans.take(
                 i for i, key in enumerate(zip(spans.request_id, spans.span_id, strict=True)) if key not in had
             )
-        more = spans.take(i for i, rid in enumerate(spans.request_id) if rid in stored)
+        named = set(ids)
+        more = spans.take(i for i, rid in enumerate(spans.request_id) if rid in named)
         if len(more):
             update = _pending_rows(more, now_ns)
             for row in update:
-                row[3] = hosts_text({*json.loads(stored[row[0]][0]), *json.loads(row[3])})
+                where = stored.get(row[0])
+                if where is not None:
+                    row[3] = row[10] = hosts_text({*json.loads(where[0]), *json.loads(row[3])})
             self._many(cursor, self._insert_pending, update)
         return spans
 
@@ -261,19 +274,12 @@ class RequestSql:
         rows = []
         for host in sorted(by_host) or [spans.hostname[0]]:
             part = spans.take(by_host[host]) if by_host else spans
-            rows.append(
-                (host_ref[host], min(part.start_ns), max(part.end_ns), len(part), now_ns, span_chunks.encode(part))
-            )
-        _insert(
-            cursor,
-            "INSERT INTO span_chunks (host_ref, min_start_ns, max_end_ns, span_count, received_ns, data)",
-            "(?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+            rows.append((host_ref[host], *_bounds(part), len(part), now_ns, span_chunks.encode(part)))
+        _insert(cursor, f"INSERT INTO span_chunks ({_CHUNK_COLUMNS})", "(?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _stored(self, cursor: Cursor, request_ids: Sequence[str], *, lock: bool) -> dict[str, tuple[str, int, int]]:
-        """Hosts (JSON), start and end of the stored ones of ``request_ids`` (sorted); ``lock``: their rows locked
-        to the end of the transaction (PostgreSQL)."""
+        """Where the spans of the stored ones of ``request_ids`` (sorted) are: hosts (JSON), earliest and latest
+        time; ``lock``: their rows locked to the end of the transaction (PostgreSQL)."""
         statement = self._select_stored if lock else self._select_stored_unlocked
         stored: dict[str, tuple[str, int, int]] = {}
         for chunk in _chunks(request_ids):
@@ -385,15 +391,25 @@ class RequestSql:
             self._many(cursor, self._insert_results, missing)
         return [row[0] for row in rows if counts.get(row[0], -1) > row[14]]
 
-    @staticmethod
-    def prune_spans(cursor: Cursor, cutoff_ns: int) -> int:
-        """Delete the chunks whose spans all ended before ``cutoff_ns``; returns how many spans went."""
+    def prune_spans(self, cursor: Cursor, cutoff_ns: int) -> int:
+        """Drop the spans that ended before ``cutoff_ns``: the chunks all of whose spans did, and those spans from
+        the chunks that hold newer ones too; returns how many spans went."""
         where = "FROM span_chunks WHERE host_ref IN (SELECT id FROM span_hosts) AND max_end_ns < ?"
         cursor.execute(f"SELECT COALESCE(SUM(span_count), 0) {where}", (cutoff_ns,))
-        spans = int(cursor.fetchone()[0])
-        if spans:
+        dropped = int(cursor.fetchone()[0])
+        if dropped:
             cursor.execute(f"DELETE {where}", (cutoff_ns,))
-        return spans
+        cursor.execute(
+            "SELECT c.id, h.hostname, c.data FROM span_hosts h JOIN span_chunks c ON c.host_ref = h.id "
+            "WHERE c.max_end_ns >= ? AND c.min_end_ns < ? ORDER BY c.id",
+            (cutoff_ns, cutoff_ns),
+        )
+        for ref, host, data in cursor.fetchall():
+            spans = span_chunks.decode(data, str(host))
+            dropped += _keep_in_chunk(
+                cursor, int(ref), spans, [i for i, end in enumerate(spans.end_ns) if end >= cutoff_ns]
+            )
+        return dropped
 
     def prune_orphan_spans(self, cursor: Cursor, cutoff_ns: int) -> int:
         """Drop the spans of requests no longer stored from the chunks holding a span that started before
@@ -404,21 +420,17 @@ class RequestSql:
             "WHERE c.min_start_ns < ? ORDER BY c.id",
             (cutoff_ns,),
         )
-        chunks = [(int(ref), str(host), span_chunks.decode(data, str(host))) for ref, host, data in cursor.fetchall()]
         dropped = 0
-        for ref, _, spans in chunks:
-            kept = self._stored(cursor, sorted(set(spans.request_id)), lock=False)
-            keep = [i for i, rid in enumerate(spans.request_id) if rid in kept]
-            if len(keep) == len(spans):
-                continue
-            dropped += len(spans) - len(keep)
-            if not keep:
-                cursor.execute("DELETE FROM span_chunks WHERE id = ?", (ref,))
-                continue
-            part = spans.take(keep)
-            cursor.execute(
-                "UPDATE span_chunks SET min_start_ns = ?, max_end_ns = ?, span_count = ?, data = ? WHERE id = ?",
-                (min(part.start_ns), max(part.end_ns), len(part), span_chunks.encode(part), ref),
+        for ref, host, data in cursor.fetchall():
+            spans = span_chunks.decode(data, str(host))
+            kept: set[str] = set()
+            for chunk in _chunks(sorted(set(spans.request_id))):
+                cursor.execute(
+                    f"SELECT request_id FROM requests WHERE request_id IN ({_marks(len(chunk), '?')})", chunk
+                )
+                kept.update(str(rid) for (rid,) in cursor.fetchall())
+            dropped += _keep_in_chunk(
+                cursor, int(ref), spans, [i for i, rid in enumerate(spans.request_id) if rid in kept]
             )
         return dropped
 
@@ -558,17 +570,48 @@ class RequestSql:
         ]
 
 
-_PENDING_ROW = "(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_CHUNK_COLUMNS = "host_ref, min_start_ns, min_end_ns, max_end_ns, span_count, received_ns, data"
+
+
+def _bounds(spans: SpanColumns) -> tuple[int, int, int]:
+    """A chunk's min_start_ns, min_end_ns and max_end_ns: every span's start and end lie in [min_start_ns,
+    max_end_ns], even one that ends before it starts (the store keeps what it is given)."""
+    return (
+        min(min(spans.start_ns), min(spans.end_ns)),
+        min(spans.end_ns),
+        max(max(spans.end_ns), max(spans.start_ns)),
+    )
+
+
+def _keep_in_chunk(cursor: Cursor, ref: int, spans: SpanColumns, keep: list[int]) -> int:
+    """Keep only the spans at ``keep`` of chunk ``ref`` (``spans``): rewrite it, or delete it when none stay;
+    returns how many went."""
+    if len(keep) == len(spans):
+        return 0
+    if not keep:
+        cursor.execute("DELETE FROM span_chunks WHERE id = ?", (ref,))
+        return len(spans)
+    part = spans.take(keep)
+    cursor.execute(
+        "UPDATE span_chunks SET min_start_ns = ?, min_end_ns = ?, max_end_ns = ?, span_count = ?, data = ? "
+        "WHERE id = ?",
+        (*_bounds(part), len(part), span_chunks.encode(part), ref),
+    )
+    return len(spans) - len(keep)
+
+
+_PENDING_ROW = "(?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def _pending_rows(spans: SpanColumns, now_ns: int) -> list[list[Any]]:
-    """A pending row per request of ``spans`` (``_PENDING_ROW``'s values: what its spans say), by request id."""
+    """A pending row per request of ``spans`` (``_PENDING_ROW``'s values: what its spans say, and where they are:
+    hosts, the earliest and the latest of their starts and ends), by request id."""
     host_text = {name: hosts_text([name]) for name in set(spans.hostname)}
     n = len(spans)
     if len(set(spans.request_id)) == n:  # a span per request, the usual case: rows straight from the columns
         hosts = [host_text[h] for h in spans.hostname] if len(host_text) > 1 else [host_text[spans.hostname[0]]] * n
         rows = [
-            list(row)
+            [*row, row[3], min(row[4], row[5]), max(row[4], row[5])]
             for row in zip(
                 spans.request_id, spans.model, spans.tenant, hosts, spans.start_ns, spans.end_ns,
                 spans.input_tokens, spans.output_tokens, [1] * n, [now_ns] * n,
@@ -584,7 +627,10 @@ def _pending_rows(spans: SpanColumns, now_ns: int) -> list[list[Any]]:
         ):  # fmt: skip
             row = by_request.get(rid)
             if row is None:
-                by_request[rid] = [rid, model, tenant, host_text[host], start, end, tokens_in, tokens_out, 1, now_ns]
+                by_request[rid] = [
+                    rid, model, tenant, host_text[host], start, end, tokens_in, tokens_out, 1, now_ns,
+                    host_text[host], min(start, end), max(start, end),
+                ]  # fmt: skip
                 continue
             row[1] = row[1] or model
             row[2] = row[2] or tenant
@@ -595,8 +641,10 @@ def _pending_rows(spans: SpanColumns, now_ns: int) -> list[list[Any]]:
             row[6] += tokens_in
             row[7] += tokens_out
             row[8] += 1
+            row[11] = min(row[11], start, end)
+            row[12] = max(row[12], start, end)
         for rid, names in several.items():
-            by_request[rid][3] = hosts_text(names)
+            by_request[rid][3] = by_request[rid][10] = hosts_text(names)
         rows = list(by_request.values())
     rows.sort(key=itemgetter(0))  # in key order (see write_spans); PostgreSQL: row locks in one order
     return rows
@@ -634,11 +682,29 @@ MIGRATION_PAGE = 10_000  # spans read at a time while moving the spans table int
 
 def spans_to_chunks(cursor: Cursor, dialect: Dialect) -> None:
     """Schema step 5: the ``spans`` table's rows as chunks, host by host in end order, ``MIGRATION_PAGE`` spans a
-    chunk; pending requests get the hosts of all their spans (their rows had the first span's); then ``spans`` goes."""
-    del dialect  # the same SQL on both
-    cursor.execute("SELECT request_id FROM requests WHERE status = 'pending'")
-    pending = {str(rid) for (rid,) in cursor.fetchall()}
-    pending_hosts: dict[str, set[str]] = {}
+    chunk; each request with spans gets where they are (``span_hosts``, ``span_start_ns``, ``span_end_ns``), and a
+    pending one their hosts (its row had the first span's); then ``spans`` goes."""
+    if dialect.name == "sqlite":
+        cursor.execute(
+            """UPDATE requests SET
+                span_start_ns = (SELECT MIN(min(s.start_ns, s.end_ns)) FROM spans s
+                                 WHERE s.request_id = requests.request_id),
+                span_end_ns = (SELECT MAX(max(s.start_ns, s.end_ns)) FROM spans s
+                               WHERE s.request_id = requests.request_id),
+                span_hosts = (SELECT json_group_array(hostname) FROM (
+                    SELECT DISTINCT h.hostname FROM spans s JOIN span_hosts h ON h.id = s.host_ref
+                    WHERE s.request_id = requests.request_id ORDER BY h.hostname))
+            WHERE request_id IN (SELECT request_id FROM spans)"""
+        )
+    else:
+        cursor.execute(
+            """UPDATE requests r SET span_start_ns = x.lo, span_end_ns = x.hi, span_hosts = x.hosts FROM (
+                SELECT s.request_id, MIN(LEAST(s.start_ns, s.end_ns)) AS lo, MAX(GREATEST(s.start_ns, s.end_ns)) AS hi,
+                       json_agg(DISTINCT h.hostname ORDER BY h.hostname)::text AS hosts
+                FROM spans s JOIN span_hosts h ON h.id = s.host_ref GROUP BY s.request_id) x
+            WHERE r.request_id = x.request_id"""
+        )
+    cursor.execute("UPDATE requests SET hosts = span_hosts WHERE status = 'pending' AND span_hosts IS NOT NULL")
     cursor.execute("SELECT id, hostname FROM span_hosts ORDER BY id")
     columns = (
         "request_id, span_id, start_ns, end_ns, workload, pid, service_name, model, tenant, input_tokens, "
@@ -666,20 +732,10 @@ def spans_to_chunks(cursor: Cursor, dialect: Dialect) -> None:
                 after = last
             if rows:
                 spans = SpanColumns.of_rows([(r[0], r[1], hostname, *r[2:]) for r in rows])
-                for rid in spans.request_id:
-                    if rid in pending:
-                        pending_hosts.setdefault(rid, set()).add(hostname)
                 cursor.execute(
-                    "INSERT INTO span_chunks (host_ref, min_start_ns, max_end_ns, span_count, received_ns, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        ref, min(spans.start_ns), max(spans.end_ns), len(spans), max(spans.received_ns),
-                        span_chunks.encode(spans),
-                    ),
-                )  # fmt: skip
+                    f"INSERT INTO span_chunks ({_CHUNK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (ref, *_bounds(spans), len(spans), max(spans.received_ns), span_chunks.encode(spans)),
+                )
             if not full:
                 break
-    several = sorted((rid, hosts_text(hosts)) for rid, hosts in pending_hosts.items() if len(hosts) > 1)
-    for rid, hosts in several:
-        cursor.execute("UPDATE requests SET hosts = ? WHERE request_id = ?", (hosts, rid))
     cursor.execute("DROP TABLE spans")

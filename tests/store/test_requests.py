@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +423,81 @@ def test_a_late_span_on_another_host_joins_its_request_and_a_repeat_of_it_does_n
     assert store.request("r") == again
 
 
+def test_a_result_written_whole_with_other_times_neither_hides_the_spans_nor_lets_a_repeat_in(store: Store) -> None:
+    s = span("r", start_s=2, end_s=3)
+    assert store.write_spans([s]) == 1
+    # a whole result (write_request_results) whose window [T0, T0+1s] misses the span's [T0+2s, T0+3s]
+    assert store.write_request_results([result("r")]) == 1
+    assert keys(store.request_spans(["r"])) == [("r", "s1")]  # the span is where it was
+    assert store.write_spans([s]) == 0
+
+
+def test_a_repeat_after_a_result_written_whole_leaves_the_request_settled(store: Store) -> None:
+    s = span("r", start_s=2, end_s=3)
+    store.write_spans([s])
+    store.write_request_results([result("r")])
+    assert store.write_spans([s]) == 0  # a replay: counted, the row would say 2 spans and every result be stale
+    assert len(store.request_spans(["r"])) == 1
+    assert store.pending_request_counts(10) == []
+
+
+def test_a_result_written_whole_with_other_hosts_does_not_hide_the_spans(store: Store) -> None:
+    store.write_spans([span("r", host="host-1")])
+    store.write_request_results([result("r", hosts=("host-9",))])
+    assert keys(store.request_spans(["r"])) == [("r", "s1")]
+
+
+def test_a_span_ending_before_it_starts_is_kept_and_found(store: Store) -> None:
+    bad = span("r", start_s=3, end_s=2)  # the store takes it (only the gRPC ingest checks)
+    assert store.write_spans([bad]) == 1
+    assert store.request_spans(["r"]) == [bad]
+
+
+def test_step_5_finds_the_spans_of_a_pending_request_whose_row_names_another_host(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v4: a result stored first (hosts [host-2]), then its span on host-1 made it pending; v4's upsert kept the
+    row's hosts. After step 5 the spans are found where they are, and the pending request shows their host."""
+    monkeypatch.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:4])
+    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", 4)
+    old = open_store(store_url)
+    s = span("r", host="host-1")
+
+    def fill(cursor: Any) -> None:
+        cursor.execute("INSERT INTO span_hosts (hostname) VALUES ('host-1')")
+        _insert_v4_span(cursor, s, 1)
+        cursor.execute(
+            "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
+            "output_tokens, span_count, updated_ns) VALUES ('r', 'pending', 'llama', '', '[\"host-2\"]', ?, ?, "
+            "100, 10, 2, 0)",
+            (s.start_ns, s.end_ns),
+        )
+
+    try:
+        old.migrate()
+        old._run(fill, write=True)  # type: ignore[attr-defined]
+    finally:
+        old.close()
+    monkeypatch.undo()
+    new = open_store(store_url)
+    try:
+        assert new.migrate() == LATEST_VERSION
+        assert new.request_spans(["r"]) == [s]
+        pending = new.request("r")
+        assert pending is not None and pending.hosts == ("host-1",)
+    finally:
+        new.close()
+
+
+def test_prune_drops_an_old_span_from_a_chunk_it_shares_with_a_new_one(store: Store) -> None:
+    now = T0_NS + 2 * HOUR
+    # one write (one chunk): a replayed old span and a fresh one
+    store.write_spans([span("old", end_s=10), span("new", start_s=7000, end_s=7100)])
+    store.prune(now, raw_retention_s=3600, rollup_retention_s=3600)  # requests and raw kept 1 h
+    assert store.request("old") is None
+    assert store.spans_overlapping("host-1", T0_NS, T0_NS + 20 * S) == []
+
+
 # -- prune
 
 
@@ -522,3 +598,44 @@ def test_the_request_store_benchmark_writes_reads_and_settles_every_span(tmp_pat
     assert figures["write_spans_per_s"] > 0 and figures["write_results_per_s"] > 0
     assert 100 < figures["bytes_per_span"] < 10_000  # at least the ids, at most a page each
     assert list(tmp_path.iterdir()) == []  # its database is removed
+
+
+# -- two writers
+
+
+def test_two_writers_of_one_request_at_once_store_each_span_once_and_keep_every_host(store_url: str) -> None:
+    """Two store objects (two aggregators on PostgreSQL) writing spans of the same requests at once, one span of
+    each request from both: no deadlock, no span twice, no host lost."""
+    stores = [open_store(store_url) for _ in range(2)]
+    stores[0].migrate()
+    try:
+        n = 30
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(2)
+
+        def writer(k: int) -> None:
+            try:
+                for i in range(n):
+                    barrier.wait()
+                    # same request, same span id from both; plus one span per writer on its own host
+                    stores[k].write_spans(
+                        [span(f"r{i}", "shared", host="host-1"), span(f"r{i}", f"own{k}", host=f"host-{k + 2}")]
+                        + [span(f"x{j}", f"w{k}", host="host-1") for j in range(i, i + 5)]
+                    )
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        for i in range(n):
+            got = keys(stores[0].request_spans([f"r{i}"]))
+            assert got == [(f"r{i}", "own0"), (f"r{i}", "own1"), (f"r{i}", "shared")]
+            row = stores[0].request(f"r{i}")
+            assert row is not None and row.spans == 3 and row.hosts == ("host-1", "host-2", "host-3")
+    finally:
+        for s in stores:
+            s.close()
