@@ -260,19 +260,34 @@ class RequestEngine:
 
     # -- one pass
 
-    def _extents_of(self, request_ids: Sequence[str]) -> _Extents:
+    def _extents_of(self, request_ids: Sequence[str], counts: Iterable[int] | None = None) -> _Extents:
         """Host and times of every span of those requests: from the window where it holds all of a request's, else
-        the store."""
+        the store. ``counts``: the store's span count of each request (None: not known); a request of which the
+        window holds some spans but not that many is read from the store from now on (``_from_store``)."""
         window = self.window
-        positions: list[int] = []
+        from_store = self._from_store
+        numbers: list[int] = []
         missing: list[str] = []
-        for rid in request_ids:
-            found = window.positions(rid)
-            if found is None or rid in self._from_store:
+        known = [None] * len(request_ids) if counts is None else counts
+        for rid, found, count in zip(request_ids, window.numbers(request_ids), known, strict=True):
+            if found is None:
+                missing.append(rid)
+            elif isinstance(found, int):
+                if count is not None and count != 1:
+                    from_store.add(rid)
+                    missing.append(rid)
+                elif from_store and rid in from_store:
+                    missing.append(rid)
+                else:
+                    numbers.append(found)
+            elif count is not None and len(found) != count:
+                from_store.add(rid)
+                missing.append(rid)
+            elif rid in from_store:
                 missing.append(rid)
             else:
-                positions += found
-        extents = _Extents(*window.extents(positions))
+                numbers += found
+        extents = _Extents(*window.extents(numbers))
         if missing:
             stored = self.store.request_span_columns(missing)
             extents = _Extents(
@@ -299,13 +314,8 @@ class RequestEngine:
             self.metrics.set_pending(len(taken))
             return PassStats(len(taken), 0, 0, 0, full)
         self.window.refresh()
-        window = self.window
-        for rid, count in pending_counts.items():
-            found = window.positions(rid)
-            if found is not None and len(found) != count:  # some of its spans are not in the window
-                self._from_store.add(rid)
         pending_set = set(pending_counts)
-        p_spans = self._extents_of(list(pending_counts))
+        p_spans = self._extents_of(list(pending_counts), pending_counts.values())
         # neighbours: requests sharing time (and maybe workloads) with the pending ones on their hosts
         neighbours: set[str] = set()
         overlapping: dict[tuple[str, int, int], SpanSet] = {}

@@ -14,8 +14,9 @@ on the writer's thread; ``refresh``, on the engine's thread, takes them in. The 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -79,8 +80,7 @@ class SpanSet:
 
     def take(self, index: Sequence[int] | Int64Array) -> SpanSet:
         chosen = np.asarray(index, dtype=np.int64)
-        positions = chosen.tolist()
-        lists = [[column[i] for i in positions] for column in self._lists()]
+        lists = _pick(self._lists(), chosen)
         arrays = [array[chosen] for array in self._arrays()]
         return SpanSet(*lists, *arrays)  # type: ignore[arg-type]  # _lists and _arrays are the fields in order
 
@@ -107,6 +107,20 @@ class SpanSet:
         )
 
 
+def _pick(columns: Iterable[list[Any]], chosen: Int64Array) -> list[list[Any]]:
+    """The items at ``chosen`` of each list: a slice when they are a run of consecutive positions (the usual
+    case: spans come in the order they end), else one C-level lookup per item rather than a comprehension."""
+    k = chosen.size
+    if k > 1 and int(chosen[-1]) - int(chosen[0]) == k - 1 and bool(np.all(np.diff(chosen) == 1)):
+        lo, hi = int(chosen[0]), int(chosen[-1]) + 1
+        return [column[lo:hi] for column in columns]
+    positions = chosen.tolist()
+    if k < 2:  # itemgetter of one position gives the item, not a tuple
+        return [[column[i] for i in positions] for column in columns]
+    getter = itemgetter(*positions)
+    return [list(getter(column)) for column in columns]
+
+
 class SpanWindow:
     def __init__(self, window_ns: int = WINDOW_NS, max_spans: int = MAX_SPANS) -> None:
         self.window_ns = window_ns
@@ -116,19 +130,22 @@ class SpanWindow:
         self._horizon: dict[str, int] = {}  # per host (see the module docstring); absent: NEVER
         self._floor = NEVER  # every host's horizon is at least this (spans dropped for age or number)
         self._host_code: dict[str, int] = {}
-        self._reset(SpanSet.empty(), np.empty(0, np.int64))
+        # every span taken in gets the next number; a request's are found by number (``numbers``), so that dropping
+        # spans moves the others' positions without re-indexing them
+        self._next_number = 0
+        self._by_request: dict[str, int | list[int]] = {}
+        self._reset(SpanSet.empty(), np.empty(0, np.int64), np.empty(0, np.int64))
 
-    def _reset(self, spans: SpanSet, host: Int64Array) -> None:
-        """Hold ``spans`` (lists owned here, grown in place; arrays with room to grow) and their host codes."""
+    def _reset(self, spans: SpanSet, host: Int64Array, number: Int64Array) -> None:
+        """Hold ``spans`` (lists owned here, grown in place; arrays with room to grow), their host codes and their
+        numbers (increasing). The index by request is not touched."""
         n = len(spans)
         self._n = n
         self._lists = [list(column) for column in spans._lists()]
         room = max(2 * n, 1024)
-        self._arrays = [np.empty(room, np.int64) for _ in range(7)]
-        for into, values in zip(self._arrays, (*spans._arrays(), host), strict=True):
+        self._arrays = [np.empty(room, np.int64) for _ in range(8)]
+        for into, values in zip(self._arrays, (*spans._arrays(), host, number), strict=True):
             into[:n] = values
-        self._by_request: dict[str, int | list[int]] = {}
-        self._index(self._lists[0], 0)
         self._view: SpanSet | None = None
 
     @property
@@ -156,7 +173,7 @@ class SpanWindow:
             return since_ns >= max(self._floor, self._horizon.get(host, NEVER))
 
     def _index(self, request_ids: list[str], base: int) -> None:
-        # a position, or a list of them for a request with several spans: no list (a tracked container the garbage
+        # a number, or a list of them for a request with several spans: no list (a tracked container the garbage
         # collector walks) per span in the usual case
         by_request = self._by_request
         for i, rid in enumerate(request_ids, base):
@@ -167,16 +184,33 @@ class SpanWindow:
                 else:
                     by_request[rid] = [found, i]
 
-    def positions(self, request_id: str) -> list[int] | None:
-        found = self._by_request.get(request_id)
-        return [found] if isinstance(found, int) else found
+    def _unindex(self, request_ids: Iterable[str], numbers: Iterable[int]) -> None:
+        by_request = self._by_request
+        for rid, number in zip(request_ids, numbers, strict=True):
+            found = by_request[rid]
+            if isinstance(found, int):
+                del by_request[rid]
+            else:
+                found.remove(number)
+                if len(found) == 1:
+                    by_request[rid] = found[0]
 
-    def extents(self, positions: list[int]) -> tuple[list[str], Int64Array, Int64Array]:
-        """Hostname, start and end of the spans at ``positions``."""
-        hosts = self._lists[2]
-        chosen = np.array(positions, dtype=np.int64)
+    def numbers(self, request_ids: Iterable[str]) -> list[int | list[int] | None]:
+        """Per request, the numbers of its spans held here: one (an int), several (a list, in the order taken in),
+        or None when none is here; ``extents`` takes them."""
+        return list(map(self._by_request.get, request_ids))
+
+    def extents(self, numbers: list[int]) -> tuple[list[str], Int64Array, Int64Array]:
+        """Hostname, start and end of the spans with those ``numbers`` (spans held here)."""
         n = self._n
-        return [hosts[i] for i in positions], self._arrays[0][:n][chosen], self._arrays[1][:n][chosen]
+        held = self._arrays[7][:n]
+        wanted = np.array(numbers, dtype=np.int64)
+        if n and int(held[-1]) - int(held[0]) == n - 1:  # none dropped between the first and the last held
+            chosen = wanted - held[0] if wanted.size else wanted
+        else:
+            chosen = np.searchsorted(held, wanted)
+        [hosts] = _pick([self._lists[2]], chosen)
+        return hosts, self._arrays[0][:n][chosen], self._arrays[1][:n][chosen]
 
     def overlapping(self, host: str, since_ns: int, until_ns: int) -> Int64Array:
         """Positions of the spans of ``host`` with start_ns <= until_ns and end_ns >= since_ns."""
@@ -215,9 +249,12 @@ class SpanWindow:
             columns.start_ns, columns.end_ns, columns.queue_end_ns, columns.prefill_end_ns, columns.input_tokens,
             columns.output_tokens, host_codes,
         )  # fmt: skip
-        for array, values in zip(self._arrays, numbers, strict=True):
+        for array, values in zip(self._arrays[:7], numbers, strict=True):
             array[base : base + k] = values
-        self._index(columns.request_id, base)
+        first = self._next_number
+        self._arrays[7][base : base + k] = np.arange(first, first + k, dtype=np.int64)
+        self._index(columns.request_id, first)
+        self._next_number = first + k
         self._n = base + k
         self._view = None
 
@@ -232,13 +269,16 @@ class SpanWindow:
             cutoff = max(cutoff, int(np.partition(end, n - self.max_spans)[n - self.max_spans]))
         old = end <= cutoff if crowded else end < cutoff
         dropped = int(np.count_nonzero(old))
-        # rebuilding the indexes costs a pass over the window: done when a quarter of it (or more) goes
+        # compacting the columns costs a pass over the window: done when a quarter of it (or more) goes
         if not dropped or (dropped < n // 4 and not crowded):
             return
         with self._lock:
             self._floor = max(self._floor, cutoff + 1 if crowded else cutoff)
         keep = np.flatnonzero(~old)
-        self._reset(self.spans.take(keep), self._arrays[6][:n][keep])
+        gone = np.flatnonzero(old)
+        [gone_ids] = _pick([self._lists[0]], gone)
+        self._unindex(gone_ids, self._arrays[7][:n][gone].tolist())
+        self._reset(self.spans.take(keep), self._arrays[6][:n][keep], self._arrays[7][:n][keep])
 
     def __len__(self) -> int:
         return self._n

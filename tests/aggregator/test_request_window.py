@@ -94,3 +94,57 @@ def test_a_request_with_spans_stored_elsewhere_is_read_from_the_store(store: Sto
     r = result(store, "r")
     assert (r.status, r.spans) == ("final", 2)
     assert r.active_j == pytest.approx(300.0, rel=1e-9)
+
+
+def _held(window: SpanWindow) -> dict[str, list[tuple[str, str, int, int]]]:
+    """Per request, (span, host, start, end) of the spans the window holds, read from its columns."""
+    spans = window.spans
+    out: dict[str, list[tuple[str, str, int, int]]] = {}
+    for i, rid in enumerate(spans.request_id):
+        out.setdefault(rid, []).append(
+            (spans.span_id[i], spans.hostname[i], int(spans.start_ns[i]), int(spans.end_ns[i]))
+        )
+    return out
+
+
+def test_dropped_spans_out_of_order_leave_every_request_s_other_spans_found() -> None:
+    """Spans end out of order and requests have several: after drops in the middle of the columns, each request's
+    numbers give exactly the spans of it still held, in the order they came."""
+    rng = np.random.default_rng(7)
+    window = SpanWindow(window_ns=20 * S, max_spans=300)
+    seen: set[str] = set()
+    for batch in range(40):
+        rows = []
+        for j in range(int(rng.integers(1, 60))):
+            rid = f"r{int(rng.integers(0, 400))}"
+            end = T0 + batch * S + int(rng.integers(-8 * S, 3 * S))
+            host = "host-a" if rng.random() < 0.7 else "host-b"
+            rows.append(SpanRow(rid, f"s{batch}-{j}", host, end - S, end))
+            seen.add(rid)
+        window.add(SpanColumns.of(rows))
+        window.refresh()
+        held = _held(window)
+        ids = sorted(seen)
+        for rid, found in zip(ids, window.numbers(ids), strict=True):
+            if rid not in held:
+                assert found is None
+                continue
+            numbers = [found] if isinstance(found, int) else found
+            hosts, start, end = window.extents(numbers)
+            assert [(h, int(a), int(b)) for h, a, b in zip(hosts, start, end, strict=True)] == [
+                (h, a, b) for _, h, a, b in held[rid]
+            ]
+    assert len(window) <= 300
+
+
+@pytest.mark.parametrize("index", [[], [3], [2, 3, 4, 5], [5, 1, 1, 0], [0, 2, 4], np.arange(1, 6)])
+def test_taking_spans_gives_the_spans_at_those_positions(index: list[int]) -> None:
+    rows = [SpanRow(f"r{i}", f"s{i}", f"h{i % 2}", T0 + i, T0 + 10 + i, input_tokens=i) for i in range(7)]
+    spans = SpanWindow()
+    spans.add(SpanColumns.of(rows))
+    spans.refresh()
+    taken = spans.spans.take(index)
+    assert taken.request_id == [rows[i].request_id for i in index]
+    assert taken.hostname == [rows[i].hostname for i in index]
+    assert taken.start_ns.tolist() == [rows[i].start_ns for i in index]
+    assert taken.input_tokens.tolist() == [rows[i].input_tokens for i in index]
