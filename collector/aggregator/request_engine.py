@@ -59,7 +59,7 @@ from collector.aggregator.request_metrics import RequestMetrics
 from collector.aggregator.request_resolve import HostBindings, HostWorkloads
 from collector.aggregator.request_split import Device, Series, SpanEnergy, split, summed
 from collector.aggregator.request_weights import stretches
-from collector.aggregator.request_window import SpanSet, SpanWindow
+from collector.aggregator.request_window import SpanSet, SpanWindow, pick_items
 from collector.carbon.series import IntensitySeries
 from collector.store.base import (
     HostRow,
@@ -106,12 +106,12 @@ class _Collected:
         self.tenant: list[str] = []
         self.arrays: list[list[np.ndarray]] = [[] for _ in range(10)]  # see _collect
 
-    def add(self, host: str, spans: SpanSet, keep: list[int], energy: SpanEnergy) -> None:
-        index = np.array(keep, dtype=np.int64)
-        self.request_id += [spans.request_id[i] for i in keep]
-        self.hostname += [host] * len(keep)
-        self.model += [spans.model[i] for i in keep]
-        self.tenant += [spans.tenant[i] for i in keep]
+    def add(self, host: str, spans: SpanSet, index: Int64Array, energy: SpanEnergy) -> None:
+        request_id, model, tenant = pick_items((spans.request_id, spans.model, spans.tenant), index)
+        self.request_id += request_id
+        self.hostname += [host] * index.size
+        self.model += model
+        self.tenant += tenant
         measured = energy.measured[index]
         parts = (
             spans.start_ns[index],
@@ -309,7 +309,10 @@ class RequestEngine:
         taken = self.store.pending_request_counts(limit)
         full = len(taken) >= limit
         retry = self._retry
-        pending_counts = {rid: count for rid, count in taken if rid not in retry or retry[rid][0] <= now}
+        if retry:
+            pending_counts = {rid: count for rid, count in taken if rid not in retry or retry[rid][0] <= now}
+        else:
+            pending_counts = dict(taken)
         if not pending_counts:
             self.metrics.set_pending(len(taken))
             return PassStats(len(taken), 0, 0, 0, full)
@@ -322,10 +325,8 @@ class RequestEngine:
         for host, windows in _clusters(p_spans).items():
             for lo, hi in windows:
                 near = overlapping[(host, lo, hi)] = self._overlapping(host, lo, hi)
-                written = self._written
-                for rid in set(near.request_id) - pending_set:
-                    if rid in written or not full:
-                        neighbours.add(rid)
+                others = set(near.request_id) - pending_set
+                neighbours |= others & self._written.keys() if full else others
         c_spans = p_spans.plus(self._extents_of(sorted(neighbours))) if neighbours else p_spans
         wanted = pending_set | neighbours
 
@@ -351,7 +352,11 @@ class RequestEngine:
 
     def _host_workloads(self, host: str, spans: SpanSet, names: frozenset[str]) -> HostWorkloads:
         bindings = self._bindings.get(host)
-        needs = {pid for workload, pid in zip(spans.workload, spans.pid, strict=True) if not workload and pid}
+        needs = (
+            set()
+            if all(spans.workload)
+            else {pid for workload, pid in zip(spans.workload, spans.pid, strict=True) if not workload and pid}
+        )
         if needs and (bindings is None or not needs <= bindings.by_pid.keys()):
             bindings = self._bindings[host] = HostBindings.of(self.store.process_bindings(host))
         return HostWorkloads(bindings or HostBindings(), names)
@@ -428,16 +433,17 @@ class RequestEngine:
         seen: set[SpanKey] | None,
         collected: _Collected,
     ) -> None:
+        keep: list[int] | Int64Array
         if seen is None:
-            keep = [i for i, rid in enumerate(spans.request_id) if rid in wanted]
+            keep = np.flatnonzero(np.fromiter(map(wanted.__contains__, spans.request_id), bool, len(spans)))
         else:  # the host has several windows: a span may touch two (they never overlap)
             keep = []
             for i, key in enumerate(zip(spans.request_id, spans.span_id, strict=True)):
                 if key[0] in wanted and key not in seen:
                     seen.add(key)
                     keep.append(i)
-        if keep:
-            collected.add(host, spans, keep, energy)
+        if len(keep):
+            collected.add(host, spans, np.asarray(keep, dtype=np.int64), energy)
 
     def _settle(
         self,
@@ -451,10 +457,13 @@ class RequestEngine:
         grace_ns = int(self.config.finalize_grace_s * S)
         pue = self.config.pue
         # per request: its spans summed (numbered in order of first appearance)
-        number: dict[str, int] = {}
-        code = np.array([number.setdefault(rid, len(number)) for rid in collected.request_id], dtype=np.int64)
-        ids = list(number)
+        ids = list(dict.fromkeys(collected.request_id))
         m = len(ids)
+        if m == len(collected.request_id):  # the usual case: one span each
+            code = np.arange(m, dtype=np.int64)
+        else:
+            number: dict[str, int] = {}
+            code = np.array([number.setdefault(rid, len(number)) for rid in collected.request_id], dtype=np.int64)
         if not m:
             self.metrics.set_pending(taken - len(pending))
             return PassStats(taken, 0, 0, 0, full)
@@ -463,7 +472,6 @@ class RequestEngine:
         )
         first = np.full(m, code.size, dtype=np.int64)
         np.minimum.at(first, code, np.arange(code.size))
-        first_list = first.tolist()
         req_start = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(req_start, code, start)
         req_end = np.full(m, np.iinfo(np.int64).min, dtype=np.int64)
@@ -476,17 +484,16 @@ class RequestEngine:
         sum_out = np.bincount(code, weights=tokens_out, minlength=m).astype(np.int64)
         active_j = gpu_j + cpu_j + dram_j
         full_j = (active_j + idle_j) * pue
-        is_pending = np.fromiter((rid in pending for rid in ids), bool, m)
+        is_pending = np.fromiter(map(pending.__contains__, ids), bool, m)
         is_final = (n_ready == computed) & (n_measured == computed)
         late = ~is_final & is_pending & (now >= req_end + grace_ns)
         settled = is_final | late
         no_samples = late & (n_measured == 0)
         # a request with spans on several hosts, or several spans: its names and hosts from all of them
         several = np.flatnonzero(computed > 1).tolist()
-        model = [collected.model[i] for i in first_list]
-        tenant = [collected.tenant[i] for i in first_list]
-        host_text = {h: _hosts_text({h}) for h in set(collected.hostname)}
-        hosts = [host_text[collected.hostname[i]] for i in first_list]
+        model, tenant, first_host = pick_items((collected.model, collected.tenant, collected.hostname), first)
+        host_text = {h: _hosts_text({h}) for h in set(first_host)}
+        hosts = list(map(host_text.__getitem__, first_host))
         if several:
             rows_of: dict[int, list[int]] = {k: [] for k in several}
             for i, k in enumerate(code.tolist()):
@@ -507,9 +514,11 @@ class RequestEngine:
         # pending requests are all written; a neighbour (not pending: wanted are pending + neighbours) only when it
         # is final and differs from what this engine last wrote (a stored result is not replaced by a less complete
         # one)
-        candidates = np.flatnonzero(settled & is_pending).tolist()
-        befores = list(map(written.get, [ids[k] for k in candidates]))
-        firsts = [k for k, before in zip(candidates, befores, strict=True) if before is None]
+        candidate = np.flatnonzero(settled & is_pending)
+        candidates = candidate.tolist()
+        [candidate_ids] = pick_items([ids], candidate)
+        known = np.fromiter(map(written.__contains__, candidate_ids), bool, len(candidates))
+        firsts = candidate[~known].tolist()
         revised = len(candidates) - len(firsts)
         chosen = candidates
         near = np.flatnonzero(settled & ~is_pending & is_final).tolist()
@@ -538,12 +547,13 @@ class RequestEngine:
                     if c == 2:
                         column[i] = None
         co2_g, cost = self._footprints(req_start[pick], req_end[pick], energies[0])
+        chosen_ids, chosen_model, chosen_tenant, chosen_hosts = pick_items((ids, model, tenant, hosts), pick)
         out = ResultColumns(
-            [ids[k] for k in chosen],
-            [STATUS_NAMES[c] for c in codes],
-            [model[k] for k in chosen],
-            [tenant[k] for k in chosen],
-            [hosts[k] for k in chosen],
+            chosen_ids,
+            list(map(STATUS_NAMES.__getitem__, codes)),
+            chosen_model,
+            chosen_tenant,
+            chosen_hosts,
             req_start[pick].tolist(),
             req_end[pick].tolist(),
             sum_in[pick].tolist(),
@@ -579,9 +589,10 @@ class RequestEngine:
         if done:
             pick = np.array(done, dtype=np.int64)
             unknown = no_samples[pick]
+            done_model, done_tenant = pick_items((model, tenant), pick)
             self.metrics.finished_many(
-                [model[k] for k in done],
-                [tenant[k] for k in done],
+                done_model,
+                done_tenant,
                 np.where(unknown, np.nan, active_j[pick]),
                 np.where(unknown, np.nan, full_j[pick]),
                 sum_out[pick],

@@ -121,7 +121,11 @@ class RequestMetrics:
                 return
             rows = known.tolist()
             pairs: dict[tuple[str, str], int] = {}
-            code = np.array([pairs.setdefault((model[i], tenant[i]), len(pairs)) for i in rows], dtype=np.int64)
+            if len(set(model)) == 1 and len(set(tenant)) == 1:  # the usual case: no tuple per request
+                pairs[(model[rows[0]], tenant[rows[0]])] = 0
+                code = np.zeros(len(rows), dtype=np.int64)
+            else:
+                code = np.array([pairs.setdefault((model[i], tenant[i]), len(pairs)) for i in rows], dtype=np.int64)
             order = np.argsort(code, kind="stable")
             bounds = np.searchsorted(code[order], np.arange(len(pairs) + 1))
             for (m, t), c in pairs.items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -146,8 +147,8 @@ def split(
     measured = np.zeros(n, bool)
     ready = np.zeros(n, bool)
     names = sorted({name for name in workload if name is not None})
-    code = {name: i for i, name in enumerate(names)}
-    span_workload = np.fromiter((code.get(name, -1) if name is not None else -1 for name in workload), np.int64, n)
+    code: dict[str | None, int] = {name: i for i, name in enumerate(names)}
+    span_workload = np.fromiter(map(code.get, workload, repeat(-1)), np.int64, n)  # None is not a name: -1
     stretch_workload = span_workload[stretches.span] if n else np.empty(0, np.int64)
     devices_of: dict[str, list[str]] = {}
     for name, device_id in workload_series:

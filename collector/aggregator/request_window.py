@@ -80,7 +80,7 @@ class SpanSet:
 
     def take(self, index: Sequence[int] | Int64Array) -> SpanSet:
         chosen = np.asarray(index, dtype=np.int64)
-        lists = _pick(self._lists(), chosen)
+        lists = pick_items(self._lists(), chosen)
         arrays = [array[chosen] for array in self._arrays()]
         return SpanSet(*lists, *arrays)  # type: ignore[arg-type]  # _lists and _arrays are the fields in order
 
@@ -107,7 +107,7 @@ class SpanSet:
         )
 
 
-def _pick(columns: Iterable[list[Any]], chosen: Int64Array) -> list[list[Any]]:
+def pick_items(columns: Iterable[list[Any]], chosen: Int64Array) -> list[list[Any]]:
     """The items at ``chosen`` of each list: a slice when they are a run of consecutive positions (the usual
     case: spans come in the order they end), else one C-level lookup per item rather than a comprehension."""
     k = chosen.size
@@ -209,7 +209,7 @@ class SpanWindow:
             chosen = wanted - held[0] if wanted.size else wanted
         else:
             chosen = np.searchsorted(held, wanted)
-        [hosts] = _pick([self._lists[2]], chosen)
+        [hosts] = pick_items([self._lists[2]], chosen)
         return hosts, self._arrays[0][:n][chosen], self._arrays[1][:n][chosen]
 
     def overlapping(self, host: str, since_ns: int, until_ns: int) -> Int64Array:
@@ -276,7 +276,7 @@ class SpanWindow:
             self._floor = max(self._floor, cutoff + 1 if crowded else cutoff)
         keep = np.flatnonzero(~old)
         gone = np.flatnonzero(old)
-        [gone_ids] = _pick([self._lists[0]], gone)
+        [gone_ids] = pick_items([self._lists[0]], gone)
         self._unindex(gone_ids, self._arrays[7][:n][gone].tolist())
         self._reset(self.spans.take(keep), self._arrays[6][:n][keep], self._arrays[7][:n][keep])
 
