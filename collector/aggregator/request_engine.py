@@ -2,8 +2,9 @@
 
 Every ``[requests] interval_s`` (at once again after a full pass), one pass:
 
-1. up to ``max_per_pass`` pending requests (``Store.pending_request_counts``, oldest end first, with how many spans
-   the store holds of each) and all their spans;
+1. up to ``max_per_pass`` pending requests, oldest end first (``_pending``: those the spans handed to the engine made
+   pending, and the store's list, ``Store.pending_request_counts``, at the first pass, every few seconds and after a
+   reopen), and all their spans;
 2. their neighbours: every span on their hosts overlapping them (a request's energy depends on every request that
    shared its workload). Neighbour requests whose stored result a new span may have changed are recomputed too;
 3. per host and cluster of overlapping time, every span overlapping the cluster, its workload resolved
@@ -42,6 +43,7 @@ it final or approximate; after a restart, a neighbour finished before it and rev
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import threading
@@ -78,6 +80,8 @@ CLUSTER_GAP_NS = 1 * S  # spans on one host closer than this in time are attribu
 MAX_RETRY_NS = 8 * S
 MINUTE_NS = 60 * S
 REMEMBERED = 200_000  # results the engine remembers having written (about 100 bytes each)
+STORE_CHECK_S = 5.0  # the store's pending requests are read this often even when the engine's memory has them all
+KNOWN_PER_PASS = 10  # pending requests known from memory: at most this many passes' worth (beyond: the store's list)
 IDLE = ("idle", "", "")
 
 
@@ -196,6 +200,7 @@ class RequestEngine:
         clock_ns: Callable[[], int] = time.time_ns,
         window: SpanWindow | None = None,
         carbon: Callable[[], IntensitySeries] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.carbon = carbon
@@ -203,10 +208,16 @@ class RequestEngine:
         self.config = config
         self.metrics = metrics if metrics is not None else RequestMetrics(config.max_label_values)
         self.clock_ns = clock_ns
+        self.monotonic = monotonic  # when the store's pending list is read again (STORE_CHECK_S)
         self._written: dict[str, _Written] = {}  # in the order written, oldest first
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
         self._bindings: dict[str, HostBindings] = {}
+        # pending requests (those with spans and no result since) known from the spans the store handed the window:
+        # request id -> latest span end seen (ns; -1: known from the store's list, which is oldest end first)
+        self._known: dict[str, int] = {}
+        self._store_check_at = 0.0  # monotonic; 0: at the next pass (spans stored before this engine began)
+        self._overflowed = False  # more pending than memory keeps: the store's list every pass until it is short
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.window = window if window is not None else SpanWindow()
@@ -258,9 +269,46 @@ class RequestEngine:
             if not full:
                 self._stop.wait(self.config.interval_s)
 
+    def note_requests_reopened(self) -> None:
+        """Requests were made pending in the store (``Store.reopen_requests``): the next pass reads its list."""
+        self._store_check_at = 0.0
+
     # -- one pass
 
-    def _extents_of(self, request_ids: Sequence[str], counts: Iterable[int] | None = None) -> _Extents:
+    def _pending(self, limit: int) -> tuple[dict[str, int | None], int, bool]:
+        """Up to ``limit`` pending requests, oldest end first, each with the store's span count when this pass read
+        it (None: not read); how many are pending; whether more are than taken.
+
+        The engine knows the requests made pending by the spans the store handed its window. The store's list is
+        read at the first pass, every STORE_CHECK_S, after a reopen, and every pass while more are pending than
+        memory keeps: it adds what was made pending otherwise (stored before this engine began, reopened, another
+        aggregator's spans), and when it is all of them, what memory holds beyond it was settled elsewhere. A
+        request taken from memory with spans the window lacks comes back stale from the store and is read from it
+        next (``_from_store``)."""
+        known = self._known
+        for columns in self.window.refresh():
+            for rid, end in zip(columns.request_id, columns.end_ns, strict=True):
+                if known.get(rid, -1) < end:
+                    known[rid] = end
+        if len(known) > KNOWN_PER_PASS * limit:
+            known.clear()
+            self._overflowed = True
+        counts: dict[str, int] = {}
+        checked = self.monotonic()
+        if self._overflowed or checked >= self._store_check_at:
+            taken = self.store.pending_request_counts(limit)
+            self._store_check_at = checked + STORE_CHECK_S
+            counts = dict(taken)
+            if len(taken) < limit:  # the whole list (the window took in what was committed before it was read)
+                self._overflowed = False
+                for rid in [rid for rid in known if rid not in counts]:
+                    del known[rid]
+            for rid in counts:
+                known.setdefault(rid, -1)
+        chosen: Iterable[str] = known if len(known) <= limit else heapq.nsmallest(limit, known, key=known.__getitem__)
+        return {rid: counts.get(rid) for rid in chosen}, len(known), self._overflowed or len(known) > limit
+
+    def _extents_of(self, request_ids: Sequence[str], counts: Iterable[int | None] | None = None) -> _Extents:
         """Host and times of every span of those requests: from the window where it holds all of a request's, else
         the store. ``counts``: the store's span count of each request (None: not known); a request of which the
         window holds some spans but not that many is read from the store from now on (``_from_store``)."""
@@ -305,18 +353,15 @@ class RequestEngine:
 
     def run_pass(self) -> PassStats:
         now = self.clock_ns()
-        limit = self.config.max_per_pass
-        taken = self.store.pending_request_counts(limit)
-        full = len(taken) >= limit
+        taken, pending_now, full = self._pending(self.config.max_per_pass)
         retry = self._retry
         if retry:
-            pending_counts = {rid: count for rid, count in taken if rid not in retry or retry[rid][0] <= now}
+            pending_counts = {rid: count for rid, count in taken.items() if rid not in retry or retry[rid][0] <= now}
         else:
-            pending_counts = dict(taken)
+            pending_counts = taken
         if not pending_counts:
-            self.metrics.set_pending(len(taken))
+            self.metrics.set_pending(pending_now)
             return PassStats(len(taken), 0, 0, 0, full)
-        self.window.refresh()
         pending_set = set(pending_counts)
         p_spans = self._extents_of(list(pending_counts), pending_counts.values())
         # neighbours: requests sharing time (and maybe workloads) with the pending ones on their hosts
@@ -464,8 +509,8 @@ class RequestEngine:
         else:
             number: dict[str, int] = {}
             code = np.array([number.setdefault(rid, len(number)) for rid in collected.request_id], dtype=np.int64)
-        if not m:
-            self.metrics.set_pending(taken - len(pending))
+        if not m:  # no spans of them anywhere (pruned, or settled elsewhere): the store's list has them if pending
+            self._forget(pending)
             return PassStats(taken, 0, 0, 0, full)
         start, end, tokens_in, tokens_out, measured, ready, gpu, cpu, dram, idle = (
             np.concatenate(parts) for parts in collected.arrays
@@ -599,8 +644,13 @@ class RequestEngine:
             )
         if revised:
             self.metrics.revised(revised)
-        self.metrics.set_pending(taken - (len(pending) - len(waiting)))
+        self._forget([*done_ids, *pending.difference(ids)])  # pending ones with no spans anywhere too
         return PassStats(taken, len(out) - len(stale), len(done), revised, full)
+
+    def _forget(self, settled: Iterable[str]) -> None:
+        """``settled`` are pending no more (or not found): out of the engine's memory of pending requests."""
+        deque(map(self._known.pop, settled, repeat(None)), maxlen=0)
+        self.metrics.set_pending(len(self._known))
 
     def _back_off(self, rid: str, now: int, deadline: int) -> None:
         if len(self._retry) > 10 * self.config.max_per_pass:

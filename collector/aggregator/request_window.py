@@ -221,14 +221,16 @@ class SpanWindow:
         start, end, hosts = self._arrays[0][:n], self._arrays[1][:n], self._arrays[6][:n]
         return np.flatnonzero((hosts == code) & (end >= since_ns) & (start <= until_ns))
 
-    def refresh(self) -> None:
-        """Take in the spans added since the last refresh, and drop the old ones (engine thread)."""
+    def refresh(self) -> list[SpanColumns]:
+        """Take in the spans added since the last refresh, and drop the old ones (engine thread); returns the spans
+        taken in."""
         with self._lock:
             incoming, self._incoming = self._incoming, []
         for columns in incoming:  # new spans only: the store hands each span once, when it is first stored
             if len(columns):
                 self._append(columns)
         self._drop_old()
+        return incoming
 
     def _append(self, columns: SpanColumns) -> None:
         base, k = self._n, len(columns)

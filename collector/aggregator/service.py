@@ -114,6 +114,7 @@ class Aggregator:
                 return
             if reopened:
                 log.info("%d requests on %s computed again: their samples arrived late", reopened, hostname)
+                self.requests.note_requests_reopened()
 
         self.executor.submit(reopen)
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from collector.aggregator.config import RequestsConfig
-from collector.aggregator.request_engine import RequestEngine
+from collector.aggregator.request_engine import STORE_CHECK_S, RequestEngine
 from collector.aggregator.request_metrics import RequestMetrics
 from collector.exporters.exposition import TextRenderer
+from collector.store import open_store
 from collector.store.base import ProcessBindingRow, RequestResult, SpanRow, Store
 from tests.fakes.request_world import IDLE, T0, WORKLOAD, HostWriter, S, simulate, spans_of, write_simulation
 
@@ -380,6 +381,79 @@ def test_late_samples_reopen_an_approximate_request_which_then_comes_out_final(s
     assert result(store, "other-host").status == "no_samples"  # another host's: not touched
     assert store.reopen_requests("host-a", T0 + 9 * S, T0 + 20 * S) == 0  # none of its spans there
     clock.now_ns += S
+    engine.run_pass()  # the engine knows of no pending request: the store's list is read every few seconds
+    assert result(store, "r").status == "pending"
+    engine.note_requests_reopened()  # as the aggregator does after a reopen
     engine.run_pass()
     r = result(store, "r")
     assert (r.status, r.active_j) == ("final", pytest.approx(600.0, rel=1e-9))  # [2, 8] s of 100 W
+
+
+# -- which requests are pending: the engine's memory and the store's list
+
+
+def pending_metric(engine: RequestEngine) -> str:
+    text = TextRenderer().render(engine.metrics.families()).decode()
+    return next(line for line in text.splitlines() if line.startswith("wattmeter_requests_pending "))
+
+
+def test_a_request_reopened_behind_the_engine_s_back_is_found_at_the_next_check_of_the_store(store: Store) -> None:
+    """A request made pending in the store with no word to the engine (not through the aggregator's reopen) is in
+    the store's list, read again STORE_CHECK_S after the last time."""
+    writer = constant_host(store, seconds=5)
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
+    clock = Clock(T0 + 8 * S + 30 * S)
+    seconds = [1000.0]
+    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30), clock_ns=clock, monotonic=lambda: seconds[0])
+    engine.run_pass()
+    assert result(store, "r").status == "approximate"
+    for second in range(5, 20):  # the rest of the samples, late
+        t = T0 + second * S + np.arange(1, 11, dtype=np.int64) * (S // 10)
+        joules = 100.0 * (t - T0) / S
+        writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
+    assert store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S) == 1
+    seconds[0] += STORE_CHECK_S - 0.1
+    engine.run_pass()
+    assert result(store, "r").status == "pending"  # the engine's memory knows of no pending request
+    seconds[0] += 0.1
+    engine.run_pass()
+    assert (result(store, "r").status, result(store, "r").active_j) == ("final", pytest.approx(600.0, rel=1e-9))
+
+
+def test_a_request_the_engine_knows_as_pending_but_settled_elsewhere_is_forgotten(store: Store, store_url: str) -> None:
+    constant_host(store)
+    clock = Clock(T0 + 60 * S)
+    engine = engine_for(store, clock)
+    store.write_spans([SpanRow("late", "s", "host-a", T0 + 2 * S, T0 + 70 * S, workload="vllm")])  # past the samples
+    engine.run_pass()
+    assert result(store, "late").status == "pending"
+    assert pending_metric(engine) == "wattmeter_requests_pending 1.0"
+    other = open_store(store_url)  # another aggregator settles it
+    try:
+        other.write_request_results([RequestResult("late", "approximate", spans=1, start_ns=T0, end_ns=T0 + S)])
+    finally:
+        other.close()
+    engine.note_requests_reopened()  # the next pass reads the store's list: all of it, without "late"
+    engine.run_pass()
+    assert pending_metric(engine) == "wattmeter_requests_pending 0.0"
+    assert result(store, "late").status == "approximate"
+
+
+def test_more_pending_requests_than_memory_keeps_are_taken_from_the_store(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("collector.aggregator.request_engine.KNOWN_PER_PASS", 2)
+    constant_host(store)
+    clock = Clock(T0 + 60 * S)
+    engine = engine_for(store, clock, max_per_pass=5)
+    ids = [f"r{i:02d}" for i in range(30)]
+    store.write_spans([SpanRow(rid, "s", "host-a", T0 + S + i * S // 4, T0 + 2 * S + i * S // 4, workload="vllm")
+                       for i, rid in enumerate(ids)])  # fmt: skip
+    passes = 0
+    while passes < 20 and engine.run_pass().full:
+        passes += 1
+    assert [result(store, rid).status for rid in ids] == ["final"] * len(ids)
+    assert store.pending_requests(10) == []
+    assert pending_metric(engine) == "wattmeter_requests_pending 0.0"
+    total = sum(result(store, rid).active_j or 0.0 for rid in ids)
+    assert total == pytest.approx(100.0 * (2 + 29 / 4 - 1), rel=1e-9)  # every second some request ran: all of it
