@@ -287,8 +287,8 @@ class RequestEngine:
 
         First known first: servers report a span when its request ends, so about the oldest end first, as the
         store's list is (at the first pass, and what a later read adds goes after what memory holds). Taking them
-        so costs nothing a request; picking the oldest ends of a backlog costs 2-8 us a request taken (heapq.nsmallest of
-        20,000 among 40,000-200,000, on the README's VM)."""
+        so costs nothing a request; picking the oldest ends of a backlog costs 2-8 us a request taken
+        (``heapq.nsmallest`` of 20,000 among 40,000-200,000, on the README's VM)."""
         known = self._known
         for columns in self.window.refresh():
             known.update(dict.fromkeys(columns.request_id))

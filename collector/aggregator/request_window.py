@@ -6,15 +6,21 @@ on the writer's thread; ``refresh``, on the engine's thread, takes them in. The 
 
 - a host's spans are all here from its horizon on (``covers``): every span stored on it with ``end_ns`` at or past
   the horizon. At start the horizon is past the latest span the store held (``recover``: those came before this
-  engine); dropping old spans (``WINDOW_NS`` behind the newest end, or beyond ``MAX_SPANS``) moves it on. Before
-  the horizon (spans older than the window, spans stored before a restart), the engine reads the store;
+  engine); dropping old spans (taken in ``WINDOW_NS`` ago, or the earliest ends beyond ``MAX_SPANS``) moves it past
+  the latest end dropped. Before the horizon (spans older than the window, spans stored before a restart), the
+  engine reads the store;
 - a pending request's spans come from here only when here are as many of them as the store counts.
+
+Spans age by when they were taken in, not by their times: an engine behind a burst of spans (the end-to-end bench
+sends 200 s of span time in 5 s) still finds the spans of the requests it has yet to compute here (by span time,
+60 s fell behind in 1.5 s of such a burst, and the engine read 10 us a span back from the store).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -24,7 +30,7 @@ import numpy as np
 from collector.store.base import Int64Array, SpanColumns
 
 S = 1_000_000_000
-WINDOW_NS = 60 * S  # spans ending this long before the newest end seen are dropped (a pending request is younger)
+WINDOW_NS = 60 * S  # spans taken in this long ago (monotonic) are dropped (a pending request is younger)
 MAX_SPANS = 400_000  # and never more than this many (about 300 bytes each)
 NEVER = -(2**63)
 
@@ -122,9 +128,15 @@ def pick_items(columns: Iterable[list[Any]], chosen: Int64Array) -> list[list[An
 
 
 class SpanWindow:
-    def __init__(self, window_ns: int = WINDOW_NS, max_spans: int = MAX_SPANS) -> None:
+    def __init__(
+        self,
+        window_ns: int = WINDOW_NS,
+        max_spans: int = MAX_SPANS,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
         self.window_ns = window_ns
         self.max_spans = max_spans
+        self.monotonic_ns = monotonic_ns
         self._lock = threading.Lock()
         self._incoming: list[SpanColumns] = []
         self._horizon: dict[str, int] = {}  # per host (see the module docstring); absent: NEVER
@@ -134,17 +146,18 @@ class SpanWindow:
         # spans moves the others' positions without re-indexing them
         self._next_number = 0
         self._by_request: dict[str, int | list[int]] = {}
-        self._reset(SpanSet.empty(), np.empty(0, np.int64), np.empty(0, np.int64))
+        self._reset(SpanSet.empty(), np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
 
-    def _reset(self, spans: SpanSet, host: Int64Array, number: Int64Array) -> None:
-        """Hold ``spans`` (lists owned here, grown in place; arrays with room to grow), their host codes and their
-        numbers (increasing). The index by request is not touched."""
+    def _reset(self, spans: SpanSet, host: Int64Array, number: Int64Array, taken_ns: Int64Array) -> None:
+        """Hold ``spans`` (lists owned here, grown in place; arrays with room to grow), their host codes, their
+        numbers (increasing) and when they were taken in (monotonic ns, not decreasing). The index by request is
+        not touched."""
         n = len(spans)
         self._n = n
         self._lists = [list(column) for column in spans._lists()]
         room = max(2 * n, 1024)
-        self._arrays = [np.empty(room, np.int64) for _ in range(8)]
-        for into, values in zip(self._arrays, (*spans._arrays(), host, number), strict=True):
+        self._arrays = [np.empty(room, np.int64) for _ in range(9)]
+        for into, values in zip(self._arrays, (*spans._arrays(), host, number, taken_ns), strict=True):
             into[:n] = values
         self._view: SpanSet | None = None
 
@@ -255,6 +268,7 @@ class SpanWindow:
             array[base : base + k] = values
         first = self._next_number
         self._arrays[7][base : base + k] = np.arange(first, first + k, dtype=np.int64)
+        self._arrays[8][base : base + k] = self.monotonic_ns()
         self._index(columns.request_id, first)
         self._next_number = first + k
         self._n = base + k
@@ -265,22 +279,27 @@ class SpanWindow:
         if not n:
             return
         end = self._arrays[1][:n]
-        cutoff = int(end.max()) - self.window_ns
+        # taken in order: those taken in before the window are the first ones
+        aged = int(np.searchsorted(self._arrays[8][:n], self.monotonic_ns() - self.window_ns))
         crowded = n > self.max_spans
-        if crowded:
-            cutoff = max(cutoff, int(np.partition(end, n - self.max_spans)[n - self.max_spans]))
-        old = end <= cutoff if crowded else end < cutoff
-        dropped = int(np.count_nonzero(old))
         # compacting the columns costs a pass over the window: done when a quarter of it (or more) goes
-        if not dropped or (dropped < n // 4 and not crowded):
+        if not crowded and (not aged or aged < n // 4):
             return
-        with self._lock:
-            self._floor = max(self._floor, cutoff + 1 if crowded else cutoff)
+        old = np.zeros(n, dtype=bool)
+        old[:aged] = True
+        if crowded:  # and the earliest ends, down to max_spans
+            old |= end <= int(np.partition(end, n - self.max_spans)[n - self.max_spans])
+        if not old.any():
+            return
+        with self._lock:  # every span ending after the latest end dropped is still here
+            self._floor = max(self._floor, int(end[old].max()) + 1)
         keep = np.flatnonzero(~old)
         gone = np.flatnonzero(old)
         [gone_ids] = pick_items([self._lists[0]], gone)
         self._unindex(gone_ids, self._arrays[7][:n][gone].tolist())
-        self._reset(self.spans.take(keep), self._arrays[6][:n][keep], self._arrays[7][:n][keep])
+        self._reset(
+            self.spans.take(keep), self._arrays[6][:n][keep], self._arrays[7][:n][keep], self._arrays[8][:n][keep]
+        )
 
     def __len__(self) -> int:
         return self._n

@@ -111,9 +111,11 @@ def test_dropped_spans_out_of_order_leave_every_request_s_other_spans_found() ->
     """Spans end out of order and requests have several: after drops in the middle of the columns, each request's
     numbers give exactly the spans of it still held, in the order they came."""
     rng = np.random.default_rng(7)
-    window = SpanWindow(window_ns=20 * S, max_spans=300)
+    clock = [0]
+    window = SpanWindow(window_ns=20 * S, max_spans=300, monotonic_ns=lambda: clock[0])
     seen: set[str] = set()
     for batch in range(40):
+        clock[0] += S  # a batch a second: spans go for age and, beyond 300, for number
         rows = []
         for j in range(int(rng.integers(1, 60))):
             rid = f"r{int(rng.integers(0, 400))}"
@@ -148,3 +150,27 @@ def test_taking_spans_gives_the_spans_at_those_positions(index: list[int]) -> No
     assert taken.hostname == [rows[i].hostname for i in index]
     assert taken.start_ns.tolist() == [rows[i].start_ns for i in index]
     assert taken.input_tokens.tolist() == [rows[i].input_tokens for i in index]
+
+
+def test_spans_age_by_when_they_were_taken_in_not_by_their_times() -> None:
+    """A burst of spans far ahead in span time keeps the older ones here while they are young; once taken in
+    WINDOW_NS ago they go, and the window vouches only for times past the latest end dropped."""
+    now = [0]
+    window = SpanWindow(window_ns=60 * S, monotonic_ns=lambda: now[0])
+    old = [SpanRow(f"o{i}", "s", "host-a", T0 + i * S, T0 + (i + 1) * S) for i in range(10)]
+    window.add(SpanColumns.of(old))
+    window.refresh()
+    now[0] += 30 * S
+    burst = [SpanRow(f"b{i}", "s", "host-a", T0 + (500 + i) * S, T0 + (501 + i) * S) for i in range(10)]
+    window.add(SpanColumns.of(burst))
+    window.refresh()
+    assert len(window) == 20 and window.covers("host-a", T0)  # by span time, the old ones are 500 s behind
+    now[0] += 31 * S  # the old ones were taken in 61 s ago, the burst 31 s ago
+    window.refresh()
+    assert sorted(_held(window)) == sorted(s.request_id for s in burst)
+    assert window.numbers(["o3", "b3"])[0] is None
+    assert not window.covers("host-a", T0 + 10 * S)  # o9 ended then: dropped
+    assert window.covers("host-a", T0 + 10 * S + 1)
+    now[0] += 30 * S
+    window.refresh()
+    assert len(window) == 0 and window.covers("host-a", T0 + 511 * S)
