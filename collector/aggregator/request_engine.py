@@ -298,11 +298,17 @@ class RequestEngine:
         counts: dict[str, int] = {}
         checked = self.monotonic()
         if self._overflowed or checked >= self._store_check_at:
-            taken = self.store.pending_request_counts(limit)
-            self._store_check_at = checked + STORE_CHECK_S
+            self._store_check_at = checked + STORE_CHECK_S  # before the query: a reopen told meanwhile stands
+            try:
+                taken = self.store.pending_request_counts(limit)
+            except BaseException:
+                self._store_check_at = 0.0
+                raise
             counts = dict(taken)
-            if len(taken) < limit:  # the whole list (the window took in what was committed before it was read)
-                self._overflowed = False
+            # a list cut at the limit: more may be pending than memory knows (a backlog from before this engine, a
+            # large reopen): it is read again next pass, and the pass is full
+            self._overflowed = len(taken) >= limit
+            if not self._overflowed:  # the whole list (the window took in what was committed before it was read)
                 for rid in [rid for rid in known if rid not in counts]:
                     del known[rid]
             known.update(dict.fromkeys(rid for rid in counts if rid not in known))
@@ -360,9 +366,9 @@ class RequestEngine:
             pending_counts = {rid: count for rid, count in taken.items() if rid not in retry or retry[rid][0] <= now}
         else:
             pending_counts = taken
-        if not pending_counts:
+        if not pending_counts:  # none, or all waiting (backoff): no pass follows at once
             self.metrics.set_pending(pending_now)
-            return PassStats(len(taken), 0, 0, 0, full)
+            return PassStats(len(taken), 0, 0, 0, False)
         pending_set = set(pending_counts)
         p_spans = self._extents_of(list(pending_counts), pending_counts.values())
         # neighbours: requests sharing time (and maybe workloads) with the pending ones on their hosts
@@ -394,6 +400,7 @@ class RequestEngine:
                 except Exception:  # one host's window failing leaves its requests pending; the others go on
                     log.exception("attributing requests on %s failed", host)
                     self.metrics.pass_failed()
+                    self._store_check_at = 0.0  # its requests, uncollected, are forgotten: the store's list next
         return self._settle(now, len(taken), pending_set, neighbours, collected, full)
 
     def _host_workloads(self, host: str, spans: SpanSet, names: frozenset[str]) -> HostWorkloads:

@@ -457,3 +457,77 @@ def test_more_pending_requests_than_memory_keeps_are_taken_from_the_store(
     assert pending_metric(engine) == "wattmeter_requests_pending 0.0"
     total = sum(result(store, rid).active_j or 0.0 for rid in ids)
     assert total == pytest.approx(100.0 * (2 + 29 / 4 - 1), rel=1e-9)  # every second some request ran: all of it
+
+
+def _apart(n: int) -> list[SpanRow]:
+    """n requests of 0.3 s, 1.5 s apart (one cluster each: no neighbours)."""
+    return [SpanRow(f"r{i:02d}", "s", "host-a", T0 + S + i * 3 * S // 2, T0 + S + i * 3 * S // 2 + 3 * S // 10,
+                    workload="vllm") for i in range(n)]  # fmt: skip
+
+
+def test_a_backlog_stored_before_the_engine_began_is_taken_pass_after_pass(store: Store) -> None:
+    """12 pending requests stored before the engine began, 5 per pass: the store's list is cut at 5, so more are
+    pending than taken (full), and the next passes take the rest, back to back."""
+    constant_host(store, seconds=30)
+    store.write_spans(_apart(12))
+    now = [1000.0]  # the monotonic clock does not move: passes back to back
+    engine = RequestEngine(store, RequestsConfig(max_per_pass=5), clock_ns=Clock(T0 + 90 * S), monotonic=lambda: now[0])
+    assert engine.run_pass().full
+    for _ in range(5):
+        engine.run_pass()
+    assert store.pending_requests(20) == []
+
+
+def test_a_request_whose_host_window_failed_once_is_retried_at_the_next_pass(store: Store) -> None:
+    """A transient failure attributing one host's window (caught in run_pass) leaves its requests uncollected: the
+    engine forgets them, and reads the store's list at the next pass, which has them."""
+    constant_host(store)
+    now = [1000.0]
+    engine = RequestEngine(store, RequestsConfig(), clock_ns=Clock(T0 + 60 * S), monotonic=lambda: now[0])
+    engine.run_pass()  # the first pass: the store's list (empty)
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 4 * S, workload="vllm")])
+    real = engine._attribute_window
+    calls = [0]
+
+    def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 1:
+            raise OSError("transient: the database went away")
+        return real(*args, **kwargs)
+
+    engine._attribute_window = flaky  # type: ignore[method-assign]
+    engine.run_pass()
+    assert result(store, "r").status == "pending"
+    engine.run_pass()
+    engine.run_pass()
+    assert result(store, "r").status == "final"
+
+
+def test_a_reopen_told_while_the_store_s_list_is_being_read_is_not_lost(store: Store) -> None:
+    """note_requests_reopened() (the aggregator's executor thread) while the store's list is read: the next pass
+    reads it again."""
+    writer = constant_host(store, seconds=5)
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
+    now = [1000.0]
+    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30), clock_ns=Clock(T0 + 40 * S),
+                           monotonic=lambda: now[0])  # fmt: skip
+    engine.run_pass()
+    assert result(store, "r").status == "approximate"
+    for second in range(5, 20):
+        t = T0 + second * S + np.arange(1, 11, dtype=np.int64) * (S // 10)
+        joules = 100.0 * (t - T0) / S
+        writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
+    now[0] += 10  # a store check is due at the next pass
+    real = store.pending_request_counts
+
+    def racing(limit: int):  # type: ignore[no-untyped-def]
+        got = real(limit)
+        assert store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S) == 1  # committed after the query...
+        engine.note_requests_reopened()  # ...and told before _pending sets _store_check_at
+        return got
+
+    store.pending_request_counts = racing  # type: ignore[method-assign]
+    engine.run_pass()
+    store.pending_request_counts = real  # type: ignore[method-assign]
+    engine.run_pass()  # the next pass should read the store's list
+    assert result(store, "r").status == "final"
