@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -357,13 +358,30 @@ def _insert_v4_span(cursor: Any, row: SpanRow, host_ref: int) -> None:
     )  # fmt: skip
 
 
+def _from_version_4(store_url: str, monkeypatch: pytest.MonkeyPatch, fill: Callable[[Any], None]) -> Store:
+    """A database at schema 4 that ``fill`` (raw SQL) wrote, then opened and migrated to the latest version."""
+    with monkeypatch.context() as version_4:
+        version_4.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:4])
+        version_4.setattr("collector.store.sql.LATEST_VERSION", 4)
+        old = open_store(store_url)
+        try:
+            assert old.migrate() == 4
+            old._run(fill, write=True)  # type: ignore[attr-defined]
+        finally:
+            old.close()
+    new = open_store(store_url)
+    try:
+        assert new.migrate() == LATEST_VERSION
+    except BaseException:
+        new.close()
+        raise
+    return new
+
+
 def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Spans stored a row each (schema 4) read back exactly after the step to chunks, paged with ties at the page
     edge; a pending request gets the hosts of all its spans; a span sent again is still stored once."""
-    monkeypatch.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:4])
-    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", 4)
     monkeypatch.setattr("collector.store.spans.MIGRATION_PAGE", 3)
-    old = open_store(store_url)
     # five spans on host-1, three of them ending at the same time (the page edge falls among them)
     on_one = [span(f"r{i}", start_s=i, end_s=[1, 2, 5, 5, 5][i], labels={"i": str(i)}) for i in range(5)]
     multi = [span("multi", "a", host="host-1", end_s=9), span("multi", "b", host="host-2", start_s=8, end_s=9.5)]
@@ -383,15 +401,8 @@ def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypat
                 (rid, status, hosts, start, end, count),
             )
 
+    new = _from_version_4(store_url, monkeypatch, fill)
     try:
-        assert old.migrate() == 4
-        old._run(fill, write=True)  # type: ignore[attr-defined]
-    finally:
-        old.close()
-    monkeypatch.undo()
-    new = open_store(store_url)
-    try:
-        assert new.migrate() == LATEST_VERSION
         assert new.request_spans([f"r{i}" for i in range(5)] + ["multi"]) == sorted(
             [*on_one, *multi], key=lambda row: (row.request_id, row.span_id)
         )
@@ -458,9 +469,6 @@ def test_step_5_finds_the_spans_of_a_pending_request_whose_row_names_another_hos
 ) -> None:
     """v4: a result stored first (hosts [host-2]), then its span on host-1 made it pending; v4's upsert kept the
     row's hosts. After step 5 the spans are found where they are, and the pending request shows their host."""
-    monkeypatch.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:4])
-    monkeypatch.setattr("collector.store.sql.LATEST_VERSION", 4)
-    old = open_store(store_url)
     s = span("r", host="host-1")
 
     def fill(cursor: Any) -> None:
@@ -473,15 +481,8 @@ def test_step_5_finds_the_spans_of_a_pending_request_whose_row_names_another_hos
             (s.start_ns, s.end_ns),
         )
 
+    new = _from_version_4(store_url, monkeypatch, fill)
     try:
-        old.migrate()
-        old._run(fill, write=True)  # type: ignore[attr-defined]
-    finally:
-        old.close()
-    monkeypatch.undo()
-    new = open_store(store_url)
-    try:
-        assert new.migrate() == LATEST_VERSION
         assert new.request_spans(["r"]) == [s]
         pending = new.request("r")
         assert pending is not None and pending.hosts == ("host-1",)
