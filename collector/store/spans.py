@@ -15,6 +15,7 @@ the engine read them (``span_count``).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from operator import itemgetter, le
@@ -35,6 +36,8 @@ from collector.store.base import (
 )
 from collector.store.dialect import Dialect
 from collector.store.writes import Cursor, Refs, _chunks, _insert, _marks
+
+log = logging.getLogger(__name__)
 
 HostKey = tuple[str]
 RequestOrder = Literal["start", "energy"]
@@ -312,13 +315,15 @@ class RequestSql:
     def _chunk_spans(cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
         """The spans of ``hostname`` with end_ns >= since_ns and start_ns <= until_ns, in the order stored."""
         cursor.execute(
-            "SELECT c.data FROM span_hosts h JOIN span_chunks c ON c.host_ref = h.id "
+            "SELECT c.id, c.data FROM span_hosts h JOIN span_chunks c ON c.host_ref = h.id "
             "WHERE h.hostname = ? AND c.max_end_ns >= ? AND c.min_start_ns <= ? ORDER BY c.id",
             (hostname, since_ns, until_ns),
         )
         parts = []
-        for (data,) in cursor.fetchall():
-            spans = span_chunks.decode(data, hostname)
+        for ref, data in cursor.fetchall():
+            spans = _decoded(ref, hostname, data)
+            if spans is None:
+                continue
             inside = span_chunks.overlapping(spans, since_ns, until_ns)
             parts.append(spans if len(inside) == len(spans) else spans.take(inside))
         return SpanColumns.concat(parts) if parts else SpanColumns.empty()
@@ -405,7 +410,9 @@ class RequestSql:
             (cutoff_ns, cutoff_ns),
         )
         for ref, host, data in cursor.fetchall():
-            spans = span_chunks.decode(data, str(host))
+            spans = _decoded(ref, str(host), data)
+            if spans is None:  # left as it is; gone once all of it is older than the cutoff
+                continue
             dropped += _keep_in_chunk(
                 cursor, int(ref), spans, [i for i, end in enumerate(spans.end_ns) if end >= cutoff_ns]
             )
@@ -422,7 +429,9 @@ class RequestSql:
         )
         dropped = 0
         for ref, host, data in cursor.fetchall():
-            spans = span_chunks.decode(data, str(host))
+            spans = _decoded(ref, str(host), data)
+            if spans is None:
+                continue
             kept: set[str] = set()
             for chunk in _chunks(sorted(set(spans.request_id))):
                 cursor.execute(
@@ -581,6 +590,16 @@ def _bounds(spans: SpanColumns) -> tuple[int, int, int]:
         min(spans.end_ns),
         max(max(spans.end_ns), max(spans.start_ns)),
     )
+
+
+def _decoded(ref: int, hostname: str, data: bytes) -> SpanColumns | None:
+    """The spans of chunk ``ref``; None (logged) when its data is damaged: one bad row costs its own spans, never
+    every read, pass and prune that meets it."""
+    try:
+        return span_chunks.decode(data, hostname)
+    except span_chunks.ChunkError as exc:
+        log.error("span chunk %s of host %s is damaged (%s): its spans are skipped", ref, hostname, exc)
+        return None
 
 
 def _keep_in_chunk(cursor: Cursor, ref: int, spans: SpanColumns, keep: list[int]) -> int:

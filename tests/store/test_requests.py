@@ -499,6 +499,21 @@ def test_prune_drops_an_old_span_from_a_chunk_it_shares_with_a_new_one(store: St
     assert store.spans_overlapping("host-1", T0_NS, T0_NS + 20 * S) == []
 
 
+def test_a_damaged_chunk_costs_its_own_spans_only_and_says_so(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    store.write_spans([span("a", end_s=2)])  # a chunk each
+    store.write_spans([span("b", start_s=1, end_s=3)])
+
+    def damage(cursor: Any) -> None:
+        cursor.execute("UPDATE span_chunks SET data = ? WHERE id = (SELECT MIN(id) FROM span_chunks)", (b"garbage",))
+
+    store._run(damage, write=True)  # type: ignore[attr-defined]
+    assert keys(store.spans_overlapping("host-1", T0_NS, T0_NS + 10 * S)) == [("b", "s1")]
+    assert keys(store.request_spans(["a", "b"])) == [("b", "s1")]
+    assert "span chunk" in caplog.text and "is damaged" in caplog.text and "host-1" in caplog.text
+    assert store.write_spans([span("c", start_s=4, end_s=5)]) == 1  # writes go on
+    assert store.prune(T0_NS + 2 * HOUR, raw_retention_s=3600, rollup_retention_s=86_400) == 3  # the damaged one too
+
+
 # -- prune
 
 
