@@ -59,21 +59,36 @@ def test_energy_past_the_csv_series_is_counted_uncovered(tmp_path: Path) -> None
     assert "wattmeter_workload_cost" not in names  # no price: no cost series at all
 
 
-def test_agent_exports_co2_of_a_simulated_gpu(tmp_path: Path) -> None:
-    config = AgentConfig.model_validate(
-        {
-            "prometheus": {"listen": "127.0.0.1:0"},
-            "sources": {
-                "nvml": {"enabled": False},
-                "rapl": {"enabled": False},
-                "cpu_model": {"enabled": False},
-                "simulated": {"gpus": 1, "interval_s": 0.05},
-            },
-            "api": {"socket": str(tmp_path / "agent.sock")},
-            "carbon": {"intensity_g_per_kwh": 250, "price_per_kwh": 0.3, "currency": "USD"},
-        }
+def _priced_agent(tmp_path: Path, **more: object) -> Agent:
+    """An agent with one simulated GPU, a grid at 250 g/kWh and 0.3 USD/kWh, and ``more`` config."""
+    return Agent(
+        AgentConfig.model_validate(
+            {
+                "prometheus": {"listen": "127.0.0.1:0"},
+                "sources": {
+                    "nvml": {"enabled": False},
+                    "rapl": {"enabled": False},
+                    "cpu_model": {"enabled": False},
+                    "simulated": {"gpus": 1, "interval_s": 0.05},
+                },
+                "api": {"socket": str(tmp_path / "agent.sock")},
+                "carbon": {"intensity_g_per_kwh": 250, "price_per_kwh": 0.3, "currency": "USD"},
+                **more,
+            }
+        )
     )
-    agent = Agent(config)
+
+
+def _grid_gauges(text: str) -> dict[str, str]:
+    """The exposition's samples by name and labels; the grid's gauges checked at 250 g/kWh and 0.3 USD/kWh."""
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(lines["wattmeter_grid_carbon_intensity_grams_per_kwh"]) == 250.0
+    assert float(lines['wattmeter_grid_price_per_kwh{currency="USD"}']) == 0.3
+    return lines
+
+
+def test_agent_exports_co2_of_a_simulated_gpu(tmp_path: Path) -> None:
+    agent = _priced_agent(tmp_path)
     assert agent.workloads is not None
     agent.workloads.start()
     agent.sampler.start()
@@ -83,29 +98,13 @@ def test_agent_exports_co2_of_a_simulated_gpu(tmp_path: Path) -> None:
         text = agent.exporter.cache.body().decode()
     finally:
         agent.shutdown()
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert float(lines["wattmeter_grid_carbon_intensity_grams_per_kwh"]) == 250.0
-    assert float(lines['wattmeter_grid_price_per_kwh{currency="USD"}']) == 0.3
+    lines = _grid_gauges(text)
     co2 = {k: float(v) for k, v in lines.items() if k.startswith("wattmeter_workload_co2_grams_total")}
     assert co2 and all(v > 0 for v in co2.values())
 
 
 def test_agent_exports_the_grid_gauges_with_workloads_off(tmp_path: Path) -> None:
-    config = AgentConfig.model_validate(
-        {
-            "prometheus": {"listen": "127.0.0.1:0"},
-            "sources": {
-                "nvml": {"enabled": False},
-                "rapl": {"enabled": False},
-                "cpu_model": {"enabled": False},
-                "simulated": {"gpus": 1, "interval_s": 0.05},
-            },
-            "workloads": {"enabled": False},
-            "api": {"socket": str(tmp_path / "agent.sock")},
-            "carbon": {"intensity_g_per_kwh": 250, "price_per_kwh": 0.3, "currency": "USD"},
-        }
-    )
-    agent = Agent(config)
+    agent = _priced_agent(tmp_path, workloads={"enabled": False})
     assert agent.workloads is None
     agent.sampler.start()
     try:
@@ -113,8 +112,6 @@ def test_agent_exports_the_grid_gauges_with_workloads_off(tmp_path: Path) -> Non
         text = agent.exporter.cache.body().decode()
     finally:
         agent.shutdown()
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert float(lines["wattmeter_grid_carbon_intensity_grams_per_kwh"]) == 250.0
-    assert float(lines['wattmeter_grid_price_per_kwh{currency="USD"}']) == 0.3
+    _grid_gauges(text)
     assert "wattmeter_workload_co2_grams" not in text  # per workload: needs [workloads]
     assert "wattmeter_carbon_uncovered_joules" not in text
