@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from operator import itemgetter, le
 from typing import Any, Literal, get_args
@@ -272,8 +272,8 @@ class RequestSql:
         rows = []
         for host in sorted(by_host) or [spans.hostname[0]]:
             part = spans.take(by_host[host]) if by_host else spans
-            rows.append((host_ref[host], *_bounds(part), len(part), now_ns, span_chunks.encode(part)))
-        _insert(cursor, f"INSERT INTO span_chunks ({_CHUNK_COLUMNS})", "(?, ?, ?, ?, ?, ?, ?)", rows)
+            rows.append(_chunk_row(host_ref[host], part, now_ns))
+        _insert(cursor, _INSERT_CHUNK, _CHUNK_ROW, rows)
 
     def _stored(self, cursor: Cursor, request_ids: Sequence[str], *, lock: bool) -> dict[str, tuple[str, int, int]]:
         """Where the spans of the stored ones of ``request_ids`` (sorted) are: hosts (JSON), earliest and latest
@@ -393,44 +393,28 @@ class RequestSql:
         dropped = int(cursor.fetchone()[0])
         if dropped:
             cursor.execute(f"DELETE {where}", (cutoff_ns,))
-        cursor.execute(
-            "SELECT c.id, h.hostname, c.data FROM span_hosts h JOIN span_chunks c ON c.host_ref = h.id "
-            "WHERE c.max_end_ns >= ? AND c.min_end_ns < ? ORDER BY c.id",
+        return dropped + _thin_chunks(
+            cursor,
+            "c.max_end_ns >= ? AND c.min_end_ns < ?",
             (cutoff_ns, cutoff_ns),
+            lambda spans: [i for i, end in enumerate(spans.end_ns) if end >= cutoff_ns],
         )
-        for ref, host, data in cursor.fetchall():
-            spans = _decoded(ref, str(host), data)
-            if spans is None:  # left as it is; gone once all of it is older than the cutoff
-                continue
-            dropped += _keep_in_chunk(
-                cursor, int(ref), spans, [i for i, end in enumerate(spans.end_ns) if end >= cutoff_ns]
-            )
-        return dropped
 
     def prune_orphan_spans(self, cursor: Cursor, cutoff_ns: int) -> int:
         """Drop the spans of requests no longer stored from the chunks holding a span that started before
         ``cutoff_ns`` (a pruned request's spans all did); returns how many spans went. Reads every such chunk: run
         only when requests are kept less long than raw samples."""
-        cursor.execute(
-            "SELECT c.id, h.hostname, c.data FROM span_chunks c JOIN span_hosts h ON h.id = c.host_ref "
-            "WHERE c.min_start_ns < ? ORDER BY c.id",
-            (cutoff_ns,),
-        )
-        dropped = 0
-        for ref, host, data in cursor.fetchall():
-            spans = _decoded(ref, str(host), data)
-            if spans is None:
-                continue
+
+        def stored(spans: SpanColumns) -> list[int]:
             kept: set[str] = set()
             for chunk in _chunks(sorted(set(spans.request_id))):
                 cursor.execute(
                     f"SELECT request_id FROM requests WHERE request_id IN ({_marks(len(chunk), '?')})", chunk
                 )
                 kept.update(str(rid) for (rid,) in cursor.fetchall())
-            dropped += _keep_in_chunk(
-                cursor, int(ref), spans, [i for i, rid in enumerate(spans.request_id) if rid in kept]
-            )
-        return dropped
+            return [i for i, rid in enumerate(spans.request_id) if rid in kept]
+
+        return _thin_chunks(cursor, "c.min_start_ns < ?", (cutoff_ns,), stored)
 
     # -- reads
 
@@ -568,7 +552,15 @@ class RequestSql:
         ]
 
 
-_CHUNK_COLUMNS = "host_ref, min_start_ns, min_end_ns, max_end_ns, span_count, received_ns, data"
+_INSERT_CHUNK = (
+    "INSERT INTO span_chunks (host_ref, min_start_ns, min_end_ns, max_end_ns, span_count, received_ns, data)"
+)
+_CHUNK_ROW = "(?, ?, ?, ?, ?, ?, ?)"
+
+
+def _chunk_row(host_ref: int, spans: SpanColumns, received_ns: int) -> tuple[Any, ...]:
+    """``_CHUNK_ROW``'s values for ``spans`` (at least one) of one host."""
+    return (host_ref, *_bounds(spans), len(spans), received_ns, span_chunks.encode(spans))
 
 
 def _bounds(spans: SpanColumns) -> tuple[int, int, int]:
@@ -600,6 +592,22 @@ def _decoded(ref: int, hostname: str, data: bytes) -> SpanColumns | None:
     except span_chunks.ChunkError as exc:
         log.error("span chunk %s of host %s is damaged (%s): its spans are skipped", ref, hostname, exc)
         return None
+
+
+def _thin_chunks(cursor: Cursor, where: str, params: Sequence[Any], keep: Callable[[SpanColumns], list[int]]) -> int:
+    """Keep only the spans ``keep`` picks (positions) of each chunk matching ``where`` (on ``c``); returns how many
+    spans went. A damaged chunk is left as it is (gone once all of it is older than the raw cutoff)."""
+    cursor.execute(
+        f"SELECT c.id, h.hostname, c.data FROM span_hosts h JOIN span_chunks c ON c.host_ref = h.id "
+        f"WHERE {where} ORDER BY c.id",
+        params,
+    )
+    dropped = 0
+    for ref, host, data in cursor.fetchall():
+        spans = _decoded(ref, str(host), data)
+        if spans is not None:
+            dropped += _keep_in_chunk(cursor, int(ref), spans, keep(spans))
+    return dropped
 
 
 def _keep_in_chunk(cursor: Cursor, ref: int, spans: SpanColumns, keep: list[int]) -> int:
@@ -756,10 +764,7 @@ def spans_to_chunks(cursor: Cursor, dialect: Dialect) -> None:
                 after = last
             if rows:
                 spans = SpanColumns.of_rows([(r[0], r[1], hostname, *r[2:]) for r in rows])
-                cursor.execute(
-                    f"INSERT INTO span_chunks ({_CHUNK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (ref, *_bounds(spans), len(spans), max(spans.received_ns), span_chunks.encode(spans)),
-                )
+                _insert(cursor, _INSERT_CHUNK, _CHUNK_ROW, [_chunk_row(ref, spans, max(spans.received_ns))])
             if not full:
                 break
     cursor.execute("DROP TABLE spans")
