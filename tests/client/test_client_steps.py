@@ -88,7 +88,8 @@ def test_steps_from_many_threads_add_up_in_few_messages(
     assert steps_recorder.total(os.getpid()) == 10_005
     # one message per flush (about a second apart), never one per call
     assert len(steps_recorder.steps) <= elapsed_s / client.STEPS_FLUSH_INTERVAL_S + 2
-    assert (client.steps_sent, client.steps_dropped, client.dropped, fresh_client.steps_pending) == (10_005, 0, 0, 0)
+    wait_for(lambda: client.steps_sent == 10_005)  # counted just after the send returns, so after the agent may read it
+    assert (client.steps_dropped, client.dropped, fresh_client.steps_pending) == (0, 0, 0)
     assert steps_recorder.events == []  # steps register nothing
     assert steps_server.errors == 0
 
@@ -130,7 +131,7 @@ def test_steps_before_a_phase_change_count_under_the_old_phase(
         (3, "inference"),
         (2, "training"),  # sent before close() ended the registration
     ]
-    assert client.steps_sent == 16
+    wait_for(lambda: client.steps_sent == 16)  # counted just after the send returns
 
 
 def test_a_full_socket_buffer_keeps_the_count_for_a_later_flush(
@@ -160,7 +161,8 @@ def test_a_full_socket_buffer_keeps_the_count_for_a_later_flush(
                 whole_lines = received[: received.rfind(b"\n") + 1].splitlines()
                 steps = [json.loads(x) for x in whole_lines if b'"type":"steps"' in x]
         assert steps == [{"v": 1, "type": "steps", "count": 50}]
-        assert (client.steps_sent, client.steps_dropped) == (50, 0)
+        wait_for(lambda: client.steps_sent == 50)  # counted just after the send returns
+        assert client.steps_dropped == 0
     finally:
         listener.close()
 
@@ -182,7 +184,8 @@ def test_steps_after_the_agent_restarts_reach_the_new_one(
     try:
         client.step(6)
         wait_for(lambda: steps_recorder.total() == 10)  # the watcher's next flush reconnects
-        assert (client.steps_sent, client.steps_dropped) == (10, 0)
+        wait_for(lambda: client.steps_sent == 10)  # counted just after the send returns, so after the agent may read it
+        assert client.steps_dropped == 0
     finally:
         second.stop()
 
