@@ -289,8 +289,8 @@ class Agent:
         """Everything within SHUTDOWN_BUDGET_S, even with a read or a close hung in a driver."""
         started = time.monotonic()
         deadline = started + SHUTDOWN_BUDGET_S
+        self.watchdog.stop()  # first: no ping after STOPPING
         self.notifier.stopping("stopping")
-        self.watchdog.stop()
         self.sampler.signal_stop()
         if self.workloads is not None:
             self.workloads.stop()

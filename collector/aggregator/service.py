@@ -200,9 +200,9 @@ class Aggregator:
 
     async def stop(self) -> None:
         started = time.monotonic()
-        self.notifier.stopping("stopping")
         if self._watchdog is not None:
-            self._watchdog.stop()
+            self._watchdog.stop()  # first: no ping after STOPPING
+        self.notifier.stopping("stopping")
         self._serving = False
         if self._prune_task is not None:
             self._prune_task.cancel()

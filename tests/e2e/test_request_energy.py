@@ -105,12 +105,21 @@ def test_spans_from_batches_report_spans_and_otlp_get_their_energy(aggregator: R
     assert otlp_1.active_j == pytest.approx(100.0 + 400.0, rel=1e-9)
     assert (otlp_1.model, otlp_1.input_tokens, otlp_1.output_tokens, otlp_1.hosts) == ("llama-8b", 100, 60, ("gpu-01",))
     assert grpc_1.joules_per_output_token == pytest.approx(300.0 / 40, rel=1e-9)
-    status, body = http_get(aggregator.http_url + "/metrics")
-    text = body.decode()
+    # the engine counts a request on /metrics just after writing its result
+    expected = (
+        'wattmeter_requests_total{model="llama-8b",tenant=""} 2.0',
+        'wattmeter_output_tokens_total{model="llama-8b"} 100.0',
+        "wattmeter_requests_pending 0.0",
+    )
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        status, body = http_get(aggregator.http_url + "/metrics")
+        text = body.decode()
+        if (status == 200 and all(line in text for line in expected)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert status == 200
-    assert 'wattmeter_requests_total{model="llama-8b",tenant=""} 2.0' in text
-    assert 'wattmeter_output_tokens_total{model="llama-8b"} 100.0' in text
-    assert "wattmeter_requests_pending 0.0" in text
+    assert all(line in text for line in expected), text
 
 
 def test_samples_replayed_after_the_grace_turn_an_approximate_request_final(tmp_path: Path) -> None:
