@@ -16,8 +16,10 @@ Every ``[requests] interval_s`` (at once again after a full pass), one pass:
 
 Spans come from the engine's memory (``request_window``: the store hands it every span write's new spans once
 committed), not from the store: a request's spans when the memory holds as many as the store counts, a host's
-neighbours when the memory covers the time. The store is read for the rest: after a restart (spans stored before
-the engine began), for spans older than the memory keeps, and for a request whose result came back stale.
+neighbours when the memory covers the time and no other open store (another aggregator sharing the database) stored
+spans of the host then (``Store.spans_written_elsewhere``, one index read). The store is read for the rest: after a
+restart (spans stored before the engine began), for spans older than the memory keeps, for a host's time that
+another aggregator was sent spans of too, and for a request whose result came back stale.
 
 Status: ``final`` once every span is ready (``request_split``: samples cover it and are there past its end on every
 device of its workload, with no gap); else, ``finalize_grace_s`` after its end, ``approximate`` (what the samples
@@ -353,8 +355,9 @@ class RequestEngine:
         return extents
 
     def _overlapping(self, host: str, lo: int, hi: int) -> SpanSet:
-        """Every span of ``host`` overlapping [lo, hi], from the window when it covers the time, else the store."""
-        if self.window.covers(host, lo):
+        """Every span of ``host`` overlapping [lo, hi], from the window when it covers the time and no one else
+        stored spans of the host then (another aggregator sharing the database), else the store."""
+        if self.window.covers(host, lo) and not self.store.spans_written_elsewhere(host, lo, hi):
             return self.window.spans.take(self.window.overlapping(host, lo, hi))
         return SpanSet.of(self.store.spans_overlapping_columns(host, lo, hi))
 

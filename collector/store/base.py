@@ -550,6 +550,12 @@ class Store(abc.ABC):
         """``spans_overlapping`` as columns."""
 
     @abc.abstractmethod
+    def spans_written_elsewhere(self, hostname: str, since_ns: int, until_ns: int) -> bool:
+        """Whether spans of ``hostname`` that may overlap [since_ns, until_ns] were stored by another open store
+        than this one: another aggregator sharing the database, or this one before it reopened the store (the
+        spans this store wrote are those handed to its span listeners)."""
+
+    @abc.abstractmethod
     def latest_span_ends(self) -> dict[str, int]:
         """Per hostname, the latest ``end_ns`` of its stored spans (the engine's start: what it has not seen)."""
 

@@ -269,6 +269,18 @@ MIGRATIONS += (
         ),
         convert=spans_to_chunks,
     ),
+    Migration(
+        version=6,
+        description="span chunks: which open store wrote each",
+        statements=(
+            # a random id per open store (SqlStore.writer_id): an aggregator's engine holds the spans its own store
+            # wrote in memory and reads those that others sharing the database wrote; NULL: written before this step.
+            # In the index, so that "did others write spans on H then" reads no chunk (their data comes before it)
+            "ALTER TABLE span_chunks ADD COLUMN writer {bigint}",
+            "DROP INDEX span_chunks_by_host",
+            "CREATE INDEX span_chunks_by_host ON span_chunks (host_ref, max_end_ns, min_start_ns, min_end_ns, writer)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -103,7 +103,8 @@ def hosts_text(hosts: Iterable[str]) -> str:
 
 
 class RequestSql:
-    def __init__(self, dialect: Dialect) -> None:
+    def __init__(self, dialect: Dialect, writer_id: int) -> None:
+        self._writer_id = writer_id
         # a stored request with new spans is pending again; what it had computed is dropped (energies are None while
         # pending); model and tenant stay the first non-empty ones; hosts: those of all its spans, merged by the
         # writer, which read the row (``write_spans``); span_*: where its spans are, only ever widened
@@ -272,8 +273,8 @@ class RequestSql:
         rows = []
         for host in sorted(by_host) or [spans.hostname[0]]:
             part = spans.take(by_host[host]) if by_host else spans
-            rows.append(_chunk_row(host_ref[host], part, now_ns))
-        _insert(cursor, _INSERT_CHUNK, _CHUNK_ROW, rows)
+            rows.append((*_chunk_row(host_ref[host], part, now_ns), self._writer_id))
+        _insert(cursor, _INSERT_OWN_CHUNK, _OWN_CHUNK_ROW, rows)
 
     def _stored(self, cursor: Cursor, request_ids: Sequence[str], *, lock: bool) -> dict[str, tuple[str, int, int]]:
         """Where the spans of the stored ones of ``request_ids`` (sorted) are: hosts (JSON), earliest and latest
@@ -465,6 +466,16 @@ class RequestSql:
         spans = self._chunk_spans(cursor, hostname, since_ns, until_ns)
         return spans.take(sorted(range(len(spans)), key=spans.end_ns.__getitem__))
 
+    def written_elsewhere(self, cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> bool:
+        """Whether a chunk of ``hostname`` overlapping [since_ns, until_ns] (by its bounds) was written by another
+        store than this one (or before chunks had a writer); read in the index alone."""
+        cursor.execute(
+            "SELECT 1 FROM span_hosts h JOIN span_chunks c ON c.host_ref = h.id WHERE h.hostname = ? "
+            "AND c.max_end_ns >= ? AND c.min_start_ns <= ? AND (c.writer IS NULL OR c.writer <> ?) LIMIT 1",
+            (hostname, since_ns, until_ns, self._writer_id),
+        )
+        return cursor.fetchone() is not None
+
     @staticmethod
     def latest_span_ends(cursor: Cursor) -> dict[str, int]:
         # one index probe per host (span_chunks_by_host), not a scan of the chunks
@@ -552,10 +563,11 @@ class RequestSql:
         ]
 
 
-_INSERT_CHUNK = (
-    "INSERT INTO span_chunks (host_ref, min_start_ns, min_end_ns, max_end_ns, span_count, received_ns, data)"
-)
+_CHUNK_COLUMNS = "host_ref, min_start_ns, min_end_ns, max_end_ns, span_count, received_ns, data"
+_INSERT_CHUNK = f"INSERT INTO span_chunks ({_CHUNK_COLUMNS})"  # schema step 5's, before chunks had a writer
 _CHUNK_ROW = "(?, ?, ?, ?, ?, ?, ?)"
+_INSERT_OWN_CHUNK = f"INSERT INTO span_chunks ({_CHUNK_COLUMNS}, writer)"
+_OWN_CHUNK_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def _chunk_row(host_ref: int, spans: SpanColumns, received_ns: int) -> tuple[Any, ...]:

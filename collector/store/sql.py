@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
@@ -55,7 +56,8 @@ class SqlStore(StepsReads, Store):
         self._workloads = WorkloadRefs()
         self._group_write = GroupWrite(dialect)
         self._hosts = HostRefs()
-        self._requests = RequestSql(dialect)
+        self.writer_id = secrets.randbits(63)  # this open store's, on the span chunks it writes
+        self._requests = RequestSql(dialect, self.writer_id)
         self._span_listeners: list[Callable[[SpanColumns], None]] = []
 
     # -- what backends provide
@@ -424,6 +426,11 @@ class SqlStore(StepsReads, Store):
 
     def latest_span_ends(self) -> dict[str, int]:
         return self._run(self._requests.latest_span_ends, write=False)
+
+    def spans_written_elsewhere(self, hostname: str, since_ns: int, until_ns: int) -> bool:
+        return self._run(
+            lambda cursor: self._requests.written_elsewhere(cursor, text(hostname), since_ns, until_ns), write=False
+        )
 
     def request(self, request_id: str) -> RequestResult | None:
         return self._run(lambda cursor: self._requests.request(cursor, text(request_id)), write=False)

@@ -531,3 +531,21 @@ def test_a_reopen_told_while_the_store_s_list_is_being_read_is_not_lost(store: S
     store.pending_request_counts = real  # type: ignore[method-assign]
     engine.run_pass()  # the next pass should read the store's list
     assert result(store, "r").status == "final"
+
+
+def test_neighbours_stored_by_another_aggregator_share_the_energy(store: Store, store_url: str) -> None:
+    """Two aggregators share the database and each was sent half of a host's spans: the spans this one's memory was
+    handed are not all the host's, so the split reads the store (a and b overlap 2 s: 100 W shared)."""
+    constant_host(store)  # 100 W
+    engine = engine_for(store, Clock(T0 + 30 * S))  # begun before any span: its memory covers every host
+    store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm", model="m")])
+    other = open_store(store_url)
+    try:
+        other.write_spans([SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm", model="m")])
+    finally:
+        other.close()
+    engine.run_pass()
+    a, b = result(store, "a"), result(store, "b")
+    assert (a.status, b.status) == ("final", "final")
+    assert a.active_j == pytest.approx(200 + 100, rel=1e-9)
+    assert b.active_j == pytest.approx(100 + 200, rel=1e-9)

@@ -344,6 +344,28 @@ def test_process_bindings_keep_the_newest_sighting(store: Store) -> None:
     assert store.process_bindings("host-3") == []
 
 
+def test_spans_written_elsewhere_are_those_another_open_store_wrote(store: Store, store_url: str) -> None:
+    store.write_spans([span("mine", start_s=2, end_s=4)])
+    assert not store.spans_written_elsewhere("host-1", T0_NS, T0_NS + 10 * S)
+    other = open_store(store_url)  # another aggregator sharing the database
+    try:
+        other.write_spans([span("theirs", start_s=6, end_s=8), span("there", host="host-2", start_s=6, end_s=8)])
+    finally:
+        other.close()
+    assert store.spans_written_elsewhere("host-1", T0_NS + 5 * S, T0_NS + 7 * S)
+    assert store.spans_written_elsewhere("host-1", T0_NS + 8 * S, T0_NS + 9 * S)  # the bounds touch
+    assert not store.spans_written_elsewhere("host-1", T0_NS, T0_NS + 5 * S)  # before theirs: mine alone
+    assert not store.spans_written_elsewhere("host-1", T0_NS + 8 * S + 1, T0_NS + 20 * S)  # after theirs
+    assert not store.spans_written_elsewhere("host-3", T0_NS, T0_NS + 20 * S)  # no spans there
+    reopened = open_store(store_url)  # this aggregator after a restart: what it wrote before is another's now
+    try:
+        assert reopened.spans_written_elsewhere("host-1", T0_NS, T0_NS + 5 * S)
+        reopened.write_spans([span("new", start_s=30, end_s=31)])
+        assert not reopened.spans_written_elsewhere("host-1", T0_NS + 30 * S, T0_NS + 31 * S)
+    finally:
+        reopened.close()
+
+
 # -- schema step 5: spans as chunks
 
 
@@ -413,6 +435,8 @@ def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypat
         assert pending is not None and pending.hosts == ("host-1", "host-2")
         assert new.write_spans([multi[1], on_one[3]]) == 0
         assert new.latest_span_ends() == {"host-1": multi[0].end_ns, "host-2": multi[1].end_ns}
+        # moved before chunks had a writer (schema step 6): no engine holds them in memory
+        assert new.spans_written_elsewhere("host-2", T0_NS, T0_NS + 10 * S)
         with pytest.raises(StoreError):  # the old table is gone
             new._run(lambda cursor: cursor.execute("SELECT COUNT(*) FROM spans"), write=False)  # type: ignore[attr-defined]
     finally:
