@@ -34,13 +34,15 @@ of its share of the workload's measured energy; ``gpu_j``, ``cpu_j``, ``dram_j``
 among all requests running on the device, with the same weights) x ``[requests] pue``. A device's idle energy at
 times when no request runs on it stays unattributed (it is in ``wattmeter_fleet_energy_joules{phase="idle"}``).
 
-Revisions: a late span makes its own request pending (the store does that) and changes its neighbours' shares. A
-neighbour known not pending (it is in the engine's memory of results it wrote, or the pass took every pending
-request) is recomputed with the pass, and rewritten when it comes out final and differs from what the engine last
-wrote (``wattmeter_request_revisions_total``); a neighbour that is final and comes out less than final (its raw
-samples pruned) keeps its stored result. Late samples cannot change a final request: it is final only once the
-samples past its end are there with no gap before. The metrics count a request the first time this engine writes
-it final or approximate; after a restart, a neighbour finished before it and revised after counts again.
+Revisions: a late span makes its own request pending (the store does that) and changes its neighbours' shares.
+Every neighbour is recomputed with the pass. What it holds is what the engine last wrote of it, else what the store
+says (``Store.request_states``: a result written before a restart or by another aggregator): a pending one is
+settled as the pending ones are; a settled one is rewritten when it comes out with another status or energy
+(``wattmeter_request_revisions_total``), an approximate one staying approximate past its grace, a final one only
+when it comes out final (a neighbour whose raw samples were pruned keeps its stored result). Late samples cannot
+change a final request: it is final only once the samples past its end are there with no gap before. The metrics
+count a request the first time it is written final, approximate or no_samples; a revision counts as a revision, not
+as a request.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ class PassStats:
 # what the engine remembers of a result it wrote: (status, active_j, full_j)
 _Written = tuple[str, float | None, float | None]
 STATUS_NAMES = ("final", "approximate", "no_samples")
+_NOT_FINAL_SETTLED = frozenset(STATUS_NAMES[1:])
+_PENDING: _Written = ("pending", None, None)  # a neighbour not stored (pruned meanwhile) is settled as a pending one
 
 
 class _Collected:
@@ -380,8 +384,7 @@ class RequestEngine:
         for host, windows in _clusters(p_spans).items():
             for lo, hi in windows:
                 near = overlapping[(host, lo, hi)] = self._overlapping(host, lo, hi)
-                others = set(near.request_id) - pending_set
-                neighbours |= others & self._written.keys() if full else others
+                neighbours |= set(near.request_id) - pending_set
         c_spans = p_spans.plus(self._extents_of(sorted(neighbours))) if neighbours else p_spans
         wanted = pending_set | neighbours
 
@@ -540,9 +543,24 @@ class RequestEngine:
         sum_out = np.bincount(code, weights=tokens_out, minlength=m).astype(np.int64)
         active_j = gpu_j + cpu_j + dram_j
         full_j = (active_j + idle_j) * pue
+        written = self._written
+        # a neighbour whose result this engine did not write (it began since, or another aggregator wrote it): the
+        # store says what it is. Pending (or not stored), it is settled as the pending ones are; approximate or
+        # no_samples, it is rewritten when the pass gives it another status or energy; final, when it stays final
+        # with another energy (as one this engine wrote)
+        unwritten = [rid for rid in neighbours if rid not in written]
+        states = self.store.request_states(unwritten) if unwritten else {}
+        if unwritten:
+            pending = pending | {rid for rid in unwritten if states.get(rid, _PENDING)[0] == "pending"}
         is_pending = np.fromiter(map(pending.__contains__, ids), bool, m)
         is_final = (n_ready == computed) & (n_measured == computed)
-        late = ~is_final & is_pending & (now >= req_end + grace_ns)
+        unsettled_before = {
+            rid for rid in neighbours if (written.get(rid) or states.get(rid, _PENDING))[0] in _NOT_FINAL_SETTLED
+        }
+        may_be_late = is_pending
+        if unsettled_before:
+            may_be_late = is_pending | np.fromiter(map(unsettled_before.__contains__, ids), bool, m)
+        late = ~is_final & may_be_late & (now >= req_end + grace_ns)
         settled = is_final | late
         no_samples = late & (n_measured == 0)
         # a request with spans on several hosts, or several spans: its names and hosts from all of them
@@ -566,10 +584,9 @@ class RequestEngine:
         for k in waiting:
             self._back_off(ids[k], now, end_list[k] + grace_ns)
         status_code = np.where(is_final, 0, np.where(no_samples, 2, 1))  # STATUS_NAMES
-        written = self._written
-        # pending requests are all written; a neighbour (not pending: wanted are pending + neighbours) only when it
-        # is final and differs from what this engine last wrote (a stored result is not replaced by a less complete
-        # one)
+        # pending requests are all written; a neighbour (not pending: wanted are pending + neighbours) only when its
+        # status or energy differs from what it holds (a stored final result is not replaced by a less complete
+        # one: a final one is late never)
         candidate = np.flatnonzero(settled & is_pending)
         candidates = candidate.tolist()
         [candidate_ids] = pick_items([ids], candidate)
@@ -577,20 +594,19 @@ class RequestEngine:
         firsts = candidate[~known].tolist()
         revised = len(candidates) - len(firsts)
         chosen = candidates
-        near = np.flatnonzero(settled & ~is_pending & is_final).tolist()
+        near = np.flatnonzero(settled & ~is_pending).tolist()
         if near:
             chosen = list(candidates)
             active_list, full_list = active_j.tolist(), full_j.tolist()
             for k in near:
-                before = written.get(ids[k])
-                if before is None:
-                    # first time (pending when the pass began is not known of spans written since)
-                    firsts.append(k)
-                elif before[0] == "final" and not _differs(before[1], active_list[k]):
-                    if not _differs(before[2], full_list[k]):
-                        continue
-                else:
-                    revised += 1
+                before = written.get(ids[k]) or states[ids[k]]  # not pending: written, or stored and not pending
+                status = STATUS_NAMES[int(status_code[k])]
+                if before[0] == status and (
+                    status == "no_samples"  # no energy either way
+                    or not (_differs(before[1], active_list[k]) or _differs(before[2], full_list[k]))
+                ):
+                    continue
+                revised += 1
                 chosen.append(k)
         pick = np.array(chosen, dtype=np.int64)
         codes = status_code[pick].tolist()

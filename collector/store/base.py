@@ -368,6 +368,9 @@ class StoredLabelsRow:
     seen_ns: int
 
 
+RequestState = tuple[str, float | None, float | None]  # a stored request's status, active_j and full_j
+
+
 @dataclass(frozen=True)
 class RequestResult:
     """One request's energy, summed over its spans (a request may have spans on several hosts).
@@ -548,6 +551,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def spans_overlapping_columns(self, hostname: str, since_ns: int, until_ns: int) -> SpanColumns:
         """``spans_overlapping`` as columns."""
+
+    @abc.abstractmethod
+    def request_states(self, request_ids: Sequence[str]) -> dict[str, RequestState]:
+        """Per stored one of ``request_ids``: its status, active_j and full_j (the engine asks of the neighbours whose
+        result it did not write)."""
 
     @abc.abstractmethod
     def spans_written_elsewhere(self, hostname: str, since_ns: int, until_ns: int) -> bool:

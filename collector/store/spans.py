@@ -28,6 +28,7 @@ from collector.store.base import (
     ProcessBindingRow,
     RequestHourRow,
     RequestResult,
+    RequestState,
     RequestStatus,
     RequestSummaryRow,
     ResultColumns,
@@ -455,6 +456,20 @@ class RequestSql:
             "SELECT request_id, span_count FROM requests WHERE status = 'pending' ORDER BY end_ns LIMIT ?", (limit,)
         )
         return [(str(rid), int(count)) for rid, count in cursor.fetchall()]
+
+    @staticmethod
+    def request_states(cursor: Cursor, request_ids: Sequence[str]) -> dict[str, RequestState]:
+        """Status, active_j and full_j of the stored ones of ``request_ids``."""
+        states: dict[str, RequestState] = {}
+        for chunk in _chunks(sorted(set(request_ids))):
+            cursor.execute(
+                "SELECT request_id, status, active_j, full_j FROM requests "
+                f"WHERE request_id IN ({_marks(len(chunk), '?')})",
+                chunk,
+            )
+            for rid, status, active, full in cursor.fetchall():
+                states[str(rid)] = (str(status), _joules(active), _joules(full))
+        return states
 
     def request_spans(self, cursor: Cursor, request_ids: Sequence[str]) -> SpanColumns:
         """The stored spans of those requests, by request id and span id."""

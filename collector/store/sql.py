@@ -22,6 +22,7 @@ from collector.store.base import (
     ProcessBindingRow,
     RequestHourRow,
     RequestResult,
+    RequestState,
     RequestSummaryRow,
     ResultColumns,
     SpanColumns,
@@ -426,6 +427,12 @@ class SqlStore(StepsReads, Store):
 
     def latest_span_ends(self) -> dict[str, int]:
         return self._run(self._requests.latest_span_ends, write=False)
+
+    def request_states(self, request_ids: Sequence[str]) -> dict[str, RequestState]:
+        if not request_ids:
+            return {}
+        ids = [text(request_id) for request_id in request_ids]
+        return self._run(lambda cursor: self._requests.request_states(cursor, ids), write=False)
 
     def spans_written_elsewhere(self, hostname: str, since_ns: int, until_ns: int) -> bool:
         return self._run(

@@ -392,6 +392,82 @@ def test_late_samples_reopen_an_approximate_request_which_then_comes_out_final(s
 # -- which requests are pending: the engine's memory and the store's list
 
 
+def _counted(metrics: RequestMetrics) -> tuple[str, str]:
+    text = TextRenderer().render(metrics.families()).decode()
+    lines = text.splitlines()
+    return (
+        next(line for line in lines if line.startswith("wattmeter_request_revisions_total ")),
+        next((line for line in lines if line.startswith("wattmeter_requests_total{")), "no requests_total"),
+    )
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["restarted", "another-aggregator"])
+def test_a_final_neighbour_this_engine_did_not_write_is_revised_once_even_in_a_full_pass(
+    store: Store, store_url: str, elsewhere: bool
+) -> None:
+    """a was written final (400 J) by an engine before a restart, or by another aggregator's; b, later, overlaps it
+    2 s. This engine's passes are full (the store's list is cut at max_per_pass = 1): a is revised all the same (to
+    300 J: 100 W over [2, 8] s, all of it to a and b), and counted as a revision, not as a request again."""
+    constant_host(store)  # 100 W
+    first_store = open_store(store_url) if elsewhere else store
+    try:
+        first_store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+        engine_for(first_store, Clock(T0 + 30 * S)).run_pass()
+    finally:
+        if elsewhere:
+            first_store.close()
+    assert result(store, "a").active_j == pytest.approx(400.0, rel=1e-9)
+    seconds = [1000.0]
+    metrics = RequestMetrics()
+    engine = RequestEngine(
+        store, RequestsConfig(max_per_pass=1), metrics, clock_ns=Clock(T0 + 30 * S), monotonic=lambda: seconds[0]
+    )
+    store.write_spans([SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm")])
+    assert engine.run_pass().full
+    a, b = result(store, "a"), result(store, "b")
+    assert (a.status, b.status) == ("final", "final")
+    assert (a.active_j, b.active_j) == (pytest.approx(300.0, rel=1e-9), pytest.approx(300.0, rel=1e-9))
+    assert _counted(metrics) == (
+        "wattmeter_request_revisions_total 1.0",
+        'wattmeter_requests_total{model="",tenant=""} 1.0',  # b; a was counted when first written
+    )
+    assert engine.run_pass().finished == 0  # nothing left, nothing rewritten
+    assert _counted(metrics)[0] == "wattmeter_request_revisions_total 1.0"
+
+
+def test_a_late_span_revises_an_approximate_neighbour(store: Store) -> None:
+    """Samples stop at 5 s: n [2, 8] s is approximate with 300 J (all of [2, 5]). A late p [2.5, 3] s is final
+    with 25 J (half of [2.5, 3]), and n's approximate share drops by as much: 275 + 25 = 300 J measured."""
+    constant_host(store, seconds=5)
+    metrics = RequestMetrics()
+    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30), metrics, clock_ns=Clock(T0 + 38 * S))
+    store.write_spans([SpanRow("n", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
+    engine.run_pass()
+    assert (result(store, "n").status, result(store, "n").active_j) == ("approximate", pytest.approx(300.0))
+    store.write_spans([SpanRow("p", "s", "host-a", T0 + 2 * S + S // 2, T0 + 3 * S, workload="vllm")])
+    engine.run_pass()
+    p, n = result(store, "p"), result(store, "n")
+    assert (p.status, p.active_j) == ("final", pytest.approx(25.0, rel=1e-9))
+    assert (n.status, n.active_j) == ("approximate", pytest.approx(275.0, rel=1e-9))
+    assert _counted(metrics)[0] == "wattmeter_request_revisions_total 1.0"
+    engine.run_pass()
+    assert _counted(metrics)[0] == "wattmeter_request_revisions_total 1.0"  # not rewritten pass after pass
+
+
+def test_a_no_samples_neighbour_is_not_rewritten_pass_after_pass(store: Store) -> None:
+    """n has no samples (its host sent none): no_samples, no energy. A late p on the same host is no_samples too,
+    and n, its neighbour, is left as it is (no energy to compare: the same status is the same result)."""
+    metrics = RequestMetrics()
+    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30), metrics, clock_ns=Clock(T0 + 60 * S))
+    store.write_spans([SpanRow("n", "s", "host-z", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
+    engine.run_pass()
+    assert (result(store, "n").status, result(store, "n").active_j) == ("no_samples", None)
+    store.write_spans([SpanRow("p", "s", "host-z", T0 + 3 * S, T0 + 4 * S, workload="vllm")])
+    engine.run_pass()
+    assert (result(store, "p").status, result(store, "n").status) == ("no_samples", "no_samples")
+    assert _counted(metrics)[0] == "wattmeter_request_revisions_total 0.0"
+
+
 def pending_metric(engine: RequestEngine) -> str:
     text = TextRenderer().render(engine.metrics.families()).decode()
     return next(line for line in text.splitlines() if line.startswith("wattmeter_requests_pending "))

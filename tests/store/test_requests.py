@@ -679,3 +679,15 @@ def test_two_writers_of_one_request_at_once_store_each_span_once_and_keep_every_
     finally:
         for s in stores:
             s.close()
+
+
+def test_request_states_are_status_and_energies_of_the_stored_ones(store: Store) -> None:
+    store.write_spans([span("open"), span("done")])
+    store.write_request_results(
+        [RequestResult("done", "approximate", spans=1, start_ns=T0_NS, end_ns=T0_NS + S, active_j=2.5, full_j=3.0)]
+    )
+    assert store.request_states(["done", "open", "unknown", "done"]) == {
+        "done": ("approximate", 2.5, 3.0),
+        "open": ("pending", None, None),
+    }
+    assert store.request_states([]) == {}
