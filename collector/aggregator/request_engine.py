@@ -47,12 +47,13 @@ as a request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
 
@@ -101,7 +102,7 @@ class PassStats:
 _Written = tuple[str, float | None, float | None]
 STATUS_NAMES = ("final", "approximate", "no_samples")
 _NOT_FINAL_SETTLED = frozenset(STATUS_NAMES[1:])
-_PENDING: _Written = ("pending", None, None)  # a neighbour not stored (pruned meanwhile) is settled as a pending one
+_PENDING: _Written = ("pending", None, None)  # a neighbour not stored (pruned meanwhile) is left as a pending one
 
 
 class _Collected:
@@ -184,7 +185,7 @@ def _clusters(spans: _Extents) -> dict[str, list[tuple[int, int]]]:
 def _differs(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is not b
-    return abs(a - b) > 1e-9 * max(abs(a), abs(b), 1e-12)
+    return abs(a - b) > 1e-9 * max(abs(a), abs(b))  # relative at every scale (conservation holds to 1e-9 of any total)
 
 
 def _hosts_text(hosts: set[str]) -> str:
@@ -223,6 +224,9 @@ class RequestEngine:
         self._known: dict[str, None] = {}
         self._store_check_at = 0.0  # monotonic; 0: at the next pass (spans stored before this engine began)
         self._overflowed = False  # more pending than memory keeps: the store's list every pass until it is short
+        # reopens (host, since, until) since the pass began; a pass writes its results holding the lock
+        self._results_lock = threading.Lock()
+        self._reopened: list[tuple[str, int, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.window = window if window is not None else SpanWindow()
@@ -277,6 +281,16 @@ class RequestEngine:
     def note_requests_reopened(self) -> None:
         """Requests were made pending in the store (``Store.reopen_requests``): the next pass reads its list."""
         self._store_check_at = 0.0
+
+    @contextlib.contextmanager
+    def reopening(self, hostname: str, since_ns: int, until_ns: int) -> Iterator[None]:
+        """Around ``Store.reopen_requests`` (late samples of ``hostname`` in [since_ns, until_ns] were stored): a
+        pass does not write meanwhile, and one that read the samples before them does not write an approximate or
+        no_samples result of that host and time (it would undo the reopen, or come after it had nothing to reopen):
+        those requests stay pending, computed again by the next pass."""
+        with self._results_lock:
+            self._reopened.append((hostname, since_ns, until_ns))
+            yield
 
     # -- one pass
 
@@ -366,6 +380,8 @@ class RequestEngine:
         return SpanSet.of(self.store.spans_overlapping_columns(host, lo, hi))
 
     def run_pass(self) -> PassStats:
+        with self._results_lock:  # before the samples are read: a reopen from now on is one this pass may miss
+            self._reopened.clear()
         now = self.clock_ns()
         taken, pending_now, full = self._pending(self.config.max_per_pass)
         retry = self._retry
@@ -544,14 +560,10 @@ class RequestEngine:
         active_j = gpu_j + cpu_j + dram_j
         full_j = (active_j + idle_j) * pue
         written = self._written
-        # a neighbour whose result this engine did not write (it began since, or another aggregator wrote it): the
-        # store says what it is. Pending (or not stored), it is settled as the pending ones are; approximate or
-        # no_samples, it is rewritten when the pass gives it another status or energy; final, when it stays final
-        # with another energy (as one this engine wrote)
+        # what a neighbour holds: what this engine last wrote of it, else (it began since, or another aggregator
+        # wrote it) what the store says
         unwritten = [rid for rid in neighbours if rid not in written]
         states = self.store.request_states(unwritten) if unwritten else {}
-        if unwritten:
-            pending = pending | {rid for rid in unwritten if states.get(rid, _PENDING)[0] == "pending"}
         is_pending = np.fromiter(map(pending.__contains__, ids), bool, m)
         is_final = (n_ready == computed) & (n_measured == computed)
         unsettled_before = {
@@ -599,7 +611,12 @@ class RequestEngine:
             chosen = list(candidates)
             active_list, full_list = active_j.tolist(), full_j.tolist()
             for k in near:
-                before = written.get(ids[k]) or states[ids[k]]  # not pending: written, or stored and not pending
+                rid = ids[k]
+                before = written.get(rid) or states.get(rid, _PENDING)
+                if before[0] == "pending" or rid in self._known:
+                    # a pending one is settled when a pass takes it, with its own neighbours (a span of its that
+                    # this pass did not take may have changed their shares)
+                    continue
                 status = STATUS_NAMES[int(status_code[k])]
                 if before[0] == status and (
                     status == "no_samples"  # no energy either way
@@ -608,39 +625,43 @@ class RequestEngine:
                     continue
                 revised += 1
                 chosen.append(k)
-        pick = np.array(chosen, dtype=np.int64)
-        codes = status_code[pick].tolist()
-        energies: list[list[float | None]] = [
-            column[pick].tolist() for column in (active_j, full_j, gpu_j, cpu_j, dram_j)
-        ]
-        if 2 in codes:  # no_samples: no energy, never 0 J
-            for column in energies:
-                for i, c in enumerate(codes):
-                    if c == 2:
-                        column[i] = None
-        co2_g, cost = self._footprints(req_start[pick], req_end[pick], energies[0])
-        chosen_ids, chosen_model, chosen_tenant, chosen_hosts = pick_items((ids, model, tenant, hosts), pick)
-        out = ResultColumns(
-            chosen_ids,
-            list(map(STATUS_NAMES.__getitem__, codes)),
-            chosen_model,
-            chosen_tenant,
-            chosen_hosts,
-            req_start[pick].tolist(),
-            req_end[pick].tolist(),
-            sum_in[pick].tolist(),
-            sum_out[pick].tolist(),
-            energies[0],
-            energies[1],
-            energies[2],
-            energies[3],
-            energies[4],
-            computed[pick].tolist(),
-            [now] * len(chosen),
-            co2_g,
-            cost,
-        )
-        stale = set(self.store.write_result_columns(out)) if chosen else set()
+        with self._results_lock:  # to the write's commit: a reopen waits, or this pass knows of it
+            if self._reopened:
+                chosen, firsts = self._without_reopened(chosen, firsts, status_code, hosts, req_start, req_end)
+                revised = len(chosen) - len(firsts)
+            pick = np.array(chosen, dtype=np.int64)
+            codes = status_code[pick].tolist()
+            energies: list[list[float | None]] = [
+                column[pick].tolist() for column in (active_j, full_j, gpu_j, cpu_j, dram_j)
+            ]
+            if 2 in codes:  # no_samples: no energy, never 0 J
+                for column in energies:
+                    for i, c in enumerate(codes):
+                        if c == 2:
+                            column[i] = None
+            co2_g, cost = self._footprints(req_start[pick], req_end[pick], energies[0])
+            chosen_ids, chosen_model, chosen_tenant, chosen_hosts = pick_items((ids, model, tenant, hosts), pick)
+            out = ResultColumns(
+                chosen_ids,
+                list(map(STATUS_NAMES.__getitem__, codes)),
+                chosen_model,
+                chosen_tenant,
+                chosen_hosts,
+                req_start[pick].tolist(),
+                req_end[pick].tolist(),
+                sum_in[pick].tolist(),
+                sum_out[pick].tolist(),
+                energies[0],
+                energies[1],
+                energies[2],
+                energies[3],
+                energies[4],
+                computed[pick].tolist(),
+                [now] * len(chosen),
+                co2_g,
+                cost,
+            )
+            stale = set(self.store.write_result_columns(out)) if chosen else set()
         done_ids = out.request_id if not stale else [rid for rid in out.request_id if rid not in stale]
         if self._retry:
             deque(map(self._retry.pop, done_ids, repeat(None)), maxlen=0)
@@ -673,6 +694,31 @@ class RequestEngine:
             self.metrics.revised(revised)
         self._forget([*done_ids, *pending.difference(ids)])  # pending ones with no spans anywhere too
         return PassStats(taken, len(out) - len(stale), len(done), revised, full)
+
+    def _without_reopened(
+        self,
+        chosen: list[int],
+        firsts: list[int],
+        status_code: npt.NDArray[np.int64],
+        hosts: list[str],
+        req_start: npt.NDArray[np.int64],
+        req_end: npt.NDArray[np.int64],
+    ) -> tuple[list[int], list[int]]:
+        """``chosen`` and ``firsts`` without the results not final on a host and time reopened during the pass
+        (computed, maybe, from the samples before the late ones)."""
+        ranges = self._reopened
+        start, end = req_start.tolist(), req_end.tolist()
+
+        def reopened(k: int) -> bool:
+            if status_code[k] == 0:  # final: late samples cannot change it
+                return False
+            names = json.loads(hosts[k])
+            return any(host in names and start[k] <= until and end[k] >= since for host, since, until in ranges)
+
+        dropped = {k for k in chosen if reopened(k)}
+        if not dropped:
+            return chosen, firsts
+        return [k for k in chosen if k not in dropped], [k for k in firsts if k not in dropped]
 
     def _forget(self, settled: Iterable[str]) -> None:
         """``settled`` are pending no more (or not found): out of the engine's memory of pending requests."""

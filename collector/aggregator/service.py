@@ -108,7 +108,8 @@ class Aggregator:
 
         def reopen() -> None:
             try:
-                reopened = self.store.reopen_requests(hostname, since_ns, until_ns)
+                with self.requests.reopening(hostname, since_ns, until_ns):  # not under a pass's results
+                    reopened = self.store.reopen_requests(hostname, since_ns, until_ns)
             except Exception:  # they stay as they were: approximate or no_samples, as before the samples came
                 log.exception("reopening requests on %s after late samples failed", hostname)
                 return

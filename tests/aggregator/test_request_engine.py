@@ -4,6 +4,7 @@ order, statuses, revisions, the views and the metrics."""
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 import numpy as np
 import pytest
@@ -625,3 +626,49 @@ def test_neighbours_stored_by_another_aggregator_share_the_energy(store: Store, 
     assert (a.status, b.status) == ("final", "final")
     assert a.active_j == pytest.approx(200 + 100, rel=1e-9)
     assert b.active_j == pytest.approx(100 + 200, rel=1e-9)
+
+
+def test_late_samples_reopened_while_a_pass_computes_do_not_leave_it_approximate(store: Store) -> None:
+    """r [2, 8] s is past its grace with samples to 5 s only; while the pass computes it (after it read the samples),
+    the rest arrive and are reopened: r is still pending then, so the store has nothing to reopen, and the pass's
+    approximate result (300 J) must not be written; the next pass finds the whole 600 J."""
+    writer = constant_host(store, seconds=5)  # 100 W
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
+    engine = engine_for(store, Clock(T0 + 40 * S), finalize_grace_s=30)
+    read_samples = store.device_samples
+
+    def late_samples_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        samples = read_samples(*args, **kwargs)
+        store.device_samples = read_samples  # type: ignore[method-assign]
+        for second in range(5, 20):
+            t = T0 + second * S + np.arange(1, 11, dtype=np.int64) * (S // 10)
+            joules = 100.0 * (t - T0) / S
+            writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
+        with engine.reopening("host-a", T0 + 5 * S, T0 + 20 * S):
+            assert store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S) == 0  # r is pending still
+        return samples
+
+    store.device_samples = late_samples_meanwhile  # type: ignore[method-assign]
+    stats = engine.run_pass()
+    assert stats.finished == 0
+    assert result(store, "r").status == "pending"
+    engine.run_pass()
+    assert (result(store, "r").status, result(store, "r").active_j) == ("final", pytest.approx(600.0, rel=1e-9))
+
+
+def test_a_reopen_elsewhere_does_not_hold_back_a_pass_s_results(store: Store) -> None:
+    """A reopen of another host during the pass: the approximate result of this host is written."""
+    constant_host(store, seconds=5)
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
+    engine = engine_for(store, Clock(T0 + 40 * S), finalize_grace_s=30)
+    read_samples = store.device_samples
+
+    def reopen_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        store.device_samples = read_samples  # type: ignore[method-assign]
+        with engine.reopening("host-b", T0, T0 + 20 * S):
+            store.reopen_requests("host-b", T0, T0 + 20 * S)
+        return read_samples(*args, **kwargs)
+
+    store.device_samples = reopen_meanwhile  # type: ignore[method-assign]
+    engine.run_pass()
+    assert (result(store, "r").status, result(store, "r").active_j) == ("approximate", pytest.approx(300.0))
