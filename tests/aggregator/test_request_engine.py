@@ -672,3 +672,25 @@ def test_a_reopen_elsewhere_does_not_hold_back_a_pass_s_results(store: Store) ->
     store.device_samples = reopen_meanwhile  # type: ignore[method-assign]
     engine.run_pass()
     assert (result(store, "r").status, result(store, "r").active_j) == ("approximate", pytest.approx(300.0))
+
+
+def test_a_pending_neighbour_is_settled_by_its_own_pass_with_its_neighbours(store: Store) -> None:
+    """a [2, 6] s is final (400 J); then z [1, 1.5] s and b [1, 8] s come, one taken a pass. z's pass computes b (its
+    neighbour) but leaves it pending: written then, b would be final while a, b's neighbour but not z's, kept 400 J.
+    b's own pass revises a (100 W: z 25 J, b 25 + 50 + 200 + 200 J, a 200 J, together the 700 J of [1, 8] s)."""
+    constant_host(store)
+    engine = RequestEngine(store, RequestsConfig(max_per_pass=1), clock_ns=Clock(T0 + 30 * S), monotonic=lambda: 1e3)
+    store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    engine.run_pass()
+    store.write_spans([SpanRow("z", "s", "host-a", T0 + S, T0 + 3 * S // 2, workload="vllm")])
+    store.write_spans([SpanRow("b", "s", "host-a", T0 + S, T0 + 8 * S, workload="vllm")])
+    engine.run_pass()
+    assert (result(store, "z").status, result(store, "b").status) == ("final", "pending")
+    engine.run_pass()
+    a, b, z = (result(store, rid) for rid in ("a", "b", "z"))
+    assert (a.status, b.status) == ("final", "final")
+    assert (z.active_j, b.active_j, a.active_j) == (
+        pytest.approx(25.0, rel=1e-9),
+        pytest.approx(475.0, rel=1e-9),
+        pytest.approx(200.0, rel=1e-9),
+    )
