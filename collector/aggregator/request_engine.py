@@ -231,7 +231,7 @@ class RequestEngine:
         self._thread: threading.Thread | None = None
         self.window = window if window is not None else SpanWindow()
         # listening first: a span committed after the store's latest ends were read is in the window
-        store.add_span_listener(self.window.add)
+        store.add_span_listener(self.window.add, missed=self.window.recover)
         self.window.recover(store.latest_span_ends())
 
     # -- the thread

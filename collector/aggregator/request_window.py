@@ -175,7 +175,8 @@ class SpanWindow:
             self._incoming.append(spans)
 
     def recover(self, latest_end_ns: dict[str, int]) -> None:
-        """The store's latest span end per host when this engine began: those spans are not here."""
+        """Per host, a latest span end up to which stored spans may not be here: the store's when this engine began,
+        or a write's whose commit was lost (``Store.add_span_listener``'s ``missed``); the store is read there."""
         with self._lock:
             for host, end_ns in latest_end_ns.items():
                 self._horizon[host] = max(self._horizon.get(host, NEVER), end_ns + 1)

@@ -535,10 +535,14 @@ class Store(abc.ABC):
         also hands, once committed, to every span listener (``add_span_listener``)."""
 
     @abc.abstractmethod
-    def add_span_listener(self, listener: Callable[[SpanColumns], None]) -> None:
+    def add_span_listener(
+        self, listener: Callable[[SpanColumns], None], missed: Callable[[dict[str, int]], None] | None = None
+    ) -> None:
         """Call ``listener`` with the new spans of every span write of this store object (``write_spans``,
         ``write_span_columns``, ``write_batches``), after its commit, on the writing thread; an exception it raises
-        is logged, never the write's. The request engine keeps recent spans in memory so."""
+        is logged, never the write's. The request engine keeps recent spans in memory so. ``missed``: called with,
+        per hostname, the latest end of a write's spans when some of them may be stored without ``listener`` having
+        them: a commit whose outcome was lost (retried, or failed), an earlier attempt may have stored them."""
 
     @abc.abstractmethod
     def pending_request_counts(self, limit: int) -> list[tuple[str, int]]:

@@ -59,7 +59,7 @@ class SqlStore(StepsReads, Store):
         self._hosts = HostRefs()
         self.writer_id = secrets.randbits(63)  # this open store's, on the span chunks it writes
         self._requests = RequestSql(dialect, self.writer_id)
-        self._span_listeners: list[Callable[[SpanColumns], None]] = []
+        self._span_listeners: list[tuple[Callable[[SpanColumns], None], Callable[[dict[str, int]], None] | None]] = []
 
     # -- what backends provide
 
@@ -143,7 +143,9 @@ class SqlStore(StepsReads, Store):
             binding_hosts = self._requests.write_bindings(cursor, bindings, self._hosts)
             return results, new_refs, {**span_hosts, **binding_hosts}, new_spans
 
-        results, new_refs, new_hosts, new_spans = self._run(work, write=True)
+        results, new_refs, new_hosts, new_spans = self._span_write(
+            work, lambda: SpanColumns.of([span for batch in batches for span in batch.spans])
+        )
         self._workloads.remember(new_refs)
         self._hosts.remember(new_hosts)
         self._tell_span_listeners(new_spans)
@@ -160,21 +162,57 @@ class SqlStore(StepsReads, Store):
         def work(cursor: Cursor) -> tuple[SpanColumns, dict[HostKey, int]]:
             return self._requests.write_spans(cursor, spans, self._hosts, now_ns)
 
-        new, new_hosts = self._run(work, write=True)
+        new, new_hosts = self._span_write(work, lambda: spans)
         self._hosts.remember(new_hosts)
         self._tell_span_listeners(new)
         return new
 
-    def add_span_listener(self, listener: Callable[[SpanColumns], None]) -> None:
-        self._span_listeners.append(listener)
+    def _span_write(self, work: Callable[[Cursor], T], spans: Callable[[], SpanColumns]) -> T:
+        """``work`` in one write transaction; when it ran more than once (a commit whose outcome was lost, retried)
+        or failed, the span listeners are told that ``spans`` may be stored without their having them."""
+        attempts = 0
+
+        def counted(cursor: Cursor) -> T:
+            nonlocal attempts
+            attempts += 1
+            return work(cursor)
+
+        try:
+            result = self._run(counted, write=True)
+        except BaseException:
+            if attempts:
+                self._tell_missed(spans())
+            raise
+        if attempts > 1:
+            self._tell_missed(spans())
+        return result
+
+    def add_span_listener(
+        self, listener: Callable[[SpanColumns], None], missed: Callable[[dict[str, int]], None] | None = None
+    ) -> None:
+        self._span_listeners.append((listener, missed))
 
     def _tell_span_listeners(self, spans: SpanColumns) -> None:
         if not len(spans):
             return
-        for listener in self._span_listeners:
+        for listener, _ in self._span_listeners:
             try:
                 listener(spans)
             except Exception:  # the spans are committed: the write stands whatever a listener does
+                log.exception("a span listener failed")
+
+    def _tell_missed(self, spans: SpanColumns) -> None:
+        if not len(spans):
+            return
+        latest: dict[str, int] = {}
+        for host, start, end in zip(spans.hostname, spans.start_ns, spans.end_ns, strict=True):
+            latest[text(host)] = max(latest.get(text(host), start), start, end)
+        for _, missed in self._span_listeners:
+            if missed is None:
+                continue
+            try:
+                missed(latest)
+            except Exception:
                 log.exception("a span listener failed")
 
     def write_process_bindings(self, bindings: Sequence[ProcessBindingRow]) -> None:

@@ -7,6 +7,7 @@ import subprocess
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 
 from collector.aggregator.config import RequestsConfig
@@ -694,3 +695,42 @@ def test_a_pending_neighbour_is_settled_by_its_own_pass_with_its_neighbours(stor
         pytest.approx(475.0, rel=1e-9),
         pytest.approx(200.0, rel=1e-9),
     )
+
+
+def test_spans_of_a_write_whose_commit_was_lost_are_read_from_the_store(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL (SQLite commits in process: its outcome is never lost): the connection drops just after the
+    server committed b's write; the store writes again and finds b stored (nothing new to hand the engine's memory),
+    so the memory cannot vouch for host-a up to b's end: the engine reads the store there, and a and b share their
+    2 s (100 W)."""
+    store = open_store(postgres_url)
+    store.migrate()
+    try:
+        _lost_commit(store, monkeypatch)
+    finally:
+        store.close()
+
+
+def _lost_commit(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    constant_host(store)
+    engine = engine_for(store, Clock(T0 + 30 * S))
+    store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    commit = psycopg.Connection.commit
+    drops = [1]
+
+    def commit_then_drop(self: psycopg.Connection[Any]) -> None:
+        commit(self)
+        if drops[0]:
+            drops[0] -= 1
+            self.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(psycopg.Connection, "commit", commit_then_drop)
+    assert store.write_spans([SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm")]) == 0
+    monkeypatch.setattr(psycopg.Connection, "commit", commit)
+    assert drops == [0]
+    engine.run_pass()  # the first: it reads the store's list of pending requests, where b is
+    a, b = result(store, "a"), result(store, "b")
+    assert (a.status, b.status) == ("final", "final")
+    assert (a.active_j, b.active_j) == (pytest.approx(300.0, rel=1e-9), pytest.approx(300.0, rel=1e-9))

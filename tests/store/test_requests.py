@@ -20,6 +20,7 @@ from collector.store.base import (
     RequestResult,
     RequestSummaryRow,
     ResultColumns,
+    SpanColumns,
     SpanRow,
     labels_json,
 )
@@ -691,3 +692,34 @@ def test_request_states_are_status_and_energies_of_the_stored_ones(store: Store)
         "open": ("pending", None, None),
     }
     assert store.request_states([]) == {}
+
+
+def test_span_listeners_are_told_of_writes_whose_commit_was_lost(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    heard: list[SpanColumns] = []
+    missed: list[dict[str, int]] = []
+    store.add_span_listener(heard.append, missed=missed.append)
+    store.write_spans([span("a", start_s=1, end_s=2)])
+    assert (len(heard), missed) == (1, [])
+    run = store._run  # type: ignore[attr-defined]
+
+    def committed_then_retried(work: Callable[[Any], Any], *, write: bool) -> Any:
+        run(work, write=write)  # committed, but the outcome was lost: run again
+        return run(work, write=write)
+
+    monkeypatch.setattr(store, "_run", committed_then_retried)
+    spans = [span("b", start_s=3, end_s=5), span("c", host="host-2", start_s=1, end_s=9)]
+    assert store.write_spans(spans) == 0  # the second run found them stored: none new
+    assert len(heard) == 1
+    assert missed == [{"host-1": T0_NS + 5 * S, "host-2": T0_NS + 9 * S}]
+
+    def committed_then_failed(work: Callable[[Any], Any], *, write: bool) -> Any:
+        run(work, write=write)
+        raise StoreError("the connection dropped at the commit")
+
+    monkeypatch.setattr(store, "_run", committed_then_failed)
+    with pytest.raises(StoreError):
+        store.write_spans([span("d", start_s=6, end_s=7)])
+    assert missed[-1] == {"host-1": T0_NS + 7 * S}
+    monkeypatch.undo()
+    store.write_spans([span("e", start_s=8, end_s=9)])
+    assert (len(heard), len(missed)) == (2, 2)
