@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -108,14 +108,40 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return samples
 
 
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape_until(url: str, ready: Callable[[Samples], bool], timeout_s: float = 15.0) -> Samples:
+    """Scrape until ``ready`` says the samples are there (a loaded machine reads late); the last scrape either way,
+    for the test's own assertions to say what was missing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(url)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
+def _cpu(samples: Samples) -> dict[tuple[str, str, str], float]:
+    return {
+        (lb["package"], lb["domain"], lb["source"]): v for lb, v in samples.get("wattmeter_cpu_energy_joules_total", [])
+    }
+
+
 def test_scrape_has_gpus_cpu_and_health(agent: tuple[AgentProcess, str], fake_rapl: FakePowercap) -> None:
     _, url = agent
-    time.sleep(0.5)
-    first = scrape(url)
+    first = scrape_until(
+        url,
+        lambda s: (
+            len(s.get("wattmeter_source_up", [])) == 4
+            and len(s.get("wattmeter_gpu_energy_joules_total", [])) == 2
+            and ("0", "dram", "rapl") in _cpu(s)
+        ),
+    )
     gpus = {labels["gpu"] for labels, _ in first["wattmeter_gpu_energy_joules_total"]}
     assert gpus == {"0", "1"}
     assert all(labels.keys() == {"gpu", "uuid", "model"} for labels, _ in first["wattmeter_gpu_power_watts"])
-    cpu = {(lb["package"], lb["domain"], lb["source"]): v for lb, v in first["wattmeter_cpu_energy_joules_total"]}
+    cpu = _cpu(first)
     assert cpu[("0", "package", "rapl")] == pytest.approx(10.0)  # the fake tree's 10,000,000 uJ
     assert cpu[("0", "dram", "rapl")] == pytest.approx(2.0)
     assert ("0", "package", "model") not in cpu  # RAPL is readable, so no estimate
@@ -124,10 +150,8 @@ def test_scrape_has_gpus_cpu_and_health(agent: tuple[AgentProcess, str], fake_ra
     assert first["wattmeter_build_info"][0][0]["version"]
 
     fake_rapl.set_energy(fake_rapl.zones["0"], fake_rapl.zones["0"].energy_uj + 3_500_000)
-    time.sleep(0.6)
-    second = scrape(url)
-    cpu2 = {(lb["package"], lb["domain"], lb["source"]): v for lb, v in second["wattmeter_cpu_energy_joules_total"]}
-    assert cpu2[("0", "package", "rapl")] == pytest.approx(13.5)
+    second = scrape_until(url, lambda s: _cpu(s).get(("0", "package", "rapl"), 0.0) > 10.0)
+    assert _cpu(second)[("0", "package", "rapl")] == pytest.approx(13.5)
     before = {lb["gpu"]: v for lb, v in first["wattmeter_gpu_energy_joules_total"]}
     after = {lb["gpu"]: v for lb, v in second["wattmeter_gpu_energy_joules_total"]}
     assert all(after[g] > before[g] for g in before)  # simulated GPUs draw at least ~70 W
@@ -136,7 +160,8 @@ def test_scrape_has_gpus_cpu_and_health(agent: tuple[AgentProcess, str], fake_ra
 def test_promtool_check_metrics_is_clean(agent: tuple[AgentProcess, str]) -> None:
     _, url = agent
     assert shutil.which("promtool"), "promtool missing: `make test` installs Debian's prometheus package"
-    time.sleep(1.2)  # past one slow (status) read, so every metric family is present
+    # past one slow (status) read, so every metric family is present
+    scrape_until(url, lambda s: "wattmeter_gpu_power_limit_watts" in s)
     status, body = get(url + "/metrics")
     assert status == 200
     assert b"wattmeter_gpu_power_limit_watts" in body
@@ -168,8 +193,7 @@ def test_cpu_estimate_when_no_rapl(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         process.wait_healthy(url)
-        time.sleep(0.3)
-        samples = scrape(url)
+        samples = scrape_until(url, lambda s: "wattmeter_cpu_energy_joules_total" in s)
         sources = {lb["source"] for lb, _ in samples["wattmeter_cpu_energy_joules_total"]}
         assert sources == {"model"}
         assert "wattmeter_gpu_energy_joules_total" not in samples
