@@ -35,14 +35,15 @@ among all requests running on the device, with the same weights) x ``[requests] 
 times when no request runs on it stays unattributed (it is in ``wattmeter_fleet_energy_joules{phase="idle"}``).
 
 Revisions: a late span makes its own request pending (the store does that) and changes its neighbours' shares.
-Every neighbour is recomputed with the pass. What it holds is what the engine last wrote of it, else what the store
-says (``Store.request_states``: a result written before a restart or by another aggregator): a pending one is
-settled as the pending ones are; a settled one is rewritten when it comes out with another status or energy
-(``wattmeter_request_revisions_total``), an approximate one staying approximate past its grace, a final one only
-when it comes out final (a neighbour whose raw samples were pruned keeps its stored result). Late samples cannot
-change a final request: it is final only once the samples past its end are there with no gap before. The metrics
-count a request the first time it is written final, approximate or no_samples; a revision counts as a revision, not
-as a request.
+Every neighbour is recomputed with the pass, from all its spans: the store says what it holds and how many spans
+it has (``Store.request_states``, one read a pass; memory may hold fewer: another aggregator's, or older than it
+keeps). A pending one is left to a pass that takes it (with its own neighbours); a settled one is rewritten when
+it comes out with another status or energy (``wattmeter_request_revisions_total``), an approximate one staying
+approximate past its grace, a final one only when it comes out final (a neighbour whose raw samples were pruned
+keeps its stored result). Late samples cannot change a final request: it is final only once the samples past its
+end are there with no gap before. The metrics count a request the first time this engine writes it, and a
+neighbour's rewrite as a revision; a request made pending again (a late span of its own, late samples) that this
+engine never wrote (written before a restart, or by another aggregator) counts as a request again.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from collector.carbon.series import IntensitySeries
 from collector.store.base import (
     HostRow,
     Int64Array,
+    RequestState,
     ResultColumns,
     SpanKey,
     Store,
@@ -102,7 +104,7 @@ class PassStats:
 _Written = tuple[str, float | None, float | None]
 STATUS_NAMES = ("final", "approximate", "no_samples")
 _NOT_FINAL_SETTLED = frozenset(STATUS_NAMES[1:])
-_PENDING: _Written = ("pending", None, None)  # a neighbour not stored (pruned meanwhile) is left as a pending one
+_PENDING: RequestState = ("pending", None, None, 0)  # a neighbour not stored (pruned meanwhile) is left pending
 
 
 class _Collected:
@@ -285,9 +287,10 @@ class RequestEngine:
     @contextlib.contextmanager
     def reopening(self, hostname: str, since_ns: int, until_ns: int) -> Iterator[None]:
         """Around ``Store.reopen_requests`` (late samples of ``hostname`` in [since_ns, until_ns] were stored): a
-        pass does not write meanwhile, and one that read the samples before them does not write an approximate or
-        no_samples result of that host and time (it would undo the reopen, or come after it had nothing to reopen):
-        those requests stay pending, computed again by the next pass."""
+        pass does not write meanwhile, and one under way (it may have read the samples before them) writes no
+        approximate or no_samples result with a span on that host and time that the reopen concerns: a pending one
+        stays pending, computed again by the next pass (the reopen had nothing to reopen), a neighbour the reopen
+        made pending is left to it."""
         with self._results_lock:
             self._reopened.append((hostname, since_ns, until_ns))
             yield
@@ -401,7 +404,15 @@ class RequestEngine:
             for lo, hi in windows:
                 near = overlapping[(host, lo, hi)] = self._overlapping(host, lo, hi)
                 neighbours |= set(near.request_id) - pending_set
-        c_spans = p_spans.plus(self._extents_of(sorted(neighbours))) if neighbours else p_spans
+        # what each neighbour holds, and how many spans: memory may lack some (stored by another aggregator, or
+        # older than it keeps), and a neighbour's clusters must cover all of them
+        ordered = sorted(neighbours)
+        states = self.store.request_states(ordered) if neighbours else {}
+        c_spans = p_spans
+        if neighbours:
+            counts = [None if state is None else state[3] for state in map(states.get, ordered)]
+            c_spans = p_spans.plus(self._extents_of(ordered, counts))
+            self._from_store -= neighbours  # their counts are read every pass they are neighbours
         wanted = pending_set | neighbours
 
         hosts = {row.hostname: row for row in self.store.hosts()}
@@ -423,7 +434,7 @@ class RequestEngine:
                     log.exception("attributing requests on %s failed", host)
                     self.metrics.pass_failed()
                     self._store_check_at = 0.0  # its requests, uncollected, are forgotten: the store's list next
-        return self._settle(now, len(taken), pending_set, neighbours, collected, full)
+        return self._settle(now, len(taken), pending_set, neighbours, states, collected, full)
 
     def _host_workloads(self, host: str, spans: SpanSet, names: frozenset[str]) -> HostWorkloads:
         bindings = self._bindings.get(host)
@@ -526,6 +537,7 @@ class RequestEngine:
         taken: int,
         pending: set[str],
         neighbours: set[str],
+        states: dict[str, RequestState],
         collected: _Collected,
         full: bool,
     ) -> PassStats:
@@ -560,15 +572,11 @@ class RequestEngine:
         active_j = gpu_j + cpu_j + dram_j
         full_j = (active_j + idle_j) * pue
         written = self._written
-        # what a neighbour holds: what this engine last wrote of it, else (it began since, or another aggregator
-        # wrote it) what the store says
-        unwritten = [rid for rid in neighbours if rid not in written]
-        states = self.store.request_states(unwritten) if unwritten else {}
         is_pending = np.fromiter(map(pending.__contains__, ids), bool, m)
         is_final = (n_ready == computed) & (n_measured == computed)
-        unsettled_before = {
-            rid for rid in neighbours if (written.get(rid) or states.get(rid, _PENDING))[0] in _NOT_FINAL_SETTLED
-        }
+        # a neighbour holds what the store said at the pass's start (this engine's, another aggregator's or from
+        # before a restart)
+        unsettled_before = {rid for rid in neighbours if states.get(rid, _PENDING)[0] in _NOT_FINAL_SETTLED}
         may_be_late = is_pending
         if unsettled_before:
             may_be_late = is_pending | np.fromiter(map(unsettled_before.__contains__, ids), bool, m)
@@ -603,8 +611,7 @@ class RequestEngine:
         candidates = candidate.tolist()
         [candidate_ids] = pick_items([ids], candidate)
         known = np.fromiter(map(written.__contains__, candidate_ids), bool, len(candidates))
-        firsts = candidate[~known].tolist()
-        revised = len(candidates) - len(firsts)
+        firsts = candidate[~known].tolist()  # the rest of what is written is revised
         chosen = candidates
         near = np.flatnonzero(settled & ~is_pending).tolist()
         if near:
@@ -612,7 +619,7 @@ class RequestEngine:
             active_list, full_list = active_j.tolist(), full_j.tolist()
             for k in near:
                 rid = ids[k]
-                before = written.get(rid) or states.get(rid, _PENDING)
+                before = states.get(rid, _PENDING)
                 if before[0] == "pending" or rid in self._known:
                     # a pending one is settled when a pass takes it, with its own neighbours (a span of its that
                     # this pass did not take may have changed their shares)
@@ -623,12 +630,11 @@ class RequestEngine:
                     or not (_differs(before[1], active_list[k]) or _differs(before[2], full_list[k]))
                 ):
                     continue
-                revised += 1
                 chosen.append(k)
         with self._results_lock:  # to the write's commit: a reopen waits, or this pass knows of it
             if self._reopened:
-                chosen, firsts = self._without_reopened(chosen, firsts, status_code, hosts, req_start, req_end)
-                revised = len(chosen) - len(firsts)
+                reopened = self._reopened_during_pass(m, code, collected.hostname, start, end)
+                chosen, firsts = self._without_reopened(chosen, firsts, ids, status_code, is_pending, reopened)
             pick = np.array(chosen, dtype=np.int64)
             codes = status_code[pick].tolist()
             energies: list[list[float | None]] = [
@@ -690,32 +696,49 @@ class RequestEngine:
                 np.where(unknown, np.nan, full_j[pick]),
                 sum_out[pick],
             )
+        revised = len(out) - len(stale) - len(done)  # written, and not for the first time (a stale one was not)
         if revised:
             self.metrics.revised(revised)
         self._forget([*done_ids, *pending.difference(ids)])  # pending ones with no spans anywhere too
         return PassStats(taken, len(out) - len(stale), len(done), revised, full)
 
+    def _reopened_during_pass(
+        self, m: int, code: Int64Array, hostname: list[str], start: Int64Array, end: Int64Array
+    ) -> npt.NDArray[np.bool_]:
+        """Per request, whether one of its spans is on a host and time reopened during the pass (as the store
+        reopens: a span on that host overlapping the time)."""
+        hit = np.zeros(m, dtype=bool)
+        names = np.array(hostname, dtype=object)
+        by_host: dict[str, list[tuple[int, int]]] = {}
+        for host, since, until in self._reopened:
+            by_host.setdefault(host, []).append((since, until))
+        for host, ranges in by_host.items():
+            on_host = names == host
+            if not on_host.any():
+                continue
+            for since, until in ranges:
+                hit[code[on_host & (start <= until) & (end >= since)]] = True
+        return hit
+
     def _without_reopened(
         self,
         chosen: list[int],
         firsts: list[int],
-        status_code: npt.NDArray[np.int64],
-        hosts: list[str],
-        req_start: npt.NDArray[np.int64],
-        req_end: npt.NDArray[np.int64],
+        ids: list[str],
+        status_code: Int64Array,
+        is_pending: npt.NDArray[np.bool_],
+        reopened: npt.NDArray[np.bool_],
     ) -> tuple[list[int], list[int]]:
-        """``chosen`` and ``firsts`` without the results not final on a host and time reopened during the pass
-        (computed, maybe, from the samples before the late ones)."""
-        ranges = self._reopened
-        start, end = req_start.tolist(), req_end.tolist()
-
-        def reopened(k: int) -> bool:
-            if status_code[k] == 0:  # final: late samples cannot change it
-                return False
-            names = json.loads(hosts[k])
-            return any(host in names and start[k] <= until and end[k] >= since for host, since, until in ranges)
-
-        dropped = {k for k in chosen if reopened(k)}
+        """``chosen`` and ``firsts`` without the results that a reopen during the pass makes stale: not final (late
+        samples cannot change a final one), with a span on a reopened host and time, and pending (it stays pending,
+        computed again by the next pass) or a neighbour the reopen made pending (the store is asked again: one it
+        did not reopen keeps its revision)."""
+        hit = [k for k in chosen if reopened[k] and status_code[k] != 0]
+        if not hit:
+            return chosen, firsts
+        neighbours = [ids[k] for k in hit if not is_pending[k]]
+        now = self.store.request_states(neighbours) if neighbours else {}
+        dropped = {k for k in hit if is_pending[k] or now.get(ids[k], _PENDING)[0] == "pending"}
         if not dropped:
             return chosen, firsts
         return [k for k in chosen if k not in dropped], [k for k in firsts if k not in dropped]

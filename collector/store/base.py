@@ -368,7 +368,7 @@ class StoredLabelsRow:
     seen_ns: int
 
 
-RequestState = tuple[str, float | None, float | None]  # a stored request's status, active_j and full_j
+RequestState = tuple[str, float | None, float | None, int]  # a stored request's status, active_j, full_j and spans
 
 
 @dataclass(frozen=True)
@@ -558,8 +558,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def request_states(self, request_ids: Sequence[str]) -> dict[str, RequestState]:
-        """Per stored one of ``request_ids``: its status, active_j and full_j (the engine asks of the neighbours whose
-        result it did not write)."""
+        """Per stored one of ``request_ids``: its status, active_j, full_j and span count (the engine asks of its
+        neighbours: what they hold, and whether its memory has all their spans)."""
 
     @abc.abstractmethod
     def spans_written_elsewhere(self, hostname: str, since_ns: int, until_ns: int) -> bool:

@@ -459,16 +459,16 @@ class RequestSql:
 
     @staticmethod
     def request_states(cursor: Cursor, request_ids: Sequence[str]) -> dict[str, RequestState]:
-        """Status, active_j and full_j of the stored ones of ``request_ids``."""
+        """Status, active_j, full_j and span count of the stored ones of ``request_ids``."""
         states: dict[str, RequestState] = {}
         for chunk in _chunks(sorted(set(request_ids))):
             cursor.execute(
-                "SELECT request_id, status, active_j, full_j FROM requests "
+                "SELECT request_id, status, active_j, full_j, span_count FROM requests "
                 f"WHERE request_id IN ({_marks(len(chunk), '?')})",
                 chunk,
             )
-            for rid, status, active, full in cursor.fetchall():
-                states[str(rid)] = (str(status), _joules(active), _joules(full))
+            for rid, status, active, full, count in cursor.fetchall():
+                states[str(rid)] = (str(status), _joules(active), _joules(full), int(count))
         return states
 
     def request_spans(self, cursor: Cursor, request_ids: Sequence[str]) -> SpanColumns:

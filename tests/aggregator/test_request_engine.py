@@ -734,3 +734,82 @@ def _lost_commit(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = result(store, "a"), result(store, "b")
     assert (a.status, b.status) == ("final", "final")
     assert (a.active_j, b.active_j) == (pytest.approx(300.0, rel=1e-9), pytest.approx(300.0, rel=1e-9))
+
+
+def test_a_reopen_of_a_time_none_of_a_neighbour_s_spans_touch_keeps_its_revision(store: Store) -> None:
+    """n has spans on host-a at [2, 6] s and [30, 32] s (samples to 20 s: approximate, 400 J); a late x [4, 8] s
+    takes half of [4, 6]. During x's pass host-a [15, 18] s is reopened: none of n's spans is there (the store
+    reopens what has a span in the time, not what spans it), so n's revision to 300 J is written."""
+    constant_host(store)  # 100 W, 20 s
+    store.write_spans(
+        [
+            SpanRow("n", "s1", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm"),
+            SpanRow("n", "s2", "host-a", T0 + 30 * S, T0 + 32 * S, workload="vllm"),
+        ]
+    )
+    engine = engine_for(store, Clock(T0 + 70 * S), finalize_grace_s=30)
+    engine.run_pass()
+    assert (result(store, "n").status, result(store, "n").active_j) == ("approximate", pytest.approx(400.0))
+    store.write_spans([SpanRow("x", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm")])
+    read_samples = store.device_samples
+
+    def reopen_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        store.device_samples = read_samples  # type: ignore[method-assign]
+        with engine.reopening("host-a", T0 + 15 * S, T0 + 18 * S):
+            assert store.reopen_requests("host-a", T0 + 15 * S, T0 + 18 * S) == 0
+        return read_samples(*args, **kwargs)
+
+    store.device_samples = reopen_meanwhile  # type: ignore[method-assign]
+    engine.run_pass()
+    x, n = result(store, "x"), result(store, "n")
+    assert (x.status, x.active_j) == ("final", pytest.approx(300.0, rel=1e-9))
+    assert (n.status, n.active_j) == ("approximate", pytest.approx(300.0, rel=1e-9))  # [2, 8] s: 600 J
+
+
+def test_a_neighbour_with_a_span_another_aggregator_stored_is_revised_from_all_its_spans(
+    store: Store, store_url: str
+) -> None:
+    """n has a span on host-a (stored here) and one on host-b (stored by another aggregator): 800 J. A late x on
+    host-a takes half of [4, 6] s: n is recomputed from both its spans (memory holds one of the two the store
+    counts), 300 J on host-a and 400 on host-b."""
+    constant_host(store)  # host-a 100 W
+    constant_host(store, hostname="host-b")
+    engine = engine_for(store, Clock(T0 + 30 * S))
+    store.write_spans([SpanRow("n", "s1", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    other = open_store(store_url)
+    try:
+        other.write_spans([SpanRow("n", "s2", "host-b", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    finally:
+        other.close()
+    engine.run_pass()
+    assert (result(store, "n").status, result(store, "n").active_j) == ("final", pytest.approx(800.0))
+    store.write_spans([SpanRow("x", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm")])
+    engine.run_pass()
+    x, n = result(store, "x"), result(store, "n")
+    assert (x.active_j, n.active_j) == (pytest.approx(300.0, rel=1e-9), pytest.approx(700.0, rel=1e-9))
+
+
+def test_a_neighbour_another_aggregator_settled_is_not_rewritten_from_this_one_s_partial_memory(
+    store: Store, store_url: str
+) -> None:
+    """b [18, 22] s is approximate here (samples to 20 s). Another aggregator stores b's other span [5, 19] s and
+    settles b (1500 J: all of [5, 20] s). z [18, 19] s comes here: b, its neighbour, is computed from both its
+    spans (the store counts two, memory holds one): in [18, 19] s three spans share 100 J (a third each, two of
+    them b's), and b + z keep the 1500 J."""
+    constant_host(store)  # 100 W, 20 s
+    config = RequestsConfig(finalize_grace_s=30)
+    engine = RequestEngine(store, config, clock_ns=Clock(T0 + 60 * S), monotonic=lambda: 1e3)
+    store.write_spans([SpanRow("b", "s1", "host-a", T0 + 18 * S, T0 + 22 * S, workload="vllm")])
+    engine.run_pass()
+    other = open_store(store_url)
+    try:
+        other.write_spans([SpanRow("b", "s2", "host-a", T0 + 5 * S, T0 + 19 * S, workload="vllm")])
+        RequestEngine(other, config, clock_ns=Clock(T0 + 60 * S)).run_pass()
+        assert result(store, "b").active_j == pytest.approx(1500.0, rel=1e-9)
+    finally:
+        other.close()
+    store.write_spans([SpanRow("z", "s", "host-a", T0 + 18 * S, T0 + 19 * S, workload="vllm")])
+    engine.run_pass()
+    b, z = result(store, "b"), result(store, "z")
+    assert (z.status, z.active_j) == ("final", pytest.approx(100.0 / 3, rel=1e-9))
+    assert b.active_j == pytest.approx(1500.0 - 100.0 / 3, rel=1e-9)

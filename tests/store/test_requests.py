@@ -688,8 +688,8 @@ def test_request_states_are_status_and_energies_of_the_stored_ones(store: Store)
         [RequestResult("done", "approximate", spans=1, start_ns=T0_NS, end_ns=T0_NS + S, active_j=2.5, full_j=3.0)]
     )
     assert store.request_states(["done", "open", "unknown", "done"]) == {
-        "done": ("approximate", 2.5, 3.0),
-        "open": ("pending", None, None),
+        "done": ("approximate", 2.5, 3.0, 1),
+        "open": ("pending", None, None, 1),
     }
     assert store.request_states([]) == {}
 
