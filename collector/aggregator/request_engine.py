@@ -101,7 +101,6 @@ class PassStats:
 
 
 # what the engine remembers of a result it wrote: (status, active_j, full_j)
-_Written = tuple[str, float | None, float | None]
 STATUS_NAMES = ("final", "approximate", "no_samples")
 _NOT_FINAL_SETTLED = frozenset(STATUS_NAMES[1:])
 _PENDING: RequestState = ("pending", None, None, 0)  # a neighbour not stored (pruned meanwhile) is left pending
@@ -217,7 +216,7 @@ class RequestEngine:
         self.metrics = metrics if metrics is not None else RequestMetrics(config.max_label_values)
         self.clock_ns = clock_ns
         self.monotonic = monotonic  # when the store's pending list is read again (STORE_CHECK_S)
-        self._written: dict[str, _Written] = {}  # in the order written, oldest first
+        self._written: dict[str, RequestState] = {}  # in the order written, oldest first
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
         self._bindings: dict[str, HostBindings] = {}
@@ -338,16 +337,18 @@ class RequestEngine:
         chosen: Iterable[str] = known if len(known) <= limit else islice(known, limit)
         return {rid: counts.get(rid) for rid in chosen}, len(known), self._overflowed or len(known) > limit
 
-    def _extents_of(self, request_ids: Sequence[str], counts: Iterable[int | None] | None = None) -> _Extents:
+    def _extents_of(
+        self, request_ids: Sequence[str], counts: Iterable[int | None], spans_of: dict[str, int]
+    ) -> _Extents:
         """Host and times of every span of those requests: from the window where it holds all of a request's, else
         the store. ``counts``: the store's span count of each request (None: not known); a request of which the
-        window holds some spans but not that many is read from the store from now on (``_from_store``)."""
+        window holds some spans but not that many is read from the store from now on (``_from_store``).
+        ``spans_of`` gets each request's number of spans found."""
         window = self.window
         from_store = self._from_store
         numbers: list[int] = []
         missing: list[str] = []
-        known = [None] * len(request_ids) if counts is None else counts
-        for rid, found, count in zip(request_ids, window.numbers(request_ids), known, strict=True):
+        for rid, found, count in zip(request_ids, window.numbers(request_ids), counts, strict=True):
             if found is None:
                 missing.append(rid)
             elif isinstance(found, int):
@@ -358,6 +359,7 @@ class RequestEngine:
                     missing.append(rid)
                 else:
                     numbers.append(found)
+                    spans_of[rid] = 1
             elif count is not None and len(found) != count:
                 from_store.add(rid)
                 missing.append(rid)
@@ -365,9 +367,12 @@ class RequestEngine:
                 missing.append(rid)
             else:
                 numbers += found
+                spans_of[rid] = len(found)
         extents = _Extents(*window.extents(numbers))
         if missing:
             stored = self.store.request_span_columns(missing)
+            for rid in stored.request_id:
+                spans_of[rid] = spans_of.get(rid, 0) + 1
             extents = _Extents(
                 extents.hostname + stored.hostname,
                 np.concatenate([extents.start_ns, np.array(stored.start_ns, dtype=np.int64)]),
@@ -396,7 +401,8 @@ class RequestEngine:
             self.metrics.set_pending(pending_now)
             return PassStats(len(taken), 0, 0, 0, False)
         pending_set = set(pending_counts)
-        p_spans = self._extents_of(list(pending_counts), pending_counts.values())
+        spans_of: dict[str, int] = {}  # spans of each request its clusters were drawn from
+        p_spans = self._extents_of(list(pending_counts), pending_counts.values(), spans_of)
         # neighbours: requests sharing time (and maybe workloads) with the pending ones on their hosts
         neighbours: set[str] = set()
         overlapping: dict[tuple[str, int, int], SpanSet] = {}
@@ -404,15 +410,21 @@ class RequestEngine:
             for lo, hi in windows:
                 near = overlapping[(host, lo, hi)] = self._overlapping(host, lo, hi)
                 neighbours |= set(near.request_id) - pending_set
-        # what each neighbour holds, and how many spans: memory may lack some (stored by another aggregator, or
-        # older than it keeps), and a neighbour's clusters must cover all of them
-        ordered = sorted(neighbours)
-        states = self.store.request_states(ordered) if neighbours else {}
+        # a neighbour pending (known so here, or in the store) is left to a pass that takes it, with its own
+        # neighbours; the others hold what this engine last wrote of them, else what the store says (written before
+        # a restart, or by another aggregator), with how many spans: memory may hold fewer (another aggregator's,
+        # or older than it keeps), and a neighbour's clusters must cover all of them
+        neighbours -= self._known.keys()
+        written = self._written
+        states: dict[str, RequestState] = {rid: written[rid] for rid in neighbours if rid in written}
+        if len(states) < len(neighbours):
+            states.update(self.store.request_states([rid for rid in neighbours if rid not in states]))
+        neighbours = {rid for rid in neighbours if states.get(rid, _PENDING)[0] != "pending"}
         c_spans = p_spans
         if neighbours:
-            counts = [None if state is None else state[3] for state in map(states.get, ordered)]
-            c_spans = p_spans.plus(self._extents_of(ordered, counts))
-            self._from_store -= neighbours  # their counts are read every pass they are neighbours
+            ordered = sorted(neighbours)
+            c_spans = p_spans.plus(self._extents_of(ordered, [states[rid][3] for rid in ordered], spans_of))
+            self._from_store -= neighbours  # their counts are known every pass they are neighbours
         wanted = pending_set | neighbours
 
         hosts = {row.hostname: row for row in self.store.hosts()}
@@ -434,7 +446,7 @@ class RequestEngine:
                     log.exception("attributing requests on %s failed", host)
                     self.metrics.pass_failed()
                     self._store_check_at = 0.0  # its requests, uncollected, are forgotten: the store's list next
-        return self._settle(now, len(taken), pending_set, neighbours, states, collected, full)
+        return self._settle(now, len(taken), pending_set, neighbours, states, spans_of, collected, full)
 
     def _host_workloads(self, host: str, spans: SpanSet, names: frozenset[str]) -> HostWorkloads:
         bindings = self._bindings.get(host)
@@ -538,6 +550,7 @@ class RequestEngine:
         pending: set[str],
         neighbours: set[str],
         states: dict[str, RequestState],
+        spans_of: dict[str, int],
         collected: _Collected,
         full: bool,
     ) -> PassStats:
@@ -574,14 +587,22 @@ class RequestEngine:
         written = self._written
         is_pending = np.fromiter(map(pending.__contains__, ids), bool, m)
         is_final = (n_ready == computed) & (n_measured == computed)
-        # a neighbour holds what the store said at the pass's start (this engine's, another aggregator's or from
-        # before a restart)
-        unsettled_before = {rid for rid in neighbours if states.get(rid, _PENDING)[0] in _NOT_FINAL_SETTLED}
+        unsettled_before = {rid for rid in neighbours if states[rid][0] in _NOT_FINAL_SETTLED}
         may_be_late = is_pending
         if unsettled_before:
             may_be_late = is_pending | np.fromiter(map(unsettled_before.__contains__, ids), bool, m)
         late = ~is_final & may_be_late & (now >= req_end + grace_ns)
         settled = is_final | late
+        # spans of a request that its clusters were not drawn from (memory had fewer than the store, and a host's
+        # time was read from the store: another aggregator's): computed over part of their time, so not written;
+        # the next pass takes it (a neighbour too: it is settled) and reads its spans from the store
+        drawn = np.fromiter(map(spans_of.get, ids, repeat(0)), np.int64, m)
+        partial = computed > drawn
+        if partial.any():
+            settled &= ~partial
+            again = [ids[k] for k in np.flatnonzero(partial).tolist()]
+            self._from_store.update(again)
+            self._known.update(dict.fromkeys(again))
         no_samples = late & (n_measured == 0)
         # a request with spans on several hosts, or several spans: its names and hosts from all of them
         several = np.flatnonzero(computed > 1).tolist()
@@ -600,7 +621,7 @@ class RequestEngine:
                 hosts[k] = _hosts_text({collected.hostname[i] for i in rows})
         # requests not settled: pending ones back off
         end_list = req_end.tolist()
-        waiting = np.flatnonzero(~settled & is_pending).tolist()
+        waiting = np.flatnonzero(~settled & is_pending & ~partial).tolist()
         for k in waiting:
             self._back_off(ids[k], now, end_list[k] + grace_ns)
         status_code = np.where(is_final, 0, np.where(no_samples, 2, 1))  # STATUS_NAMES
@@ -618,12 +639,7 @@ class RequestEngine:
             chosen = list(candidates)
             active_list, full_list = active_j.tolist(), full_j.tolist()
             for k in near:
-                rid = ids[k]
-                before = states.get(rid, _PENDING)
-                if before[0] == "pending" or rid in self._known:
-                    # a pending one is settled when a pass takes it, with its own neighbours (a span of its that
-                    # this pass did not take may have changed their shares)
-                    continue
+                before = states[ids[k]]  # a neighbour settled (the pending ones were left out)
                 status = STATUS_NAMES[int(status_code[k])]
                 if before[0] == status and (
                     status == "no_samples"  # no energy either way
@@ -672,7 +688,7 @@ class RequestEngine:
         if self._retry:
             deque(map(self._retry.pop, done_ids, repeat(None)), maxlen=0)
         # remembered in the order written: a request written again moves to the end
-        remembered: Iterable[_Written] = zip(out.status, out.active_j, out.full_j, strict=True)
+        remembered: Iterable[RequestState] = zip(out.status, out.active_j, out.full_j, out.span_count, strict=True)
         if stale:
             remembered = (v for v, rid in zip(remembered, out.request_id, strict=True) if rid not in stale)
         deque(map(written.pop, done_ids, repeat(None)), maxlen=0)

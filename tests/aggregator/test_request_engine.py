@@ -793,9 +793,9 @@ def test_a_neighbour_another_aggregator_settled_is_not_rewritten_from_this_one_s
     store: Store, store_url: str
 ) -> None:
     """b [18, 22] s is approximate here (samples to 20 s). Another aggregator stores b's other span [5, 19] s and
-    settles b (1500 J: all of [5, 20] s). z [18, 19] s comes here: b, its neighbour, is computed from both its
-    spans (the store counts two, memory holds one): in [18, 19] s three spans share 100 J (a third each, two of
-    them b's), and b + z keep the 1500 J."""
+    settles b (1500 J: all of [5, 20] s). z [18, 19] s comes here: b, its neighbour, has a span memory lacks (its
+    clusters were drawn from one), so it is not written from this pass but computed again from the store's spans
+    by the next: in [18, 19] s three spans share 100 J (a third each, two of them b's), and b + z keep 1500 J."""
     constant_host(store)  # 100 W, 20 s
     config = RequestsConfig(finalize_grace_s=30)
     engine = RequestEngine(store, config, clock_ns=Clock(T0 + 60 * S), monotonic=lambda: 1e3)
@@ -809,6 +809,8 @@ def test_a_neighbour_another_aggregator_settled_is_not_rewritten_from_this_one_s
     finally:
         other.close()
     store.write_spans([SpanRow("z", "s", "host-a", T0 + 18 * S, T0 + 19 * S, workload="vllm")])
+    engine.run_pass()
+    assert result(store, "b").active_j == pytest.approx(1500.0, rel=1e-9)  # not from part of its time
     engine.run_pass()
     b, z = result(store, "b"), result(store, "z")
     assert (z.status, z.active_j) == ("final", pytest.approx(100.0 / 3, rel=1e-9))
