@@ -35,12 +35,15 @@ among all requests running on the device, with the same weights) x ``[requests] 
 times when no request runs on it stays unattributed (it is in ``wattmeter_fleet_energy_joules{phase="idle"}``).
 
 Revisions: a late span makes its own request pending (the store does that) and changes its neighbours' shares.
-Every neighbour is recomputed with the pass, from all its spans: the store says what it holds and how many spans
-it has (``Store.request_states``, one read a pass; memory may hold fewer: another aggregator's, or older than it
-keeps). A pending one is left to a pass that takes it (with its own neighbours); a settled one is rewritten when
-it comes out with another status or energy (``wattmeter_request_revisions_total``), an approximate one staying
-approximate past its grace, a final one only when it comes out final (a neighbour whose raw samples were pruned
-keeps its stored result). Late samples cannot change a final request: it is final only once the samples past its
+Every settled neighbour is recomputed with the pass; a pending one (known so here, or in the store) is left to a
+pass that takes it, with its own neighbours. What a neighbour holds, and from how many spans, is what the engine
+last wrote of it, else what the store says (``Store.request_states``: written before a restart, or by another
+aggregator). A request whose spans in memory are fewer than that is drawn from the store's; one with more spans
+collected than its clusters were drawn from (a host's time read from the store had another aggregator's) is not
+written, and the next pass takes it with its spans from the store. A settled neighbour is rewritten when it comes
+out with another status or energy (``wattmeter_request_revisions_total``), an approximate one staying approximate
+past its grace, a final one only when it comes out final (a neighbour whose raw samples were pruned keeps its
+stored result). Late samples cannot change a final request: it is final only once the samples past its
 end are there with no gap before. The metrics count a request the first time this engine writes it, and a
 neighbour's rewrite as a revision; a request made pending again (a late span of its own, late samples) that this
 engine never wrote (written before a restart, or by another aggregator) counts as a request again.
