@@ -103,7 +103,6 @@ class PassStats:
     full: bool  # the pass took max_per_pass requests: another follows at once
 
 
-# what the engine remembers of a result it wrote: (status, active_j, full_j)
 STATUS_NAMES = ("final", "approximate", "no_samples")
 _NOT_FINAL_SETTLED = frozenset(STATUS_NAMES[1:])
 _PENDING: RequestState = ("pending", None, None, 0)  # a neighbour not stored (pruned meanwhile) is left pending
@@ -227,6 +226,7 @@ class RequestEngine:
         # and from the store's list, in the order they became known (a dict for its order)
         self._known: dict[str, None] = {}
         self._store_check_at = 0.0  # monotonic; 0: at the next pass (spans stored before this engine began)
+        self._again: set[str] = set()  # settled requests to compute again next pass, as neighbours (partial ones)
         self._overflowed = False  # more pending than memory keeps: the store's list every pass until it is short
         # reopens (host, since, until) since the pass began; a pass writes its results holding the lock
         self._results_lock = threading.Lock()
@@ -400,7 +400,8 @@ class RequestEngine:
             pending_counts = {rid: count for rid, count in taken.items() if rid not in retry or retry[rid][0] <= now}
         else:
             pending_counts = taken
-        if not pending_counts:  # none, or all waiting (backoff): no pass follows at once
+        again, self._again = self._again, set()
+        if not pending_counts and not again:  # none, or all waiting (backoff): no pass follows at once
             self.metrics.set_pending(pending_now)
             return PassStats(len(taken), 0, 0, 0, False)
         pending_set = set(pending_counts)
@@ -414,15 +415,17 @@ class RequestEngine:
                 near = overlapping[(host, lo, hi)] = self._overlapping(host, lo, hi)
                 neighbours |= set(near.request_id) - pending_set
         # a neighbour pending (known so here, or in the store) is left to a pass that takes it, with its own
-        # neighbours; the others hold what this engine last wrote of them, else what the store says (written before
-        # a restart, or by another aggregator), with how many spans: memory may hold fewer (another aggregator's,
-        # or older than it keeps), and a neighbour's clusters must cover all of them
+        # neighbours; the others hold what the store says, with how many spans (memory may hold fewer: another
+        # aggregator's, or older than it keeps; a neighbour's clusters must cover all of them). What this engine
+        # wrote is not enough: a late span may have made one pending since, which memory did not keep (more pending
+        # than it keeps, a reopen it was not told of yet)
+        neighbours |= again - pending_set
         neighbours -= self._known.keys()
-        written = self._written
-        states: dict[str, RequestState] = {rid: written[rid] for rid in neighbours if rid in written}
-        if len(states) < len(neighbours):
-            states.update(self.store.request_states([rid for rid in neighbours if rid not in states]))
-        neighbours = {rid for rid in neighbours if states.get(rid, _PENDING)[0] != "pending"}
+        states = self.store.request_states(sorted(neighbours)) if neighbours else {}
+        pending_there = [rid for rid in neighbours if states.get(rid, _PENDING)[0] == "pending"]
+        if pending_there:
+            self._known.update(dict.fromkeys(rid for rid in pending_there if rid in states))
+            neighbours.difference_update(pending_there)
         c_spans = p_spans
         if neighbours:
             ordered = sorted(neighbours)
@@ -430,8 +433,10 @@ class RequestEngine:
             self._from_store -= neighbours  # their counts are known every pass they are neighbours
         wanted = pending_set | neighbours
 
-        hosts = {row.hostname: row for row in self.store.hosts()}
         clusters = _clusters(c_spans)
+        if not clusters:  # no spans of them anywhere (pruned, or settled elsewhere)
+            return self._settle(now, len(taken), pending_set, neighbours, states, spans_of, _Collected(), full)
+        hosts = {row.hostname: row for row in self.store.hosts()}
         all_lo = min(lo for host_windows in clusters.values() for lo, _ in host_windows)
         all_hi = max(hi for host_windows in clusters.values() for _, hi in host_windows)
         since = all_lo - PAD_NS
@@ -598,14 +603,15 @@ class RequestEngine:
         settled = is_final | late
         # spans of a request that its clusters were not drawn from (memory had fewer than the store, and a host's
         # time was read from the store: another aggregator's): computed over part of their time, so not written;
-        # the next pass takes it (a neighbour too: it is settled) and reads its spans from the store
+        # the next pass computes it again with its spans from the store, a pending one as pending, a settled one as
+        # a neighbour
         drawn = np.fromiter(map(spans_of.get, ids, repeat(0)), np.int64, m)
         partial = computed > drawn
         if partial.any():
             settled &= ~partial
             again = [ids[k] for k in np.flatnonzero(partial).tolist()]
             self._from_store.update(again)
-            self._known.update(dict.fromkeys(again))
+            self._again.update(rid for rid in again if rid not in pending)
         no_samples = late & (n_measured == 0)
         # a request with spans on several hosts, or several spans: its names and hosts from all of them
         several = np.flatnonzero(computed > 1).tolist()

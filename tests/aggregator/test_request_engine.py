@@ -793,9 +793,9 @@ def test_a_neighbour_another_aggregator_settled_is_not_rewritten_from_this_one_s
     store: Store, store_url: str
 ) -> None:
     """b [18, 22] s is approximate here (samples to 20 s). Another aggregator stores b's other span [5, 19] s and
-    settles b (1500 J: all of [5, 20] s). z [18, 19] s comes here: b, its neighbour, has a span memory lacks (its
-    clusters were drawn from one), so it is not written from this pass but computed again from the store's spans
-    by the next: in [18, 19] s three spans share 100 J (a third each, two of them b's), and b + z keep 1500 J."""
+    settles b (1500 J: all of [5, 20] s). z [18, 19] s comes here: b, its neighbour, is computed from both its
+    spans (the store counts two, memory holds one): in [18, 19] s three spans share 100 J (a third each, two of
+    them b's), and b + z keep the 1500 J."""
     constant_host(store)  # 100 W, 20 s
     config = RequestsConfig(finalize_grace_s=30)
     engine = RequestEngine(store, config, clock_ns=Clock(T0 + 60 * S), monotonic=lambda: 1e3)
@@ -810,8 +810,56 @@ def test_a_neighbour_another_aggregator_settled_is_not_rewritten_from_this_one_s
         other.close()
     store.write_spans([SpanRow("z", "s", "host-a", T0 + 18 * S, T0 + 19 * S, workload="vllm")])
     engine.run_pass()
-    assert result(store, "b").active_j == pytest.approx(1500.0, rel=1e-9)  # not from part of its time
-    engine.run_pass()
     b, z = result(store, "b"), result(store, "z")
     assert (z.status, z.active_j) == ("final", pytest.approx(100.0 / 3, rel=1e-9))
     assert b.active_j == pytest.approx(1500.0 - 100.0 / 3, rel=1e-9)
+
+
+def test_a_pending_request_with_a_span_memory_lacks_is_computed_again_from_the_store(
+    store: Store, store_url: str
+) -> None:
+    """p's first span [2, 6] s is stored here, its second [4, 20] s by another aggregator. A pass takes p from memory
+    (one span), and reads the host's time from the store (another aggregator wrote there): it meets both spans,
+    but drew p's clusters from one ([2, 6] s), so it would compute [4, 20] s over part of its samples; p is not
+    written, and the next pass reads its spans from the store: all of [2, 20] s, 1800 J."""
+    constant_host(store, seconds=30)  # 100 W
+    engine = engine_for(store, Clock(T0 + 60 * S))
+    engine.run_pass()  # the first pass reads the store's list; the next ones take what memory knows
+    store.write_spans([SpanRow("p", "s1", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    other = open_store(store_url)
+    try:
+        other.write_spans([SpanRow("p", "s2", "host-a", T0 + 4 * S, T0 + 20 * S, workload="vllm")])
+    finally:
+        other.close()
+    engine.run_pass()
+    assert result(store, "p").status == "pending"
+    engine.run_pass()
+    assert (result(store, "p").status, result(store, "p").active_j) == ("final", pytest.approx(1800.0, rel=1e-9))
+
+
+def test_a_neighbour_a_late_span_made_pending_beyond_memory_is_left_to_its_own_pass(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a [2, 6] s and q [10, 14] s are final (400 J each). p [1, 3] s and a late span of a, [9, 11] s, come while more
+    is pending than memory keeps (it forgets, and reads the store's list cut at 1): a, p's neighbour, is pending in
+    the store though this engine wrote it final, so it is left to its own pass, which revises q too. 100 W over
+    [1, 6] and [9, 14] s: 1000 J, p 150, a 500, q 350."""
+    monkeypatch.setattr("collector.aggregator.request_engine.KNOWN_PER_PASS", 1)
+    constant_host(store)  # 100 W
+    engine = RequestEngine(store, RequestsConfig(max_per_pass=1), clock_ns=Clock(T0 + 60 * S), monotonic=lambda: 1e3)
+    store.write_spans([SpanRow("a", "s1", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
+    engine.run_pass()
+    store.write_spans([SpanRow("q", "s", "host-a", T0 + 10 * S, T0 + 14 * S, workload="vllm")])
+    engine.run_pass()
+    store.write_spans(
+        [
+            SpanRow("p", "s", "host-a", T0 + S, T0 + 3 * S, workload="vllm"),
+            SpanRow("a", "s2", "host-a", T0 + 9 * S, T0 + 11 * S, workload="vllm"),
+        ]
+    )
+    for _ in range(20):
+        if not engine.run_pass().full and not store.pending_requests(1):
+            break
+    assert store.pending_requests(10) == []
+    got = {rid: result(store, rid).active_j for rid in ("a", "p", "q")}
+    assert got == {"p": pytest.approx(150.0), "a": pytest.approx(500.0), "q": pytest.approx(350.0)}
