@@ -629,7 +629,7 @@ class Store(abc.ABC):
     def prune(self, now_ns: int, raw_retention_s: float, rollup_retention_s: float) -> int:
         """Delete raw chunks, spans and process bindings older than ``raw_retention_s``, rollups, steps per minute,
         workload labels and requests (with their spans) older than ``rollup_retention_s``; returns the number of rows
-        deleted. A request still pending once its samples are pruned becomes ``no_samples``."""
+        deleted. A request still pending once its samples, or its first ones, are pruned becomes ``no_samples``."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -265,10 +265,12 @@ class SqlStore(StepsReads, Store):
             # spans go with the raw samples they were measured against (a chunk once all its spans ended before
             # the cutoff); a request's result outlives them. Counted in spans, as rows were
             deleted += self._requests.prune_spans(cursor, raw_cutoff)
-            # a request still pending whose samples are pruned can never be computed: unknown, never 0 J
+            # a request still pending whose samples are pruned, all or its first ones (a span that came hours late),
+            # can never be computed whole: unknown, never 0 J; the pending ones only (the partial index)
             cursor.execute(
-                "UPDATE requests SET status = 'no_samples', updated_ns = ? WHERE status = 'pending' AND end_ns < ?",
-                (now_ns, raw_cutoff),
+                "UPDATE requests SET status = 'no_samples', updated_ns = ? WHERE status = 'pending' "
+                "AND (end_ns < ? OR start_ns < ?)",
+                (now_ns, raw_cutoff, raw_cutoff),
             )
             cursor.execute("DELETE FROM requests WHERE start_ns < ? AND end_ns < ?", (rollup_cutoff, rollup_cutoff))
             deleted += max(cursor.rowcount, 0)

@@ -569,6 +569,17 @@ def test_prune_drops_old_spans_and_bindings_and_settles_what_can_no_longer_be_co
     assert store.request("new") is not None
 
 
+def test_prune_settles_a_pending_request_whose_early_spans_and_samples_are_gone(store: Store) -> None:
+    """A span of "both" from 2 h ago, and a late one from now: pending, it can never be computed whole once the
+    old span and its samples are pruned (computed from the new one alone, it would come back stale every pass)."""
+    now = T0_NS + 2 * HOUR
+    store.write_spans([span("both", "early", end_s=10), span("both", "late", start_s=7190, end_s=7195)])
+    assert store.prune(now, raw_retention_s=3600, rollup_retention_s=86_400) == 1
+    settled = store.request("both")
+    assert settled is not None and (settled.status, settled.active_j, settled.spans) == ("no_samples", None, 2)
+    assert store.pending_requests(10) == []
+
+
 def test_prune_takes_an_old_requests_spans_with_it(store: Store) -> None:
     now = T0_NS + 2 * HOUR
     store.write_spans([span("old", end_s=10), span("old", "s2", end_s=11), span("new", start_s=7000, end_s=7100)])
