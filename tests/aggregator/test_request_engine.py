@@ -27,6 +27,15 @@ class Clock:
         return self.now_ns
 
 
+def write_elsewhere(store_url: str, spans: list[SpanRow]) -> None:
+    """``spans`` stored by another aggregator sharing the database (another open store)."""
+    other = open_store(store_url)
+    try:
+        other.write_spans(spans)
+    finally:
+        other.close()
+
+
 def engine_for(store: Store, clock: Clock, **config: object) -> RequestEngine:
     return RequestEngine(store, RequestsConfig.model_validate(config), clock_ns=clock)
 
@@ -617,11 +626,7 @@ def test_neighbours_stored_by_another_aggregator_share_the_energy(store: Store, 
     constant_host(store)  # 100 W
     engine = engine_for(store, Clock(T0 + 30 * S))  # begun before any span: its memory covers every host
     store.write_spans([SpanRow("a", "s", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm", model="m")])
-    other = open_store(store_url)
-    try:
-        other.write_spans([SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm", model="m")])
-    finally:
-        other.close()
+    write_elsewhere(store_url, [SpanRow("b", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm", model="m")])
     engine.run_pass()
     a, b = result(store, "a"), result(store, "b")
     assert (a.status, b.status) == ("final", "final")
@@ -776,11 +781,7 @@ def test_a_neighbour_with_a_span_another_aggregator_stored_is_revised_from_all_i
     constant_host(store, hostname="host-b")
     engine = engine_for(store, Clock(T0 + 30 * S))
     store.write_spans([SpanRow("n", "s1", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
-    other = open_store(store_url)
-    try:
-        other.write_spans([SpanRow("n", "s2", "host-b", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
-    finally:
-        other.close()
+    write_elsewhere(store_url, [SpanRow("n", "s2", "host-b", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
     engine.run_pass()
     assert (result(store, "n").status, result(store, "n").active_j) == ("final", pytest.approx(800.0))
     store.write_spans([SpanRow("x", "s", "host-a", T0 + 4 * S, T0 + 8 * S, workload="vllm")])
@@ -826,11 +827,7 @@ def test_a_pending_request_with_a_span_memory_lacks_is_computed_again_from_the_s
     engine = engine_for(store, Clock(T0 + 60 * S))
     engine.run_pass()  # the first pass reads the store's list; the next ones take what memory knows
     store.write_spans([SpanRow("p", "s1", "host-a", T0 + 2 * S, T0 + 6 * S, workload="vllm")])
-    other = open_store(store_url)
-    try:
-        other.write_spans([SpanRow("p", "s2", "host-a", T0 + 4 * S, T0 + 20 * S, workload="vllm")])
-    finally:
-        other.close()
+    write_elsewhere(store_url, [SpanRow("p", "s2", "host-a", T0 + 4 * S, T0 + 20 * S, workload="vllm")])
     engine.run_pass()
     assert result(store, "p").status == "pending"
     engine.run_pass()

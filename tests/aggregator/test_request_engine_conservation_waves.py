@@ -4,9 +4,6 @@ of the time their spans cover, and nothing stays pending."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,10 +11,9 @@ from hypothesis import strategies as st
 from collector.aggregator.config import RequestsConfig
 from collector.aggregator.request_engine import RequestEngine
 from collector.aggregator.request_window import SpanWindow
-from collector.store import open_store
 from collector.store.base import SpanRow
-from tests.aggregator.test_request_engine_conservation import union_energy
-from tests.fakes.request_world import T0, WORKLOAD, HostWriter, S
+from tests.aggregator.test_request_engine_conservation import measured_store, samples, union_energy
+from tests.fakes.request_world import T0, S
 
 MS = 1_000_000
 HOSTS = ("host-a", "host-b")
@@ -36,11 +32,7 @@ Scenario = tuple[
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
-    n_samples = draw(st.integers(2, 40))
-    gaps = draw(st.lists(st.integers(1, 400), min_size=n_samples - 1, max_size=n_samples - 1))
-    times = np.concatenate([[0], np.cumsum(gaps)]).astype(np.int64) * MS
-    steps = draw(st.lists(st.floats(0.0, 500.0), min_size=n_samples - 1, max_size=n_samples - 1))
-    energy = np.concatenate([[0.0], np.cumsum(steps)])
+    times, energy = samples(draw, 40)
     span_ms = int(times[-1] // MS)
     spans = draw(
         st.lists(
@@ -65,56 +57,45 @@ def run(scenario: Scenario) -> None:
     times_ms, energy, spans, (cut1, cut2), per_pass, restarts, max_spans = scenario
     times = T0 + np.array(times_ms, dtype=np.int64)
     joules = np.array(energy)
-    with tempfile.TemporaryDirectory() as directory:
-        store = open_store(f"sqlite:///{Path(directory) / 'a.db'}")
-        try:
-            store.migrate()
-            device_t = np.append(times, times[-1] + 5 * S)
-            device_j = np.append(joules, joules[-1]) + 100.0
-            for host in HOSTS:
-                HostWriter(store, host).write(
-                    "gpu0", "gpu", device_t, device_j, None, {WORKLOAD: np.append(joules, joules[-1])}
-                )
-            rows = [
-                SpanRow(f"r{r}", f"s{i}", HOSTS[h], int(T0 + a * MS), int(T0 + b * MS), workload="vllm")
-                for i, (r, h, (a, b)) in enumerate(spans)
-            ]
+    with measured_store(HOSTS, times, joules) as store:
+        rows = [
+            SpanRow(f"r{r}", f"s{i}", HOSTS[h], int(T0 + a * MS), int(T0 + b * MS), workload="vllm")
+            for i, (r, h, (a, b)) in enumerate(spans)
+        ]
 
-            def new_engine() -> RequestEngine:
-                window = SpanWindow(max_spans=max_spans) if max_spans else None
-                return RequestEngine(
-                    store,
-                    RequestsConfig(max_per_pass=per_pass),
-                    clock_ns=lambda: T0 + 10**6 * S,
-                    monotonic=lambda: 1e3,
-                    window=window,
-                )
+        def new_engine() -> RequestEngine:
+            window = SpanWindow(max_spans=max_spans) if max_spans else None
+            return RequestEngine(
+                store,
+                RequestsConfig(max_per_pass=per_pass),
+                clock_ns=lambda: T0 + 10**6 * S,
+                monotonic=lambda: 1e3,
+                window=window,
+            )
 
-            engine = new_engine()
-            for wave, restart in zip((rows[:cut1], rows[cut1:cut2], rows[cut2:]), restarts, strict=True):
-                if restart:
-                    engine = new_engine()
-                if wave:
-                    store.write_spans(wave)
-                for _ in range(200):
-                    if not store.pending_requests(1) and not engine._known:
-                        break
-                    engine.run_pass()
-                assert store.pending_requests(1) == [], "pending forever"
-                assert not engine._known, f"known forever: {list(engine._known)}"
-            ids = sorted({r.request_id for r in rows})
-            results = [store.request(rid) for rid in ids]
-            assert all(r is not None and r.status == "final" for r in results), results
-            attributed = sum(r.active_j or 0.0 for r in results if r is not None)
-            total = float(joules[-1] - joules[0])
-            expected = 0.0
-            for h in range(len(HOSTS)):
-                on = [(a * MS, b * MS) for (_, on_host, (a, b)) in spans if on_host == h]
-                if on:
-                    expected += union_energy(times - T0, joules, on)
-            assert abs(attributed - expected) <= 1e-9 * max(total, 1e-300), (attributed, expected)
-        finally:
-            store.close()
+        engine = new_engine()
+        for wave, restart in zip((rows[:cut1], rows[cut1:cut2], rows[cut2:]), restarts, strict=True):
+            if restart:
+                engine = new_engine()
+            if wave:
+                store.write_spans(wave)
+            for _ in range(200):
+                if not store.pending_requests(1) and not engine._known:
+                    break
+                engine.run_pass()
+            assert store.pending_requests(1) == [], "pending forever"
+            assert not engine._known, f"known forever: {list(engine._known)}"
+        ids = sorted({r.request_id for r in rows})
+        results = [store.request(rid) for rid in ids]
+        assert all(r is not None and r.status == "final" for r in results), results
+        attributed = sum(r.active_j or 0.0 for r in results if r is not None)
+        total = float(joules[-1] - joules[0])
+        expected = 0.0
+        for h in range(len(HOSTS)):
+            on = [(a * MS, b * MS) for (_, on_host, (a, b)) in spans if on_host == h]
+            if on:
+                expected += union_energy(times - T0, joules, on)
+        assert abs(attributed - expected) <= 1e-9 * max(total, 1e-300), (attributed, expected)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
