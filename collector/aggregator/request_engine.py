@@ -36,17 +36,18 @@ times when no request runs on it stays unattributed (it is in ``wattmeter_fleet_
 
 Revisions: a late span makes its own request pending (the store does that) and changes its neighbours' shares.
 Every settled neighbour is recomputed with the pass; a pending one (known so here, or in the store) is left to a
-pass that takes it, with its own neighbours. What a neighbour holds, and from how many spans, is what the engine
-last wrote of it, else what the store says (``Store.request_states``: written before a restart, or by another
-aggregator). A request whose spans in memory are fewer than that is drawn from the store's; one with more spans
-collected than its clusters were drawn from (a host's time read from the store had another aggregator's) is not
-written, and the next pass takes it with its spans from the store. A settled neighbour is rewritten when it comes
-out with another status or energy (``wattmeter_request_revisions_total``), an approximate one staying approximate
-past its grace, a final one only when it comes out final (a neighbour whose raw samples were pruned keeps its
-stored result). Late samples cannot change a final request: it is final only once the samples past its
-end are there with no gap before. The metrics count a request the first time this engine writes it, and a
-neighbour's rewrite as a revision; a request made pending again (a late span of its own, late samples) that this
-engine never wrote (written before a restart, or by another aggregator) counts as a request again.
+pass that takes it, with its own neighbours. What a neighbour holds, and from how many spans, is what the store
+says (``Store.request_states``, one read a pass: this engine's memory of what it wrote cannot tell that a late span
+made one pending since, nor what another aggregator wrote). A request whose spans in memory are fewer than that is
+drawn from the store's; one with more spans collected than its clusters were drawn from (a host's time read from
+the store had another aggregator's) is not written, and the next pass takes it with its spans from the store. A
+settled neighbour is rewritten when it comes out with another status or energy
+(``wattmeter_request_revisions_total``), an approximate one staying approximate past its grace, a final one only
+when it comes out final (a neighbour whose raw samples were pruned keeps its stored result). Late samples cannot
+change a final request: it is final only once the samples past its end are there with no gap before. The metrics
+count a request the first time this engine writes it, and a neighbour's rewrite as a revision; a request made
+pending again (a late span of its own, late samples) that this engine never wrote (written before a restart, or by
+another aggregator) counts as a request again.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ PAD_NS = 3 * S  # samples loaded beyond a cluster's spans: enough to bracket the
 CLUSTER_GAP_NS = 1 * S  # spans on one host closer than this in time are attributed in one window
 MAX_RETRY_NS = 8 * S
 MINUTE_NS = 60 * S
-REMEMBERED = 200_000  # results the engine remembers having written (about 100 bytes each)
+REMEMBERED = 200_000  # requests the engine remembers having written (about 100 bytes each)
 STORE_CHECK_S = 5.0  # the store's pending requests are read this often even when the engine's memory has them all
 KNOWN_PER_PASS = 10  # pending requests known from memory: at most this many passes' worth (beyond: the store's list)
 IDLE = ("idle", "", "")
@@ -218,7 +219,8 @@ class RequestEngine:
         self.metrics = metrics if metrics is not None else RequestMetrics(config.max_label_values)
         self.clock_ns = clock_ns
         self.monotonic = monotonic  # when the store's pending list is read again (STORE_CHECK_S)
-        self._written: dict[str, RequestState] = {}  # in the order written, oldest first
+        # the requests it wrote, in the order written, oldest first: writing one again is a revision
+        self._written: dict[str, None] = {}
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
         self._bindings: dict[str, HostBindings] = {}
@@ -697,11 +699,8 @@ class RequestEngine:
         if self._retry:
             deque(map(self._retry.pop, done_ids, repeat(None)), maxlen=0)
         # remembered in the order written: a request written again moves to the end
-        remembered: Iterable[RequestState] = zip(out.status, out.active_j, out.full_j, out.span_count, strict=True)
-        if stale:
-            remembered = (v for v, rid in zip(remembered, out.request_id, strict=True) if rid not in stale)
         deque(map(written.pop, done_ids, repeat(None)), maxlen=0)
-        written.update(zip(done_ids, remembered, strict=True))
+        written.update(dict.fromkeys(done_ids))
         if len(written) > REMEMBERED:
             for rid in list(islice(written, len(written) - REMEMBERED)):
                 del written[rid]
