@@ -181,10 +181,10 @@ class SqlStore(StepsReads, Store):
             result = self._run(counted, write=True)
         except BaseException:
             if attempts:
-                self._tell_missed(spans())
+                self._tell_missed(spans)
             raise
         if attempts > 1:
-            self._tell_missed(spans())
+            self._tell_missed(spans)
         return result
 
     def add_span_listener(
@@ -201,12 +201,17 @@ class SqlStore(StepsReads, Store):
             except Exception:  # the spans are committed: the write stands whatever a listener does
                 log.exception("a span listener failed")
 
-    def _tell_missed(self, spans: SpanColumns) -> None:
-        if not len(spans):
+    def _tell_missed(self, spans: Callable[[], SpanColumns]) -> None:
+        try:  # never in place of the write's own error
+            written = spans()
+            latest: dict[str, int] = {}
+            for host, start, end in zip(written.hostname, written.start_ns, written.end_ns, strict=True):
+                latest[text(host)] = max(latest.get(text(host), start), start, end)
+        except Exception:
+            log.exception("a span listener could not be told of a write whose outcome was lost")
             return
-        latest: dict[str, int] = {}
-        for host, start, end in zip(spans.hostname, spans.start_ns, spans.end_ns, strict=True):
-            latest[text(host)] = max(latest.get(text(host), start), start, end)
+        if not latest:
+            return
         for _, missed in self._span_listeners:
             if missed is None:
                 continue
