@@ -182,6 +182,8 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _SPAN_ID = re.compile(r"[0-9A-Za-z._:-]{1,64}")
 _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)  # no SIGPIPE in their process
 _POLL_S = 1.0  # how often the watcher thread looks at the connection when nothing happens
+_MAX_WARNINGS_PER_KIND = 16  # warn-once keys that carry a value ("workload:<name>"): a bound, on memory and the log
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _count_drop() -> None:
@@ -282,6 +284,7 @@ class _Client:
         self._stack: list[Registration] = []
         self._watcher: threading.Thread | None = None
         self._warned_once: set[str] = set()
+        self._warned_kinds: dict[str, int] = {}  # how many keys of each kind (the part before ":") were warned
         self._steps_lock = threading.Lock()  # only around the count: step() never waits for a send
         self._steps = 0  # counted by step(), not yet handed to the socket
         self.steps_used = False  # step() was called: the watcher flushes the count for the rest of the process
@@ -459,6 +462,11 @@ class _Client:
     def warn_once(self, key: str, message: str, *args: object) -> None:
         if key in self._warned_once:
             return
+        kind = key.partition(":")[0]
+        seen = self._warned_kinds.get(kind, 0)
+        if seen >= _MAX_WARNINGS_PER_KIND:  # values from request data: never one key (and line) per value
+            return
+        self._warned_kinds[kind] = seen + 1
         self._warned_once.add(key)
         log.warning(message, *args)
 
@@ -678,18 +686,20 @@ def _clean_phase(phase: object) -> str:
     text = str(phase).strip().lower()
     if text in PHASES:
         return text
-    _client.warn_once(f"phase:{text}", "wattmeter: phase %r is not one of %s; using 'unknown'", phase, PHASES)
+    text, shown = text[:64], str(phase).strip()[:64]
+    _client.warn_once(f"phase:{text}", "wattmeter: phase %r is not one of %s; using 'unknown'", shown, PHASES)
     return "unknown"
 
 
 def _clean_workload(workload: object) -> str:
     text = str(workload).strip()
-    cleaned = _NOT_WORKLOAD_CHAR.sub("_", text)[:MAX_WORKLOAD_CHARS]
+    cleaned = _NOT_WORKLOAD_CHAR.sub("_", text[:MAX_WORKLOAD_CHARS])  # cut first: a huge name costs no more
     if cleaned != text:
+        shown = text[: MAX_WORKLOAD_CHARS + 1]
         _client.warn_once(
-            f"workload:{text}",
+            f"workload:{shown}",
             "wattmeter: workload %r has characters other than [A-Za-z0-9._:/-] or is over %d long; sent as %r",
-            text,
+            shown,
             MAX_WORKLOAD_CHARS,
             cleaned,
         )
@@ -715,12 +725,14 @@ def register(
             client,
             _clean_workload(workload),
             _clean_phase(phase),
-            str(job).strip()[:MAX_JOB_CHARS],
+            _utf8(str(job).strip()[:MAX_JOB_CHARS]),
             {str(key): str(value) for key, value in (labels or {}).items()},
         )
         if len(client._register_message(registration)) > MAX_MESSAGE_BYTES + 1:  # +1: the newline
             client.warn_once("labels-size", "wattmeter: labels too large for one message; registered without them")
             registration.labels = {}
+        else:  # the agent refuses a registration whose labels are out of its bounds whole
+            registration.labels = _clean_labels(registration.labels, "register")
     except Exception:  # e.g. a label whose __str__ raises
         log.debug("wattmeter client: bad register() arguments", exc_info=True)
         registration = Registration(client, "unknown", "unknown", "", {})
@@ -1022,7 +1034,7 @@ def _span_message(span: RequestSpan, end_ns: int) -> bytes | None:
         message["queue_end_ns"] = queue_end_ns
     if prefill_end_ns:
         message["prefill_end_ns"] = prefill_end_ns
-    labels = _clean_span_labels(span.labels)
+    labels = _clean_labels(span.labels, "span")
     if labels:
         message["labels"] = labels
     data = _encode(message)
@@ -1055,21 +1067,27 @@ def _as_int(value: object) -> int | None:
     number: Any = value  # numpy integers and the like
     try:
         return int(number)
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # TypeError, ValueError, OverflowError; a torch tensor of several elements: RuntimeError
         return None
 
 
 def _as_text(value: object) -> str | None:
     try:
-        return str(value)
+        return _utf8(str(value))
     except Exception:  # a __str__ that raises
-        _log_error_once("str() of a span field")
+        _log_error_once("str() of a span or label field")
         return None
+
+
+def _utf8(text: str) -> str:
+    """``text`` with each surrogate (undecodable bytes of os.environ, argv or file names) as U+FFFD: JSON would
+    carry it, but the agent could never encode it (protobuf, Prometheus), so the span or registration is lost."""
+    return text if text.isascii() else _SURROGATES.sub("\ufffd", text)
 
 
 def _clean_request_id(value: object) -> str:
     text = _as_text(value) or ""
-    cleaned = _CONTROL_CHARS.sub("_", text)[:MAX_REQUEST_ID_CHARS] or _new_request_id()
+    cleaned = _CONTROL_CHARS.sub("_", text[:MAX_REQUEST_ID_CHARS]) or _new_request_id()
     if cleaned != text:
         _client.warn_once(
             "request-id", "wattmeter: request ids are 1-%d characters without control characters", MAX_REQUEST_ID_CHARS
@@ -1094,20 +1112,25 @@ def _clean_tokens(name: str, value: object) -> int:
 
 
 def _clean_boundary(name: str, value: object, start_ns: int, end_ns: int) -> int:
-    if value is None or value == 0:
+    if value is None:
         return 0
-    time_ns = _as_int(value)
+    time_ns = _as_int(value)  # never value == 0: an array-like's truth value raises
+    if time_ns == 0:
+        return 0
     if time_ns is not None and start_ns <= time_ns <= end_ns:
         return time_ns
     _client.warn_once(f"span-{name}", "wattmeter: a span's %s is outside the span; sent without it", name)
     return 0
 
 
-def _clean_span_labels(labels: object) -> dict[str, str]:
+def _clean_labels(labels: object, what: str) -> dict[str, str]:
+    """The labels the agent accepts (``register``'s and a span's bounds are the same); the others are left out."""
     if labels is None:
         return {}
     if not isinstance(labels, Mapping):
-        _client.warn_once("span-labels-type", "wattmeter: span labels must be a mapping of strings; sent without")
+        _client.warn_once(
+            f"{what}-labels-type", "wattmeter: %s labels must be a mapping of strings; sent without", what
+        )
         return {}
     if not labels:
         return {}
@@ -1120,9 +1143,10 @@ def _clean_span_labels(labels: object) -> dict[str, str]:
             cleaned[name] = text
     if len(cleaned) != len(labels):
         _client.warn_once(
-            "span-labels",
-            "wattmeter: span labels are at most %d, named like Prometheus labels, values up to %d characters; "
+            f"{what}-labels",
+            "wattmeter: %s labels are at most %d, named like Prometheus labels, values up to %d characters; "
             "the others are left out",
+            what,
             MAX_LABELS,
             MAX_LABEL_VALUE_CHARS,
         )
@@ -1203,7 +1227,7 @@ class EnergyMiddleware:
                 model=self._value(scope, self.model, self.model_header),
                 tenant=self._value(scope, self.tenant, self.tenant_header),
                 workload=self.workload,
-                labels=self.labels,
+                labels=dict(self.labels),  # the span's own: what the app adds to one request stays in it
             )
         except Exception:
             _log_error_once("EnergyMiddleware")
