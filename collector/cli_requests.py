@@ -179,11 +179,19 @@ class Api:
     def __init__(self, url: str, user: str | None, cacert: str | None, timeout_s: float) -> None:
         from urllib.parse import unquote, urlsplit
 
-        parts = urlsplit(url.strip())
+        try:
+            parts = urlsplit(url.strip())
+            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0..65535
+        except ValueError as exc:
+            raise CommandError(
+                f"--url {url!r} is not a valid address: {exc} (for example {DEFAULT_URL})", EXIT_USAGE
+            ) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CommandError(
                 f"--url {url!r} is not an http:// or https:// address (for example {DEFAULT_URL})", EXIT_USAGE
             )
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise CommandError(f"--timeout {timeout_s} is not a positive number of seconds", EXIT_USAGE)
         self.display = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
         self.timeout_s = timeout_s
         self.cacert = cacert
@@ -198,13 +206,15 @@ class Api:
             self.authorization = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
     def get(self, path: str, params: dict[str, str | int] | None = None) -> Any:
+        import http.client
         import ssl
         import urllib.error
         import urllib.request
         from urllib.parse import urlencode
 
         query = {name: value for name, value in (params or {}).items() if value not in (None, "")}
-        url = self.display + path + ("?" + urlencode(query) if query else "")
+        # a command-line argument that is not UTF-8 (surrogate escapes) travels as its bytes
+        url = self.display + path + ("?" + urlencode(query, errors="surrogateescape") if query else "")
         headers = {"Accept": "application/json"}
         if self.authorization:
             headers["Authorization"] = self.authorization
@@ -221,6 +231,14 @@ class Api:
                 body = response.read()
         except urllib.error.HTTPError as exc:
             raise self._refused(exc.code, exc.read()) from None
+        except http.client.InvalidURL as exc:
+            raise CommandError(
+                f"--url {self.display!r} is not a valid address: {exc} (for example {DEFAULT_URL})", EXIT_USAGE
+            ) from None
+        except http.client.HTTPException as exc:
+            raise CommandError(
+                f"{self.display} did not answer HTTP ({type(exc).__name__}): is it the aggregator's HTTP address?"
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise CommandError(
@@ -273,7 +291,9 @@ def _api(args: argparse.Namespace) -> Api:
 def _show(args: argparse.Namespace, out: IO[str]) -> None:
     from urllib.parse import quote
 
-    request = _api(args).get("/api/v1/requests/" + quote(args.request_id, safe=""))
+    if not args.request_id:
+        raise CommandError("the request ID is empty: give one (wattmeter requests top lists some)", EXIT_USAGE)
+    request = _api(args).get("/api/v1/requests/" + quote(args.request_id, safe="", errors="surrogateescape"))
     if args.format == "json":
         print(json.dumps(request, indent=2, ensure_ascii=False), file=out)
     elif args.format == "csv":

@@ -78,7 +78,9 @@ def _time(params: dict[str, str], name: str, default: int, now_ns: int) -> int:
                 f"{name}={text!r} is neither a whole number of Unix nanoseconds nor a duration ago "
                 "(a number and s, m, h or d: 90s, 15m, 1h, 7d)"
             ) from None
-        return max(0, now_ns - round(ago_s * 1e9))
+        ago_ns = ago_s * 1e9
+        # longer ago than the epoch (even too long for a float: infinity) is the epoch
+        return 0 if ago_ns >= now_ns else now_ns - round(ago_ns)
     if not 0 <= value <= MAX_NS:
         raise BadRequest(f"{name}={value} is outside 0..{MAX_NS}")
     return value
