@@ -41,8 +41,9 @@ span attributes cannot be chosen by its user, but resource attributes can:
 
 Which spans: kind CLIENT spans never (a client span times the caller's wait, not work on its host); otherwise a
 span named ``llm_request`` or carrying ``gen_ai.request.id`` or any ``gen_ai.usage.*`` attribute. The rest are
-ignored and counted. A span with an unusable value (a wrong type, a negative or non-finite latency, end before start,
-a time before 2000 or in the future, latencies that disagree or fall outside the span) is rejected whole, counted by
+ignored and counted. A span with an unusable value (a wrong type, a negative or non-finite latency, more than
+``MAX_TOKENS`` tokens, text with a NUL, end before start, a time before 2000 or in the future, latencies that
+disagree or fall outside the span) is rejected whole, counted by
 reason, and reported back in the response's ``partial_success`` (OTLP semantics: the call still succeeds). Nothing
 in a span raises out of the mapping.
 """
@@ -65,7 +66,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from collector.aggregator.spans import MAX_TEXT
+from collector.aggregator.spans import MAX_TEXT, MAX_TOKENS
 from collector.exporters.exposition import Family
 from collector.proto import wattmeter_pb2 as pb
 
@@ -189,21 +190,28 @@ class _Attributes:
             raise SpanRejected("bad_attribute", f"{key} is {_shown(value)}, not a string")
         if len(value.string_value) > MAX_TEXT:
             raise SpanRejected("text_too_long", f"{key} is longer than {MAX_TEXT} characters")
+        if "\0" in value.string_value:  # refused by spans.span_error, which OTLP's spans do not go through again
+            raise SpanRejected("bad_attribute", f"{key} contains a NUL character")
         return value.string_value
 
     def count(self, key: str) -> int | None:
-        """A non-negative integer attribute (an integral double is taken too); None when absent."""
+        """A token count (an integer 0..MAX_TOKENS; an integral double is taken too); None when absent."""
         value = self.get(key)
         if value is None:
             return None
         kind = _kind(value)
+        count: int | None = None
         if kind == "int_value" and value.int_value >= 0:
-            return value.int_value
-        if kind == "double_value":
+            count = value.int_value
+        elif kind == "double_value":
             number = value.double_value
             if math.isfinite(number) and 0 <= number <= MAX_EXACT_DOUBLE and number == int(number):
-                return int(number)
-        raise SpanRejected("bad_attribute", f"{key} is {_shown(value)}, not a count")
+                count = int(number)
+        if count is None:
+            raise SpanRejected("bad_attribute", f"{key} is {_shown(value)}, not a count")
+        if count > MAX_TOKENS:  # refused by spans.span_error too: a unit or counter error, and sums would overflow
+            raise SpanRejected("bad_attribute", f"{key} is {count}, more than {MAX_TOKENS} tokens")
+        return count
 
     def seconds(self, key: str, max_s: float) -> int | None:
         """A latency in seconds (int or double, finite, 0..max_s) as ns; None when absent."""
