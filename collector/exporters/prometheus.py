@@ -133,6 +133,17 @@ class AuthCache:
             self._expiry[digest] = time.monotonic() + self.ttl_s
 
 
+def _request_target(raw: str) -> str:
+    """The request line's target as text: ``http.server`` reads it as Latin-1, but a client that sends non-ASCII
+    unencoded (curl does: ``/api/v1/requests/ü``) means UTF-8, as percent-encoded targets do."""
+    if raw.isascii():
+        return raw
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8: left as read, so the id or value is unknown rather than changed
+        return raw
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsHTTPServer
     _headers_buffer: list[bytes]
@@ -182,7 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:
-        path, _, query = self.path.partition("?")
+        path, _, query = _request_target(self.path).partition("?")
         if path == "/metrics":
             if not self._authorised():
                 return
