@@ -21,6 +21,7 @@ model                                       ``gen_ai.response.model``; else ``ge
 input_tokens                                ``gen_ai.usage.input_tokens``; else ``gen_ai.usage.prompt_tokens``
 output_tokens                               ``gen_ai.usage.output_tokens``; else ``gen_ai.usage.completion_tokens``
 prefill_end_ns (first token)                start + ``gen_ai.latency.time_to_first_token``; without it,
+                                            end - ``gen_ai.latency.time_in_model_decode``; without both,
                                             (queue end or start) + ``gen_ai.latency.time_in_model_prefill``
 queue_end_ns (scheduled)                    first token - ``time_in_model_prefill`` when both are known; else
                                             start + ``gen_ai.latency.time_in_queue``
@@ -109,6 +110,7 @@ COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 TIME_IN_QUEUE = "gen_ai.latency.time_in_queue"
 TIME_TO_FIRST_TOKEN = "gen_ai.latency.time_to_first_token"
 TIME_IN_PREFILL = "gen_ai.latency.time_in_model_prefill"
+TIME_IN_DECODE = "gen_ai.latency.time_in_model_decode"
 HOST_NAME = "host.name"
 PROCESS_PID = "process.pid"
 SERVICE_NAME = "service.name"
@@ -265,21 +267,27 @@ def _boundaries(attributes: _Attributes, start: int, end: int, max_s: float) -> 
     queue = attributes.seconds(TIME_IN_QUEUE, max_s)
     ttft = attributes.seconds(TIME_TO_FIRST_TOKEN, max_s)
     prefill = attributes.seconds(TIME_IN_PREFILL, max_s)
+    first = TIME_TO_FIRST_TOKEN
+    if ttft is None:  # the first token is where decoding began (decode: first token to last)
+        decode = attributes.seconds(TIME_IN_DECODE, max_s)
+        if decode is not None:
+            if decode > end - start + LATENCY_SLACK_NS:
+                raise SpanRejected("latency_inconsistent", f"{TIME_IN_DECODE} is longer than the span")
+            ttft, first = max(0, end - decode - start), f"the span's time to its end - {TIME_IN_DECODE}"
     queue_end = prefill_end = 0
     if ttft is not None:
         prefill_end = start + ttft
         if prefill is not None:
             if prefill > ttft + LATENCY_SLACK_NS:
-                raise SpanRejected("latency_inconsistent", f"{TIME_IN_PREFILL} is longer than {TIME_TO_FIRST_TOKEN}")
+                raise SpanRejected("latency_inconsistent", f"{TIME_IN_PREFILL} is longer than {first}")
             if queue is not None and queue + prefill > ttft + LATENCY_SLACK_NS:
                 raise SpanRejected(
-                    "latency_inconsistent",
-                    f"{TIME_IN_QUEUE} + {TIME_IN_PREFILL} is longer than {TIME_TO_FIRST_TOKEN}",
+                    "latency_inconsistent", f"{TIME_IN_QUEUE} + {TIME_IN_PREFILL} is longer than {first}"
                 )
             queue_end = max(start, prefill_end - prefill)
         elif queue is not None:
             if queue > ttft + LATENCY_SLACK_NS:
-                raise SpanRejected("latency_inconsistent", f"{TIME_IN_QUEUE} is longer than {TIME_TO_FIRST_TOKEN}")
+                raise SpanRejected("latency_inconsistent", f"{TIME_IN_QUEUE} is longer than {first}")
             queue_end = min(start + queue, prefill_end)
     else:
         if queue is not None:

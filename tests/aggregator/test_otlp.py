@@ -422,21 +422,69 @@ MAPPING_CASES: list[tuple[str, trace_pb2.Span, dict[str, Any] | None, pb.Request
     ),
     (
         "queue time alone: queue end is start + queue",
-        otlp_span(vllm(**{"gen_ai.latency.time_to_first_token": None, "gen_ai.latency.time_in_model_prefill": None})),
+        otlp_span(
+            vllm(
+                **{
+                    "gen_ai.latency.time_to_first_token": None,
+                    "gen_ai.latency.time_in_model_prefill": None,
+                    "gen_ai.latency.time_in_model_decode": None,
+                }
+            )
+        ),
         None,
         expected_vllm_span(queue_end_ns=START + 50 * MS, prefill_end_ns=0),
     ),
     (
         "prefill time alone: first token is start + prefill",
-        otlp_span(vllm(**{"gen_ai.latency.time_to_first_token": None, "gen_ai.latency.time_in_queue": None})),
+        otlp_span(
+            vllm(
+                **{
+                    "gen_ai.latency.time_to_first_token": None,
+                    "gen_ai.latency.time_in_queue": None,
+                    "gen_ai.latency.time_in_model_decode": None,
+                }
+            )
+        ),
         None,
         expected_vllm_span(queue_end_ns=0, prefill_end_ns=START + 150 * MS),
     ),
     (
-        "queue and prefill, no TTFT: first token is queue end + prefill",
-        otlp_span(vllm(**{"gen_ai.latency.time_to_first_token": None})),
+        "queue and prefill, no TTFT or decode: first token is queue end + prefill",
+        otlp_span(vllm(**{"gen_ai.latency.time_to_first_token": None, "gen_ai.latency.time_in_model_decode": None})),
         None,
         expected_vllm_span(queue_end_ns=START + 50 * MS, prefill_end_ns=START + 200 * MS),
+    ),
+    (
+        "decode alone: first token is end - decode",
+        otlp_span(
+            vllm(
+                **{
+                    "gen_ai.latency.time_to_first_token": None,
+                    "gen_ai.latency.time_in_queue": None,
+                    "gen_ai.latency.time_in_model_prefill": None,
+                }
+            )
+        ),
+        None,
+        expected_vllm_span(queue_end_ns=0, prefill_end_ns=END - 1700 * MS),
+    ),
+    (
+        "decode and prefill, no TTFT: first token is end - decode, scheduled is first token - prefill",
+        otlp_span(vllm(**{"gen_ai.latency.time_to_first_token": None})),
+        None,
+        expected_vllm_span(queue_end_ns=END - 1850 * MS, prefill_end_ns=END - 1700 * MS),
+    ),
+    (
+        "decode and queue, no TTFT or prefill: queue end is start + queue",
+        otlp_span(vllm(**{"gen_ai.latency.time_to_first_token": None, "gen_ai.latency.time_in_model_prefill": None})),
+        None,
+        expected_vllm_span(queue_end_ns=START + 50 * MS, prefill_end_ns=END - 1700 * MS),
+    ),
+    (
+        "TTFT and decode: TTFT anchors the first token",
+        otlp_span(vllm(**{"gen_ai.latency.time_in_model_decode": 0.5})),
+        None,
+        expected_vllm_span(queue_end_ns=START + 100 * MS, prefill_end_ns=START + 250 * MS),
     ),
     (
         "TTFT alone: first token, no queue end",
@@ -677,6 +725,7 @@ REJECTED_CASES: list[tuple[str, trace_pb2.Span, dict[str, Any] | None, str, str]
                 "gen_ai.latency.time_to_first_token": None,
                 "gen_ai.latency.time_in_queue": 1.5,
                 "gen_ai.latency.time_in_model_prefill": 0.6,
+                "gen_ai.latency.time_in_model_decode": None,
             }
         ),
         None,
@@ -690,11 +739,32 @@ REJECTED_CASES: list[tuple[str, trace_pb2.Span, dict[str, Any] | None, str, str]
                 "gen_ai.latency.time_to_first_token": None,
                 "gen_ai.latency.time_in_model_prefill": None,
                 "gen_ai.latency.time_in_queue": 3.0,
+                "gen_ai.latency.time_in_model_decode": None,
             }
         ),
         None,
         "latency_outside_span",
         "queue end",
+    ),
+    (
+        "decode longer than the span",
+        bad(**{"gen_ai.latency.time_to_first_token": None, "gen_ai.latency.time_in_model_decode": 2.5}),
+        None,
+        "latency_inconsistent",
+        "time_in_model_decode is longer than the span",
+    ),
+    (
+        "prefill longer than end - decode",
+        bad(
+            **{
+                "gen_ai.latency.time_to_first_token": None,
+                "gen_ai.latency.time_in_model_decode": 1.9,
+                "gen_ai.latency.time_in_queue": None,
+            }
+        ),
+        None,
+        "latency_inconsistent",
+        "time_in_model_prefill is longer than the span's time to its end - gen_ai.latency.time_in_model_decode",
     ),
     (
         "prefill longer than TTFT",
