@@ -94,11 +94,11 @@ def check_options(options: DemoOptions) -> None:
 
 
 class Demo:
-    def __init__(self, options: DemoOptions, out: TextIO, live: bool) -> None:
+    def __init__(self, options: DemoOptions, out: TextIO, live: bool, stopping: threading.Event | None = None) -> None:
         self.options = options
         self.out = out
         self.live = live
-        self.stopping = threading.Event()
+        self.stopping = stopping if stopping is not None else threading.Event()
         self.children: list[Child] = []
         self._temporary: list[Path] = []
         self.layout = self._layout()
@@ -124,9 +124,6 @@ class Demo:
         self.out.write(line + "\n")
         self.out.flush()
 
-    def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping.set()
-
     # --- start -----------------------------------------------------------------------------------------------
 
     def _start(self, name: str, module: str, args: list[str], env: dict[str, str] | None = None) -> Child:
@@ -137,6 +134,8 @@ class Demo:
     def start_all(self) -> bool:
         """Start the children in order, each once the one it needs answers; False when told to stop meanwhile."""
         layout, options = self.layout, self.options
+        if self.stopping.is_set():  # a signal during the set-up: nothing to start
+            return False
         aggregator = self._start("aggregator", "collector", ["aggregator", "--config", str(layout.aggregator_config)])
         if not wait_until(
             aggregator, lambda: http_ok(self.api_url + "/healthz"), START_TIMEOUT_S, self.stopping.is_set
@@ -153,6 +152,8 @@ class Demo:
             START_TIMEOUT_S,
             self.stopping.is_set,
         ):
+            return False
+        if self.stopping.is_set():
             return False
         env = {"WATTMETER_SOCKET": str(layout.socket)}
         placement = ["--load-dir", str(layout.load_dir)]
@@ -272,10 +273,14 @@ class Demo:
         code = 0
         clean = False
         try:
-            self.layout.create()
-            files.write_configs(
-                self.layout, self.options.agent_listen, self.options.grpc_listen, self.options.http_listen
-            )
+            try:
+                self.layout.create()
+                files.write_configs(
+                    self.layout, self.options.agent_listen, self.options.grpc_listen, self.options.http_listen
+                )
+            except OSError as exc:
+                where = f"--data-dir {self.layout.root}" if self.options.data_dir is not None else self.layout.root
+                raise DemoError(f"wattmeter demo: {where}: {exc.strerror or exc}") from None
             check_configs(self.layout)
             self.intro()
             if self.start_all():
@@ -322,11 +327,13 @@ def run_demo(options: DemoOptions, out: TextIO | None = None, live: bool | None 
     except DemoError as exc:
         print(exc, file=sys.stderr)
         return 1
-    demo = Demo(options, out, out.isatty() if live is None else live)
+    # the handlers first: a signal from now on stops the demo cleanly (its temp dir is made in Demo's set-up)
+    stopping = threading.Event()
     previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, demo.request_stop)
+        previous[signum] = signal.signal(signum, lambda signum, frame: stopping.set())
     try:
+        demo = Demo(options, out, out.isatty() if live is None else live, stopping)
         return demo.run()
     except DemoError as exc:
         print(exc, file=sys.stderr)
