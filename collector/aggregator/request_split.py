@@ -82,9 +82,12 @@ def summed(series: Sequence[Series]) -> Series:
     if len(present) <= 1:
         return present[0] if present else Series.empty()
     grid = np.unique(np.concatenate([s.time_ns for s in present]))
+    t0 = grid[0]
+    # interpolated on times relative to the first (exact in float64): Unix ns are 256 ns apart in float64
+    at = (grid - t0).astype(np.float64)
     total = np.zeros(grid.size)
     for s in present:
-        total += np.interp(grid.astype(np.float64), s.time_ns.astype(np.float64), s.energy_j)
+        total += np.interp(at, (s.time_ns - t0).astype(np.float64), s.energy_j)
     return Series(grid, total)
 
 
@@ -113,6 +116,18 @@ def _clean(series: Series) -> Series:
         t, first = np.unique(t, return_index=True)
         e = np.maximum.accumulate(e[first])
     return Series(t, e)
+
+
+def _clean_power(device: Device) -> tuple[Int64Array, Float64Array] | tuple[None, None]:
+    """The device's power samples as the kernel requires them (strictly increasing times), or None without any: a
+    sample stored twice, or two instances' samples interleaved, keep the first at each time."""
+    t, w = device.power_ns, device.power_w
+    if t.size == 0:
+        return None, None
+    if t.size > 1 and np.any(np.diff(t) <= 0):
+        t, first = np.unique(t, return_index=True)
+        w = w[first]
+    return t, w
 
 
 def _gap_overlap(device_ns: Int64Array, start: Int64Array, end: Int64Array) -> BoolArray:
@@ -155,6 +170,7 @@ def split(
         if name in code and device_id in devices:
             devices_of.setdefault(name, []).append(device_id)
     ready[span_workload >= 0] = True
+    power: dict[str, tuple[Int64Array, Float64Array] | tuple[None, None]] = {}  # device -> its power, cleaned
     users: dict[str, list[int]] = {}  # device -> workload codes on it
     for name in names:
         w = code[name]
@@ -168,6 +184,8 @@ def split(
             device = devices[device_id]
             users.setdefault(device_id, []).append(w)
             series = _clean(with_flat_ends(workload_series[(name, device_id)], device.time_ns))
+            if device_id not in power:
+                power[device_id] = _clean_power(device)
             if series.time_ns.size == 0:
                 ready[mine] = False
                 continue
@@ -179,8 +197,8 @@ def split(
                 end_ns=stretches.end_ns[chosen],
                 weight=stretches.weight[chosen],
                 n_requests=n,
-                power_ns=device.power_ns if device.power_ns.size else None,
-                power_w=device.power_w if device.power_ns.size else None,
+                power_ns=power[device_id][0],
+                power_w=power[device_id][1],
             )
             by_kind[device.kind if device.kind in by_kind else "gpu"] += result.energy_j
             inside = (start_ns <= result.window_end_ns) & (end_ns >= result.window_start_ns)
