@@ -58,7 +58,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
 
@@ -219,8 +219,11 @@ class RequestEngine:
         self.metrics = metrics if metrics is not None else RequestMetrics(config.max_label_values)
         self.clock_ns = clock_ns
         self.monotonic = monotonic  # when the store's pending list is read again (STORE_CHECK_S)
-        # the requests it wrote, in the order written, oldest first: writing one again is a revision
-        self._written: dict[str, None] = {}
+        # the requests it wrote, in the order written, oldest first (writing one again is a revision), each with
+        # whether it was counted with its energy (False: counted as no_samples, to be counted with energy once it has
+        # some); and those a reopen found settled (added to it at the next write)
+        self._written: dict[str, bool] = {}
+        self._counted_elsewhere: dict[str, bool] = {}
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
         self._bindings: dict[str, HostBindings] = {}
@@ -284,8 +287,15 @@ class RequestEngine:
             if not full:
                 self._stop.wait(self.config.interval_s)
 
-    def note_requests_reopened(self) -> None:
-        """Requests were made pending in the store (``Store.reopen_requests``): the next pass reads its list."""
+    def note_requests_reopened(self, previous: Mapping[str, str] | None = None) -> None:
+        """Requests were made pending in the store (``Store.reopen_requests``, which says the status each had):
+        the next pass reads its list. Those counted already (by this engine, before a restart or by another
+        aggregator) are revised when computed again, not counted again: an approximate one was counted with its
+        energy, a no_samples one is counted with its energy once it has some."""
+        if previous:
+            with self._results_lock:
+                for rid, status in previous.items():
+                    self._counted_elsewhere[rid] = self._counted_elsewhere.get(rid, False) or status != "no_samples"
         self._store_check_at = 0.0
 
     @contextlib.contextmanager
@@ -639,11 +649,7 @@ class RequestEngine:
         # pending requests are all written; a neighbour (not pending: wanted are pending + neighbours) only when its
         # status or energy differs from what it holds (a stored final result is not replaced by a less complete
         # one: a final one is late never)
-        candidate = np.flatnonzero(settled & is_pending)
-        candidates = candidate.tolist()
-        [candidate_ids] = pick_items([ids], candidate)
-        known = np.fromiter(map(written.__contains__, candidate_ids), bool, len(candidates))
-        firsts = candidate[~known].tolist()  # the rest of what is written is revised
+        candidates = np.flatnonzero(settled & is_pending).tolist()
         chosen = candidates
         near = np.flatnonzero(settled & ~is_pending).tolist()
         if near:
@@ -661,7 +667,11 @@ class RequestEngine:
         with self._results_lock:  # to the write's commit: a reopen waits, or this pass knows of it
             if self._reopened:
                 reopened = self._reopened_during_pass(m, code, collected.hostname, start, end)
-                chosen, firsts = self._without_reopened(chosen, firsts, ids, status_code, is_pending, reopened)
+                chosen = self._without_reopened(chosen, ids, status_code, is_pending, reopened)
+            if self._counted_elsewhere:  # before its results are counted: a reopened one was counted already
+                for rid, counted in self._counted_elsewhere.items():
+                    written[rid] = written.pop(rid, False) or counted
+                self._counted_elsewhere.clear()
             pick = np.array(chosen, dtype=np.int64)
             codes = status_code[pick].tolist()
             energies: list[list[float | None]] = [
@@ -695,12 +705,31 @@ class RequestEngine:
                 cost,
             )
             stale = set(self.store.write_result_columns(out)) if chosen else set()
-        done_ids = out.request_id if not stale else [rid for rid in out.request_id if rid not in stale]
+        done_ids, done_at = out.request_id, chosen
+        if stale:
+            kept = [i for i, rid in enumerate(done_ids) if rid not in stale]
+            done_ids, done_at = [done_ids[i] for i in kept], [chosen[i] for i in kept]
         if self._retry:
             deque(map(self._retry.pop, done_ids, repeat(None)), maxlen=0)
-        # remembered in the order written: a request written again moves to the end
-        deque(map(written.pop, done_ids, repeat(None)), maxlen=0)
-        written.update(dict.fromkeys(done_ids))
+        # remembered in the order written (a request written again moves to the end), with whether it was counted
+        # with its energy; counted: a pending request written for the first time (a neighbour this engine never
+        # wrote was counted by whoever wrote it), and one counted as no_samples that now has energy
+        was: list[bool | None] = list(map(written.pop, done_ids, repeat(None)))
+        priced = (status_code[done_at] != 2).tolist() if done_at else []
+        if was.count(None) == len(was) and bool(is_pending[done_at].all()):  # the usual case: all new
+            done, priced_now = done_at, list[int]()
+            written.update(zip(done_ids, priced, strict=True))
+        else:
+            done, priced_now = [], []
+            for k, had, has in zip(done_at, was, priced, strict=True):
+                if had is None and is_pending[k]:
+                    done.append(k)
+                elif had is False and has:
+                    priced_now.append(k)
+            written.update(
+                (rid, has or bool(had) or (had is None and not is_pending[k]))
+                for rid, k, had, has in zip(done_ids, done_at, was, priced, strict=True)
+            )
         if len(written) > REMEMBERED:
             for rid in list(islice(written, len(written) - REMEMBERED)):
                 del written[rid]
@@ -708,9 +737,8 @@ class RequestEngine:
             self._from_store.difference_update(done_ids)
         # a stale result: its request has spans this pass did not see; its next pass reads them from the store
         self._from_store.update(rid for rid in stale if rid in pending)
-        done = [k for k in firsts if ids[k] not in stale] if stale else firsts
-        if done:
-            pick = np.array(done, dtype=np.int64)
+        if done or priced_now:
+            pick = np.array(done + priced_now, dtype=np.int64)
             unknown = no_samples[pick]
             done_model, done_tenant = pick_items((model, tenant), pick)
             self.metrics.finished_many(
@@ -720,11 +748,12 @@ class RequestEngine:
                 np.where(unknown, np.nan, full_j[pick]),
                 sum_out[pick],
             )
-        revised = len(out) - len(stale) - len(done)  # written, and not for the first time (a stale one was not)
+        # written, and not for the first time (a stale one was not written)
+        revised = len(done_ids) - len(done) - len(priced_now)
         if revised:
             self.metrics.revised(revised)
         self._forget([*done_ids, *pending.difference(ids)])  # pending ones with no spans anywhere too
-        return PassStats(taken, len(out) - len(stale), len(done), revised, full)
+        return PassStats(taken, len(done_ids), len(done) + len(priced_now), revised, full)
 
     def _reopened_during_pass(
         self, m: int, code: Int64Array, hostname: list[str], start: Int64Array, end: Int64Array
@@ -747,25 +776,24 @@ class RequestEngine:
     def _without_reopened(
         self,
         chosen: list[int],
-        firsts: list[int],
         ids: list[str],
         status_code: Int64Array,
         is_pending: npt.NDArray[np.bool_],
         reopened: npt.NDArray[np.bool_],
-    ) -> tuple[list[int], list[int]]:
-        """``chosen`` and ``firsts`` without the results that a reopen during the pass makes stale: not final (late
+    ) -> list[int]:
+        """``chosen`` without the results that a reopen during the pass makes stale: not final (late
         samples cannot change a final one), with a span on a reopened host and time, and pending (it stays pending,
         computed again by the next pass) or a neighbour the reopen made pending (the store is asked again: one it
         did not reopen keeps its revision)."""
         hit = [k for k in chosen if reopened[k] and status_code[k] != 0]
         if not hit:
-            return chosen, firsts
+            return chosen
         neighbours = [ids[k] for k in hit if not is_pending[k]]
         now = self.store.request_states(neighbours) if neighbours else {}
         dropped = {k for k in hit if is_pending[k] or now.get(ids[k], _PENDING)[0] == "pending"}
         if not dropped:
-            return chosen, firsts
-        return [k for k in chosen if k not in dropped], [k for k in firsts if k not in dropped]
+            return chosen
+        return [k for k in chosen if k not in dropped]
 
     def _forget(self, settled: Iterable[str]) -> None:
         """``settled`` are pending no more (or not found): out of the engine's memory of pending requests."""

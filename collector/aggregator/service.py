@@ -114,8 +114,8 @@ class Aggregator:
                 log.exception("reopening requests on %s after late samples failed", hostname)
                 return
             if reopened:
-                log.info("%d requests on %s computed again: their samples arrived late", reopened, hostname)
-                self.requests.note_requests_reopened()
+                log.info("%d requests on %s computed again: their samples arrived late", len(reopened), hostname)
+                self.requests.note_requests_reopened(reopened)
 
         self.executor.submit(reopen)
 

@@ -579,10 +579,11 @@ class Store(abc.ABC):
         span count are what its stored spans say already (a request not stored gets the whole row)."""
 
     @abc.abstractmethod
-    def reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> int:
+    def reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> dict[str, str]:
         """Make ``approximate`` and ``no_samples`` requests with a span on ``hostname`` overlapping
         [since_ns, until_ns] ``pending`` again (energies dropped), because samples of that time arrived after their
-        grace (an agent replaying its spool after an outage); returns how many. The engine computes them again."""
+        grace (an agent replaying its spool after an outage); returns them, each with the status it had (the
+        engine computes them again, and counts them once: ``RequestEngine.note_requests_reopened``)."""
 
     @abc.abstractmethod
     def request(self, request_id: str) -> RequestResult | None:

@@ -155,9 +155,8 @@ class RequestSql:
             "SELECT request_id, span_hosts, span_start_ns, span_end_ns FROM requests "
             "WHERE request_id IN ({marks}) AND span_hosts IS NOT NULL"
         )
-        self._select_stored = self._select_stored_unlocked + (
-            ' ORDER BY request_id COLLATE "C" FOR UPDATE' if dialect.row_locks else ""
-        )
+        self._lock_rows = ' ORDER BY request_id COLLATE "C" FOR UPDATE' if dialect.row_locks else ""
+        self._select_stored = self._select_stored_unlocked + self._lock_rows
         self._insert_pending = _Statement.of(
             "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
             "output_tokens, span_count, updated_ns, span_hosts, span_start_ns, span_end_ns) VALUES {rows}"
@@ -433,19 +432,28 @@ class RequestSql:
             for pid, workload, phase, job, seen_ns in cursor.fetchall()
         ]
 
-    def reopen(self, cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> int:
+    def reopen(self, cursor: Cursor, hostname: str, since_ns: int, until_ns: int) -> dict[str, str]:
         """``Store.reopen_requests``: approximate and no_samples requests with a span on the host overlapping
-        [since_ns, until_ns] become pending, their energies dropped; returns how many."""
+        [since_ns, until_ns] become pending, their energies dropped; returns them, each with the status it had."""
         ids = sorted(set(self._chunk_spans(cursor, hostname, since_ns, until_ns).request_id))
-        reopened = 0
+        reopened: dict[str, str] = {}
         for chunk in _chunks(ids):
+            marks = _marks(len(chunk), "?")
+            cursor.execute(
+                "SELECT request_id, status FROM requests WHERE status IN ('approximate', 'no_samples') "
+                f"AND request_id IN ({marks}){self._lock_rows}",
+                list(chunk),
+            )
+            found = {str(rid): str(status) for rid, status in cursor.fetchall()}
+            if not found:
+                continue
             cursor.execute(
                 "UPDATE requests SET status = 'pending', active_j = NULL, full_j = NULL, gpu_j = NULL, cpu_j = NULL, "
                 "dram_j = NULL, co2_g = NULL, cost = NULL WHERE status IN ('approximate', 'no_samples') "
-                f"AND request_id IN ({_marks(len(chunk), '?')})",
-                list(chunk),
+                f"AND request_id IN ({_marks(len(found), '?')})",
+                sorted(found),
             )
-            reopened += max(cursor.rowcount, 0)
+            reopened.update(found)
         return reopened
 
     @staticmethod

@@ -446,7 +446,7 @@ class SqlStore(StepsReads, Store):
     def pending_requests(self, limit: int) -> list[str]:
         return [rid for rid, _ in self.pending_request_counts(limit)]
 
-    def reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> int:
+    def reopen_requests(self, hostname: str, since_ns: int, until_ns: int) -> dict[str, str]:
         host = text(hostname)
         return self._run(lambda cursor: self._requests.reopen(cursor, host, since_ns, until_ns), write=True)
 

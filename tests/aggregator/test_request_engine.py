@@ -387,10 +387,10 @@ def test_late_samples_reopen_an_approximate_request_which_then_comes_out_final(s
         t = T0 + second * S + np.arange(1, 11, dtype=np.int64) * (S // 10)
         joules = 100.0 * (t - T0) / S
         writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
-    assert store.reopen_requests("host-a", T0 + 5 * S + S // 10, T0 + 20 * S) == 1
+    assert len(store.reopen_requests("host-a", T0 + 5 * S + S // 10, T0 + 20 * S)) == 1
     assert (result(store, "r").status, result(store, "r").active_j) == ("pending", None)
     assert result(store, "other-host").status == "no_samples"  # another host's: not touched
-    assert store.reopen_requests("host-a", T0 + 9 * S, T0 + 20 * S) == 0  # none of its spans there
+    assert len(store.reopen_requests("host-a", T0 + 9 * S, T0 + 20 * S)) == 0  # none of its spans there
     clock.now_ns += S
     engine.run_pass()  # the engine knows of no pending request: the store's list is read every few seconds
     assert result(store, "r").status == "pending"
@@ -498,7 +498,7 @@ def test_a_request_reopened_behind_the_engine_s_back_is_found_at_the_next_check_
         t = T0 + second * S + np.arange(1, 11, dtype=np.int64) * (S // 10)
         joules = 100.0 * (t - T0) / S
         writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
-    assert store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S) == 1
+    assert len(store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S)) == 1
     seconds[0] += STORE_CHECK_S - 0.1
     engine.run_pass()
     assert result(store, "r").status == "pending"  # the engine's memory knows of no pending request
@@ -609,7 +609,7 @@ def test_a_reopen_told_while_the_store_s_list_is_being_read_is_not_lost(store: S
 
     def racing(limit: int):  # type: ignore[no-untyped-def]
         got = real(limit)
-        assert store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S) == 1  # committed after the query...
+        assert len(store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S)) == 1  # committed after the query...
         engine.note_requests_reopened()  # ...and told before _pending sets _store_check_at
         return got
 
@@ -651,7 +651,7 @@ def test_late_samples_reopened_while_a_pass_computes_do_not_leave_it_approximate
             joules = 100.0 * (t - T0) / S
             writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
         with engine.reopening("host-a", T0 + 5 * S, T0 + 20 * S):
-            assert store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S) == 0  # r is pending still
+            assert len(store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S)) == 0  # r is pending still
         return samples
 
     store.device_samples = late_samples_meanwhile  # type: ignore[method-assign]
@@ -761,7 +761,7 @@ def test_a_reopen_of_a_time_none_of_a_neighbour_s_spans_touch_keeps_its_revision
     def reopen_meanwhile(*args: Any, **kwargs: Any) -> Any:
         store.device_samples = read_samples  # type: ignore[method-assign]
         with engine.reopening("host-a", T0 + 15 * S, T0 + 18 * S):
-            assert store.reopen_requests("host-a", T0 + 15 * S, T0 + 18 * S) == 0
+            assert len(store.reopen_requests("host-a", T0 + 15 * S, T0 + 18 * S)) == 0
         return read_samples(*args, **kwargs)
 
     store.device_samples = reopen_meanwhile  # type: ignore[method-assign]
