@@ -45,9 +45,10 @@ settled neighbour is rewritten when it comes out with another status or energy
 (``wattmeter_request_revisions_total``), an approximate one staying approximate past its grace, a final one only
 when it comes out final (a neighbour whose raw samples were pruned keeps its stored result). Late samples cannot
 change a final request: it is final only once the samples past its end are there with no gap before. The metrics
-count a request the first time this engine writes it, and a neighbour's rewrite as a revision; a request made
-pending again (a late span of its own, late samples) that this engine never wrote (written before a restart, or by
-another aggregator) counts as a request again.
+count a request the first time this engine writes it (a no_samples one again, with its energy, once it has some),
+and a neighbour's rewrite as a revision; a request that late samples reopen is a revision too, whoever wrote it
+(``Store.reopen_requests`` says it was settled), but one made pending again by a late span of its own that this
+engine never wrote (written before a restart, or by another aggregator) counts as a request again.
 """
 
 from __future__ import annotations
