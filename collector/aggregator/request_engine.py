@@ -91,6 +91,7 @@ CLUSTER_GAP_NS = 1 * S  # spans on one host closer than this in time are attribu
 MAX_RETRY_NS = 8 * S
 MINUTE_NS = 60 * S
 REMEMBERED = 200_000  # requests the engine remembers having written (about 100 bytes each)
+REOPENED_KEPT = 200_000  # requests a reopen found counted, kept until computed (another aggregator may take them)
 STORE_CHECK_S = 5.0  # the store's pending requests are read this often even when the engine's memory has them all
 KNOWN_PER_PASS = 10  # pending requests known from memory: at most this many passes' worth (beyond: the store's list)
 IDLE = ("idle", "", "")
@@ -222,7 +223,7 @@ class RequestEngine:
         self.monotonic = monotonic  # when the store's pending list is read again (STORE_CHECK_S)
         # the requests it wrote, in the order written, oldest first (writing one again is a revision), each with
         # whether it was counted with its energy (False: counted as no_samples, to be counted with energy once it has
-        # some); and those a reopen found settled (added to it at the next write)
+        # some); and those a reopen found settled, the same way, until they are written again
         self._written: dict[str, bool] = {}
         self._counted_elsewhere: dict[str, bool] = {}
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
@@ -295,20 +296,31 @@ class RequestEngine:
         energy, a no_samples one is counted with its energy once it has some."""
         if previous:
             with self._results_lock:
-                for rid, status in previous.items():
-                    self._counted_elsewhere[rid] = self._counted_elsewhere.get(rid, False) or status != "no_samples"
+                self._note_counted(previous)
         self._store_check_at = 0.0
 
+    def _note_counted(self, previous: Mapping[str, str]) -> None:
+        """(holding ``_results_lock``) ``previous``, reopened with the status each had, were counted already."""
+        elsewhere = self._counted_elsewhere
+        for rid, status in previous.items():
+            elsewhere[rid] = elsewhere.pop(rid, False) or status != "no_samples"
+        if len(elsewhere) > REOPENED_KEPT:  # those never computed here again (another aggregator settled them)
+            for rid in list(islice(elsewhere, len(elsewhere) - REOPENED_KEPT)):
+                del elsewhere[rid]
+
     @contextlib.contextmanager
-    def reopening(self, hostname: str, since_ns: int, until_ns: int) -> Iterator[None]:
+    def reopening(self, hostname: str, since_ns: int, until_ns: int) -> Iterator[dict[str, str]]:
         """Around ``Store.reopen_requests`` (late samples of ``hostname`` in [since_ns, until_ns] were stored): a
         pass does not write meanwhile, and one under way (it may have read the samples before them) writes no
         approximate or no_samples result with a span on that host and time that the reopen concerns: a pending one
         stays pending, computed again by the next pass (the reopen had nothing to reopen), a neighbour the reopen
-        made pending is left to it."""
+        made pending is left to it. What the reopen returns goes in the dict yielded: noted before any pass can
+        write them (``note_requests_reopened``)."""
         with self._results_lock:
             self._reopened.append((hostname, since_ns, until_ns))
-            yield
+            previous: dict[str, str] = {}
+            yield previous
+            self._note_counted(previous)
 
     # -- one pass
 
@@ -669,10 +681,6 @@ class RequestEngine:
             if self._reopened:
                 reopened = self._reopened_during_pass(m, code, collected.hostname, start, end)
                 chosen = self._without_reopened(chosen, ids, status_code, is_pending, reopened)
-            if self._counted_elsewhere:  # before its results are counted: a reopened one was counted already
-                for rid, counted in self._counted_elsewhere.items():
-                    written[rid] = written.pop(rid, False) or counted
-                self._counted_elsewhere.clear()
             pick = np.array(chosen, dtype=np.int64)
             codes = status_code[pick].tolist()
             energies: list[list[float | None]] = [
@@ -706,31 +714,39 @@ class RequestEngine:
                 cost,
             )
             stale = set(self.store.write_result_columns(out)) if chosen else set()
-        done_ids, done_at = out.request_id, chosen
-        if stale:
-            kept = [i for i, rid in enumerate(done_ids) if rid not in stale]
-            done_ids, done_at = [done_ids[i] for i in kept], [chosen[i] for i in kept]
+            done_ids, done_at = out.request_id, chosen
+            if stale:
+                kept = [i for i, rid in enumerate(done_ids) if rid not in stale]
+                done_ids, done_at = [done_ids[i] for i in kept], [chosen[i] for i in kept]
+            # reopened ones counted already (a reopen takes the lock): how, for those written now
+            elsewhere = self._counted_elsewhere
+            counted_elsewhere = {rid: elsewhere.pop(rid) for rid in done_ids if rid in elsewhere} if elsewhere else {}
         if self._retry:
             deque(map(self._retry.pop, done_ids, repeat(None)), maxlen=0)
         # remembered in the order written (a request written again moves to the end), with whether it was counted
         # with its energy; counted: a pending request written for the first time (a neighbour this engine never
-        # wrote was counted by whoever wrote it), and one counted as no_samples that now has energy
+        # wrote was counted by whoever wrote it, as its stored status says), and one counted as no_samples that
+        # now has energy
         was: list[bool | None] = list(map(written.pop, done_ids, repeat(None)))
+        if counted_elsewhere:
+            was = [
+                had if rid not in counted_elsewhere else bool(had) or counted_elsewhere[rid]
+                for rid, had in zip(done_ids, was, strict=True)
+            ]
         priced = (status_code[done_at] != 2).tolist() if done_at else []
         if was.count(None) == len(was) and bool(is_pending[done_at].all()):  # the usual case: all new
             done, priced_now = done_at, list[int]()
             written.update(zip(done_ids, priced, strict=True))
         else:
             done, priced_now = [], []
-            for k, had, has in zip(done_at, was, priced, strict=True):
-                if had is None and is_pending[k]:
+            for i, (k, had, has) in enumerate(zip(done_at, was, priced, strict=True)):
+                if had is None and not is_pending[k]:  # a neighbour written elsewhere: counted as it was stored
+                    had = was[i] = states[ids[k]][0] != "no_samples"
+                if had is None:
                     done.append(k)
                 elif had is False and has:
                     priced_now.append(k)
-            written.update(
-                (rid, has or bool(had) or (had is None and not is_pending[k]))
-                for rid, k, had, has in zip(done_ids, done_at, was, priced, strict=True)
-            )
+            written.update((rid, has or bool(had)) for rid, had, has in zip(done_ids, was, priced, strict=True))
         if len(written) > REMEMBERED:
             for rid in list(islice(written, len(written) - REMEMBERED)):
                 del written[rid]

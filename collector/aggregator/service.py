@@ -108,14 +108,15 @@ class Aggregator:
 
         def reopen() -> None:
             try:
-                with self.requests.reopening(hostname, since_ns, until_ns):  # not under a pass's results
+                with self.requests.reopening(hostname, since_ns, until_ns) as counted:  # not under a pass's results
                     reopened = self.store.reopen_requests(hostname, since_ns, until_ns)
+                    counted.update(reopened)
             except Exception:  # they stay as they were: approximate or no_samples, as before the samples came
                 log.exception("reopening requests on %s after late samples failed", hostname)
                 return
             if reopened:
                 log.info("%d requests on %s computed again: their samples arrived late", len(reopened), hostname)
-                self.requests.note_requests_reopened(reopened)
+                self.requests.note_requests_reopened()
 
         self.executor.submit(reopen)
 
