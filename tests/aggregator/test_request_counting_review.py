@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from collector.aggregator.config import RequestsConfig
-from collector.aggregator.request_engine import PassStats, RequestEngine
-from collector.aggregator.request_metrics import RequestMetrics
+from collector.aggregator.request_engine import PassStats
 from collector.store.base import SpanRow, Store
 from tests.aggregator.test_request_engine import Clock, constant_host, result
-from tests.aggregator.test_request_metrics_review import _late_samples, _values
+from tests.aggregator.test_request_metrics_review import _late_samples, _values, engine_and_metrics, reopen, span
 from tests.fakes.request_world import T0, S
 
 TOTAL = 'wattmeter_requests_total{model="m",tenant="t"}'
-
-
-def _span(rid: str, host: str = "host-a", start_s: int = 2, end_s: int = 8) -> SpanRow:
-    return SpanRow(rid, "s", host, T0 + start_s * S, T0 + end_s * S, workload="vllm", model="m", tenant="t")
-
-
-def _engine(store: Store, clock: Clock, **config: object) -> tuple[RequestEngine, RequestMetrics]:
-    metrics = RequestMetrics()
-    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30, **config), metrics, clock_ns=clock)  # type: ignore[arg-type]
-    return engine, metrics
 
 
 def _consistent(stats: PassStats) -> PassStats:
@@ -34,17 +22,13 @@ def test_control_restart_then_reopen_told_before_the_pass_is_a_revision(store: S
     """The design: r counted before a restart (engine a), reopened by late samples after it (engine b, told): b
     revises r, it does not count it."""
     writer = constant_host(store, seconds=5)
-    store.write_spans([_span("r")])
+    store.write_spans([span("r")])
     clock = Clock(T0 + 38 * S)
-    a, _ = _engine(store, clock)
+    a, _ = engine_and_metrics(store, clock)
     a.run_pass()
     assert result(store, "r").status == "approximate"
-    b, metrics = _engine(store, clock)  # after a restart
-    _late_samples(writer, 5, 20)
-    with b.reopening("host-a", T0 + 5 * S + S // 10, T0 + 20 * S):
-        reopened = store.reopen_requests("host-a", T0 + 5 * S + S // 10, T0 + 20 * S)
-    assert reopened == {"r": "approximate"}
-    b.note_requests_reopened(reopened)
+    b, metrics = engine_and_metrics(store, clock)  # after a restart
+    assert reopen(store, b, writer, 5) == {"r": "approximate"}
     clock.now_ns += S
     _consistent(b.run_pass())
     assert result(store, "r").status == "final"
@@ -57,11 +41,11 @@ def test_a_pass_between_the_reopen_s_commit_and_its_note_does_not_count_a_reopen
     knows that r was counted already. Before, the note came after the lock was let go, and such a pass counted r as
     new. Same sequence as the control above, only the pass comes before ``note_requests_reopened()``."""
     writer = constant_host(store, seconds=5)
-    store.write_spans([_span("r")])
+    store.write_spans([span("r")])
     clock = Clock(T0 + 38 * S)
-    a, _ = _engine(store, clock)
+    a, _ = engine_and_metrics(store, clock)
     a.run_pass()
-    b, metrics = _engine(store, clock)
+    b, metrics = engine_and_metrics(store, clock)
     _late_samples(writer, 5, 20)
     with b.reopening("host-a", T0 + 5 * S + S // 10, T0 + 20 * S) as counted:  # as the service does it
         counted.update(store.reopen_requests("host-a", T0 + 5 * S + S // 10, T0 + 20 * S))
@@ -85,21 +69,17 @@ def test_reopened_requests_remembered_as_counted_are_evicted_before_they_are_com
     monkeypatch.setattr(request_engine, "REMEMBERED", remembered)
     wa = constant_host(store, "host-a", seconds=5)
     wb = constant_host(store, "host-b", seconds=5)
-    store.write_spans([_span("r1", "host-a")])
-    store.write_spans([_span("r2", "host-b")])
+    store.write_spans([span("r1", "host-a")])
+    store.write_spans([span("r2", "host-b")])
     clock = Clock(T0 + 38 * S)
-    engine, metrics = _engine(store, clock, max_per_pass=1)
+    engine, metrics = engine_and_metrics(store, clock, max_per_pass=1)
     for _ in range(4):
         engine.run_pass()
         clock.now_ns += S
     assert (result(store, "r1").status, result(store, "r2").status) == ("approximate", "approximate")
     assert _values(metrics)[TOTAL] == 2.0
-    _late_samples(wa, 5, 20)
-    _late_samples(wb, 5, 20)
-    for host in ("host-a", "host-b"):
-        with engine.reopening(host, T0 + 5 * S + S // 10, T0 + 20 * S):
-            reopened = store.reopen_requests(host, T0 + 5 * S + S // 10, T0 + 20 * S)
-        engine.note_requests_reopened(reopened)
+    reopen(store, engine, wa, 5, "host-a")
+    reopen(store, engine, wb, 5, "host-b")
     for _ in range(4):
         clock.now_ns += S
         _consistent(engine.run_pass())
@@ -116,14 +96,14 @@ def test_a_no_samples_neighbour_written_elsewhere_that_late_samples_price_is_cou
     nothing to reopen. Before, a neighbour this engine never wrote was taken as counted with its energy, and n's
     energy was never counted. (A no_samples neighbour that b itself wrote: the control below.)"""
     writer = constant_host(store, seconds=1)
-    store.write_spans([_span("n")])
+    store.write_spans([span("n")])
     clock = Clock(T0 + 38 * S)
-    a, _ = _engine(store, clock)
+    a, _ = engine_and_metrics(store, clock)
     a.run_pass()
     assert result(store, "n").status == "no_samples"
-    b, metrics = _engine(store, clock)  # after a restart
+    b, metrics = engine_and_metrics(store, clock)  # after a restart
     _late_samples(writer, 1, 20)
-    store.write_spans([_span("p", start_s=4, end_s=10)])
+    store.write_spans([span("p", start_s=4, end_s=10)])
     clock.now_ns = T0 + 10 * S + 40 * S
     stats = _consistent(b.run_pass())
     assert (result(store, "p").status, result(store, "n").status) == ("final", "final")
@@ -135,12 +115,12 @@ def test_a_no_samples_neighbour_written_elsewhere_that_late_samples_price_is_cou
 def test_same_engine_no_samples_neighbour_priced_is_counted_with_energy(store: Store) -> None:
     """Control of the one above without the restart: n written no_samples by this engine, priced as a neighbour."""
     writer = constant_host(store, seconds=1)
-    store.write_spans([_span("n")])
+    store.write_spans([span("n")])
     clock = Clock(T0 + 38 * S)
-    engine, metrics = _engine(store, clock)
+    engine, metrics = engine_and_metrics(store, clock)
     engine.run_pass()
     _late_samples(writer, 1, 20)
-    store.write_spans([_span("p", start_s=4, end_s=10)])
+    store.write_spans([span("p", start_s=4, end_s=10)])
     clock.now_ns = T0 + 10 * S + 40 * S
     stats = _consistent(engine.run_pass())
     assert (result(store, "p").status, result(store, "n").status) == ("final", "final")
@@ -153,14 +133,11 @@ def test_no_samples_reopened_then_final_then_late_span_counts_once_with_energy(s
     """pending -> no_samples -> reopened -> final -> a late span of its own -> final again: counted once as
     no_samples, once with energy, then revisions."""
     writer = constant_host(store, seconds=1)
-    store.write_spans([_span("r")])
+    store.write_spans([span("r")])
     clock = Clock(T0 + 38 * S)
-    engine, metrics = _engine(store, clock)
+    engine, metrics = engine_and_metrics(store, clock)
     _consistent(engine.run_pass())
-    _late_samples(writer, 1, 20)
-    with engine.reopening("host-a", T0 + S + S // 10, T0 + 20 * S):
-        reopened = store.reopen_requests("host-a", T0 + S + S // 10, T0 + 20 * S)
-    engine.note_requests_reopened(reopened)
+    reopen(store, engine, writer, 1)
     clock.now_ns += S
     _consistent(engine.run_pass())
     assert result(store, "r").status == "final"

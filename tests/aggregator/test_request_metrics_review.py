@@ -68,22 +68,40 @@ def _late_samples(writer: HostWriter, first_second: int, last_second: int) -> No
         writer.write("gpu0", "gpu", t, 1000.0 + joules, np.full(t.size, 100.0), {WORKLOAD: joules})
 
 
+def reopen(
+    store: Store, engine: RequestEngine, writer: HostWriter, first_second: int, host: str = "host-a"
+) -> dict[str, str]:
+    """Late samples of ``host`` from ``first_second`` to 20 s, and the reopen the service makes of them."""
+    _late_samples(writer, first_second, 20)
+    since, until = T0 + first_second * S + S // 10, T0 + 20 * S
+    with engine.reopening(host, since, until) as counted:
+        counted.update(store.reopen_requests(host, since, until))
+    engine.note_requests_reopened()
+    return counted
+
+
+def span(rid: str, host: str = "host-a", start_s: int = 2, end_s: int = 8) -> SpanRow:
+    return SpanRow(rid, "s", host, T0 + start_s * S, T0 + end_s * S, workload="vllm", model="m", tenant="t")
+
+
+def engine_and_metrics(store: Store, clock: Clock, **config: object) -> tuple[RequestEngine, RequestMetrics]:
+    metrics = RequestMetrics()
+    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30, **config), metrics, clock_ns=clock)  # type: ignore[arg-type]
+    return engine, metrics
+
+
 def test_a_no_samples_request_that_late_samples_make_final_is_counted_as_a_request(store: Store) -> None:
     """r has no samples by the end of its grace: no_samples (no energy, not in wattmeter_requests_total). Its host's
     spool is replayed (late samples, a reopen): r comes out final with 600 J, as the API says. It has now become
     final for the first time, so wattmeter_requests_total, the energy counter and the histogram must count it."""
     writer = constant_host(store, seconds=1)  # host-a's samples stop at 1 s
-    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm", model="m", tenant="t")])
+    store.write_spans([span("r")])
     clock = Clock(T0 + 8 * S + 30 * S)
-    metrics = RequestMetrics()
-    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30), metrics, clock_ns=clock)
+    engine, metrics = engine_and_metrics(store, clock)
     engine.run_pass()
     assert result(store, "r").status == "no_samples"
     assert _values(metrics)["wattmeter_requests_no_samples_total"] == 1.0
-    _late_samples(writer, 1, 20)
-    reopened = store.reopen_requests("host-a", T0 + S + S // 10, T0 + 20 * S)
-    assert reopened == {"r": "no_samples"}
-    engine.note_requests_reopened(reopened)
+    assert reopen(store, engine, writer, 1) == {"r": "no_samples"}
     clock.now_ns += S
     engine.run_pass()
     r = result(store, "r")
@@ -98,17 +116,13 @@ def test_a_no_samples_request_that_late_samples_make_final_is_counted_as_a_reque
 def test_an_approximate_request_made_final_counts_once(store: Store) -> None:
     """approximate (300 J) then final (600 J) after late samples: one request, never two; counters never go down."""
     writer = constant_host(store, seconds=5)
-    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm", model="m", tenant="t")])
+    store.write_spans([span("r")])
     clock = Clock(T0 + 8 * S + 30 * S)
-    metrics = RequestMetrics()
-    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30), metrics, clock_ns=clock)
+    engine, metrics = engine_and_metrics(store, clock)
     engine.run_pass()
     before = _values(metrics)
     assert before['wattmeter_requests_total{model="m",tenant="t"}'] == 1.0
-    _late_samples(writer, 5, 20)
-    reopened = store.reopen_requests("host-a", T0 + 5 * S + S // 10, T0 + 20 * S)
-    assert reopened == {"r": "approximate"}
-    engine.note_requests_reopened(reopened)
+    assert reopen(store, engine, writer, 5) == {"r": "approximate"}
     clock.now_ns += S
     engine.run_pass()
     assert result(store, "r").status == "final"
@@ -126,18 +140,14 @@ def test_a_request_reopened_after_many_later_writes_is_not_counted_twice(
 
     monkeypatch.setattr(request_engine, "REMEMBERED", 1)
     writer = constant_host(store, seconds=5)
-    store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm", model="m", tenant="t")])
+    store.write_spans([span("r")])
     clock = Clock(T0 + 8 * S + 30 * S)
-    metrics = RequestMetrics()
-    engine = RequestEngine(store, RequestsConfig(finalize_grace_s=30), metrics, clock_ns=clock)
+    engine, metrics = engine_and_metrics(store, clock)
     engine.run_pass()
-    store.write_spans([SpanRow("q", "s", "host-q", T0 + 2 * S, T0 + 8 * S, workload="vllm", model="m", tenant="t")])
+    store.write_spans([span("q", "host-q")])
     engine.run_pass()  # q: no_samples, written after r
     assert _values(metrics)['wattmeter_requests_total{model="m",tenant="t"}'] == 1.0
-    _late_samples(writer, 5, 20)
-    reopened = store.reopen_requests("host-a", T0 + 5 * S + S // 10, T0 + 20 * S)
-    assert reopened == {"r": "approximate"}
-    engine.note_requests_reopened(reopened)
+    assert reopen(store, engine, writer, 5) == {"r": "approximate"}
     clock.now_ns += S
     engine.run_pass()
     assert result(store, "r").status == "final"

@@ -21,31 +21,13 @@ import pytest
 from collector.aggregator.http_api import HttpApi
 from collector.cli import main
 from collector.store import Store
-from collector.store.base import RequestResult, SpanRow
+from collector.store.base import SpanRow
 from tests.aggregator.conftest import RunningAggregator, base_config, http_get
+from tests.aggregator.test_http_api import result
 
 S = 1_000_000_000
 NOW = 1_800_000_000 * S  # the API's clock in the store tests
 HOUR = 3600 * S
-
-
-def result(request_id: str, start_ns: int, active_j: float | None, **fields: Any) -> RequestResult:
-    energies: dict[str, Any] = {}
-    if active_j is not None:
-        energies = {"active_j": active_j, "full_j": 2 * active_j, "gpu_j": active_j - 1.0, "cpu_j": 0.75}
-        energies["dram_j"] = 0.25
-    values: dict[str, Any] = {
-        "status": "final",
-        "model": "llama",
-        "hosts": ("host-a",),
-        "end_ns": start_ns + 2 * S,
-        "input_tokens": 10,
-        "output_tokens": 100,
-        "spans": 1,
-        **energies,
-        **fields,
-    }
-    return RequestResult(request_id, start_ns=start_ns, **values)
 
 
 def answer(api: HttpApi, path: str, query: str = "") -> tuple[int, Any]:
