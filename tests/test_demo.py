@@ -7,6 +7,7 @@ says so, only while that module does not exist.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -287,6 +288,21 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     yield DemoRun(proc.returncode, stdout, stderr, data_dir, children_seen, processes_mentioning(str(data_dir)))
 
 
+@contextlib.contextmanager
+def demo_process(tmp_path: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """``wattmeter demo`` started with its temp dir under ``tmp_path``; killed at the end if it still runs."""
+    proc = subprocess.Popen(
+        demo_command(*extra), cwd=REPO, env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_demo_runs_for_its_duration_and_prints_plain_lines(finished_run: DemoRun) -> None:
     run = finished_run
     assert run.code == 0, run.stderr
@@ -360,18 +376,11 @@ def lines_until_running(proc: subprocess.Popen[str]) -> list[str]:
 
 
 def test_sigint_stops_the_demo_cleanly(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        demo_command(), cwd=REPO, env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with demo_process(tmp_path) as proc:
         lines = lines_until_running(proc)
         assert processes_mentioning(str(tmp_path)), "the demo's children should be running"
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, stderr
     assert "removed at exit" in "".join(lines)
     assert processes_mentioning(str(tmp_path)) == []
@@ -379,19 +388,12 @@ def test_sigint_stops_the_demo_cleanly(tmp_path: Path) -> None:
 
 
 def test_a_child_that_dies_is_reported_and_the_demo_exits_1(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        demo_command(), cwd=REPO, env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with demo_process(tmp_path) as proc:
         lines_until_running(proc)
         training = [pid for pid in processes_mentioning(str(tmp_path)) if b"demo.training" in cmdline(pid)]
         assert len(training) == 1
         os.kill(training[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1
     assert "the training exited with code -9" in stderr
     assert processes_mentioning(str(tmp_path)) == []

@@ -73,25 +73,17 @@ def test_a_signal_while_the_demo_sets_up_starts_nothing_and_removes_the_temp_dir
 @pytest.mark.parametrize("after_children", [1, 2])
 def test_sigterm_during_start_up_leaves_no_process_and_no_temp_dir(tmp_path: Path, after_children: int) -> None:
     """SIGTERM once the aggregator (1) or the agent too (2) has been started, before everything runs."""
-    import subprocess
     import time
 
-    from tests.test_demo import REPO, demo_command, environment
+    from tests.test_demo import demo_process
 
-    proc = subprocess.Popen(
-        demo_command(), cwd=REPO, env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with demo_process(tmp_path) as proc:
         deadline = time.monotonic() + 60
         while len(processes_mentioning(str(tmp_path), besides=proc.pid)) < after_children:
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, stderr
     assert processes_mentioning(str(tmp_path)) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("wattmeter-demo-")]
