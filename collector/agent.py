@@ -294,10 +294,11 @@ class Agent:
         self.sampler.signal_stop()
         if self.workloads is not None:
             self.workloads.stop()
-        if self.stream is not None:  # unsent batches stay in the spool for the next start
-            self.stream.stop(timeout_s=STREAM_STOP_S)
+        # the socket before the stream: a span or steps message accepted after the stream's last flush would be lost
         if self.registration is not None and self._registration_up:
             self.registration.stop(timeout_s=0.2)
+        if self.stream is not None:  # unsent batches stay in the spool for the next start
+            self.stream.stop(timeout_s=STREAM_STOP_S)
         self.exporter.stop()
         self.sampler.stop(timeout_s=max(0.0, deadline - time.monotonic() - CLOSE_TIMEOUT_S))
         closer = threading.Thread(target=self._close_sources, name="close", daemon=True)

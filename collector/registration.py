@@ -68,6 +68,9 @@ MAX_SPAN_NS = 24 * 3600 * 10**9  # a request longer than a day is a bug (a start
 MAX_SPAN_AGE_NS = 7 * 24 * 3600 * 10**9  # spans come from live servers on this host: a week old is a broken clock
 MAX_SPAN_FUTURE_NS = 300 * 10**9  # the client shares this host's clock; minutes of slack for a slow agent loop
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# A lone surrogate is valid JSON (the escape \\ud800) but no UTF-8 holds it: accepted, it made every later batch fail to
+# serialize and /metrics fail to render. Refused in every free-text field.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SPAN_ID = re.compile(r"[0-9A-Za-z._:-]{0,64}")
 _WORKLOAD = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
@@ -614,7 +617,7 @@ def _phase(value: object) -> PhaseName:
 
 
 def _job(value: object) -> str:
-    if not isinstance(value, str) or len(value.strip()) > MAX_JOB_CHARS:
+    if not isinstance(value, str) or len(value.strip()) > MAX_JOB_CHARS or _SURROGATES.search(value):
         raise _Refused("field")
     return value.strip()
 
@@ -627,7 +630,7 @@ def _labels(value: object) -> dict[str, str]:
     for key, text in value.items():
         if not isinstance(key, str) or not _LABEL_NAME.fullmatch(key):
             raise _Refused("field")
-        if not isinstance(text, str) or len(text) > MAX_LABEL_VALUE_CHARS:
+        if not isinstance(text, str) or len(text) > MAX_LABEL_VALUE_CHARS or _SURROGATES.search(text):
             raise _Refused("field")
     return dict(value)
 
@@ -638,6 +641,7 @@ def _span(conn: _Connection, message: Mapping[str, object], now_ns: int) -> Span
         not isinstance(request_id, str)
         or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
         or _CONTROL_CHARS.search(request_id)
+        or _SURROGATES.search(request_id)
     ):
         raise _Refused("request_id")
     start_ns = _time_ns(message.get("start_ns"), required=True)
@@ -688,7 +692,7 @@ def _time_ns(value: object, required: bool = False) -> int:
 
 
 def _bounded_text(value: object, max_chars: int) -> str:
-    if not isinstance(value, str) or len(value) > max_chars:
+    if not isinstance(value, str) or len(value) > max_chars or _SURROGATES.search(value):
         raise _Refused("field")
     return value
 
