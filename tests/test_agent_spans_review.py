@@ -196,13 +196,3 @@ def test_a_span_accepted_during_shutdown_is_spooled_or_counted(tmp_path: Path) -
     stats = stream.stats()
     assert "early" in spooled
     assert len(spooled) + stats.spans_dropped + agent.spans_unsent == registration.spans_accepted
-
-
-CLIENT = """
-import os
-import collector.client as client
-client.register("short-lived", phase="inference")
-with client.request("r1"):
-    pass
-print(os.getpid(), client.spans_sent, flush=True)
-"""
