@@ -553,6 +553,7 @@ class RequestEngine:
             np.fromiter((t for t, _ in powered), np.int64, len(powered)),
             np.fromiter((p for _, p in powered), np.float64, len(powered)),
             idle,
+            tuple(self.store.unmeasured_times(host, device_id, since, until)),
         )
 
     @staticmethod

@@ -13,8 +13,9 @@ samples (sent every reading) show: up to the device's latest sample less ``SETTL
 come in the batch after its device reading's).
 
 A span is ready (its energy will not change as more samples arrive) when, on every device of its workload, the
-samples cover it, the device has samples at or past its end, and its device samples have no gap (a missing batch,
-an agent restart) longer than ``MAX_GAP_NS`` during it.
+samples cover it, the device has samples at or past its end, and its device samples have no gap longer than
+``MAX_GAP_NS`` during it, nor a stretch they join unmeasured (an agent restart, a batch not stored yet:
+``Device.unmeasured``), however short: such a span is approximate once its grace is over.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Device:
     power_ns: Int64Array
     power_w: Float64Array
     idle: Series
+    # (after, before) ns: stretches its samples join without having measured them (``Store.unmeasured_times``)
+    unmeasured: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -128,6 +131,14 @@ def _clean_power(device: Device) -> tuple[Int64Array, Float64Array] | tuple[None
         t, first = np.unique(t, return_index=True)
         w = w[first]
     return t, w
+
+
+def _unmeasured_overlap(stretches: Sequence[tuple[int, int]], start: Int64Array, end: Int64Array) -> BoolArray:
+    """Per span: one of ``stretches`` (after, before) is inside it in part (few: restarts and missing batches)."""
+    hit: BoolArray = np.zeros(start.size, bool)
+    for after, before in stretches:
+        hit |= (start < before) & (end > after)
+    return hit
 
 
 def _gap_overlap(device_ns: Int64Array, start: Int64Array, end: Int64Array) -> BoolArray:
@@ -205,6 +216,8 @@ def split(
             measured |= mine & inside & (series.time_ns.size > 1)
             device_last = int(device.time_ns[-1]) if device.time_ns.size else -1
             ok = result.covered & (end_ns <= device_last) & ~_gap_overlap(device.time_ns, start_ns, end_ns)
+            if device.unmeasured:
+                ok &= ~_unmeasured_overlap(device.unmeasured, start_ns, end_ns)
             ready &= ~mine | ok
     for device_id, codes in users.items():
         idle = _clean(with_flat_ends(devices[device_id].idle, devices[device_id].time_ns))

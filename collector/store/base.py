@@ -13,8 +13,9 @@ that want one continuous counter per (host, device) across agent restarts use ``
 from __future__ import annotations
 
 import abc
+import itertools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -485,6 +486,13 @@ class Store(abc.ABC):
         energy continuous across agent restarts (``continuous_energy``), power None where there was none."""
 
     @abc.abstractmethod
+    def unmeasured_times(self, hostname: str, device_id: str, since_ns: int, until_ns: int) -> list[tuple[int, int]]:
+        """Stretches ``(after_ns, before_ns)`` overlapping [since_ns, until_ns) that one device's stored samples
+        join but did not measure: from one agent instance's last sample to the next one's first (a restart:
+        ``continuous_energy`` counts nothing there), and over batches of an instance not stored yet (its sequences
+        stored out of order: the hole above its contiguous watermark). Time ascending."""
+
+    @abc.abstractmethod
     def workload_samples(
         self, hostname: str, workload: tuple[str, str, str], device_id: str, since_ns: int, until_ns: int
     ) -> list[tuple[int, float]]:
@@ -662,3 +670,27 @@ def continuous_energy(chunks: Iterable[tuple[str, Int64Array, Float64Array]]) ->
     if not times:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
     return np.concatenate(times), np.concatenate(energies)
+
+
+def unmeasured_stretches(
+    chunks: Sequence[tuple[int, int, int, int]], holes: Mapping[int, tuple[int, int]], since_ns: int, until_ns: int
+) -> list[tuple[int, int]]:
+    """``Store.unmeasured_times`` from one device's chunks ``(instance, sequence, first ns, last ns)`` in time order
+    and, per instance with sequences stored above its contiguous watermark, (watermark, first sequence stored above
+    it): the hole between them is its batches not stored yet."""
+    out: list[tuple[int, int]] = []
+    for (ref, _, _, end), (next_ref, _, start, _) in itertools.pairwise(chunks):
+        if next_ref != ref and start > end:  # another instance's samples begin: a restart
+            out.append((end, start))
+    for ref, (watermark, after_hole) in holes.items():
+        below = [t1 for r, seq, _, t1 in chunks if r == ref and seq <= watermark]
+        above = [t0 for r, seq, t0, _ in chunks if r == ref and seq == after_hole]
+        if above:  # the hole ends in the window; it began in it too, or before
+            after, before = (max(below) if below else since_ns), above[0]
+        elif below:  # it begins in the window and ends past it
+            after, before = max(below), until_ns
+        else:  # wholly before the window or after it
+            continue
+        if before > after:
+            out.append((after, before))
+    return sorted(out)

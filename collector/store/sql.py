@@ -33,6 +33,7 @@ from collector.store.base import (
     WorkloadEnergyRow,
     WriteResult,
     continuous_energy,
+    unmeasured_stretches,
 )
 from collector.store.dialect import Dialect
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
@@ -416,6 +417,30 @@ class SqlStore(StepsReads, Store):
             (t, e, None if math.isnan(p) else p)
             for t, e, p in zip(times[inside].tolist(), energy[inside].tolist(), power[inside].tolist(), strict=True)
         ]
+
+    def unmeasured_times(self, hostname: str, device_id: str, since_ns: int, until_ns: int) -> list[tuple[int, int]]:
+        def work(cursor: Cursor) -> tuple[list[Any], dict[int, tuple[int, int]]]:
+            host_id = self._host_id(cursor, hostname)
+            if host_id is None:
+                return [], {}
+            cursor.execute(
+                "SELECT instance_ref, sequence, t_start, t_end FROM device_chunks "
+                "WHERE host_id = ? AND device_id = ? AND t_start < ? AND t_end >= ? "
+                "ORDER BY t_start, instance_ref, sequence",
+                (host_id, device_id, until_ns, since_ns),
+            )
+            chunks = cursor.fetchall()
+            cursor.execute(
+                "SELECT i.id, i.watermark, MIN(s.sequence) FROM instances i "
+                "JOIN stored_sequences s ON s.instance_ref = i.id WHERE i.host_id = ? GROUP BY i.id, i.watermark",
+                (host_id,),
+            )
+            return chunks, {int(ref): (int(watermark), int(first)) for ref, watermark, first in cursor.fetchall()}
+
+        chunks, holes = self._run(work, write=False)
+        return unmeasured_stretches(
+            [(int(ref), int(seq), int(t0), int(t1)) for ref, seq, t0, t1 in chunks], holes, since_ns, until_ns
+        )
 
     def workload_samples(
         self, hostname: str, workload: tuple[str, str, str], device_id: str, since_ns: int, until_ns: int
