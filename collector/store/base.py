@@ -13,6 +13,7 @@ that want one continuous counter per (host, device) across agent restarts use ``
 from __future__ import annotations
 
 import abc
+import bisect
 import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -673,24 +674,50 @@ def continuous_energy(chunks: Iterable[tuple[str, Int64Array, Float64Array]]) ->
 
 
 def unmeasured_stretches(
-    chunks: Sequence[tuple[int, int, int, int]], holes: Mapping[int, tuple[int, int]], since_ns: int, until_ns: int
+    chunks: Sequence[tuple[int, int, int, int]],
+    holes: Mapping[int, Sequence[tuple[int, int]]],
+    since_ns: int,
+    until_ns: int,
 ) -> list[tuple[int, int]]:
     """``Store.unmeasured_times`` from one device's chunks ``(instance, sequence, first ns, last ns)`` in time order
-    and, per instance with sequences stored above its contiguous watermark, (watermark, first sequence stored above
-    it): the hole between them is its batches not stored yet."""
+    and, per instance with sequences stored above its contiguous watermark, the runs ``(first, last)`` of sequences
+    missing below the highest stored: its batches not stored yet. A run's stretch reaches from this device's last
+    samples before it to its first after it (a batch may hold none of the device: it ends where they resume)."""
     out: list[tuple[int, int]] = []
     for (ref, _, _, end), (next_ref, _, start, _) in itertools.pairwise(chunks):
         if next_ref != ref and start > end:  # another instance's samples begin: a restart
             out.append((end, start))
-    for ref, (watermark, after_hole) in holes.items():
-        below = [t1 for r, seq, _, t1 in chunks if r == ref and seq <= watermark]
-        above = [t0 for r, seq, t0, _ in chunks if r == ref and seq == after_hole]
-        if above:  # the hole ends in the window; it began in it too, or before
-            after, before = (max(below) if below else since_ns), above[0]
-        elif below:  # it begins in the window and ends past it
-            after, before = max(below), until_ns
-        else:  # wholly before the window or after it
-            continue
-        if before > after:
-            out.append((after, before))
-    return sorted(out)
+    for ref, runs in holes.items():
+        own = sorted((seq, t0, t1) for r, seq, t0, t1 in chunks if r == ref)
+        sequences = [seq for seq, _, _ in own]
+        for first, last in runs:
+            at = bisect.bisect_left(sequences, first)  # own[at - 1] before the run, own[after] past it
+            after = bisect.bisect_right(sequences, last)
+            if after < len(own):
+                before = own[after][1]
+                if at > 0:
+                    begin = own[at - 1][2]
+                elif sequences[after] == last + 1:  # the instance's samples before the run are outside the window,
+                    # or there are none: from the latest of other instances' before it, else the window's start
+                    begin = max((t1 for r, _, _, t1 in chunks if r != ref and t1 < before), default=since_ns)
+                else:  # the batches between the run and these samples are outside the window: so is the run
+                    continue
+            elif at > 0:
+                begin, before = own[at - 1][2], until_ns
+            else:
+                continue
+            if before > begin:
+                out.append((begin, before))
+    return sorted(set(out))
+
+
+def missing_runs(watermark: int, stored: Sequence[int]) -> list[tuple[int, int]]:
+    """The runs ``(first, last)`` of sequences above ``watermark`` and below the highest of ``stored`` (sorted, all
+    above it) that are not stored."""
+    runs: list[tuple[int, int]] = []
+    previous = watermark
+    for sequence in stored:
+        if sequence > previous + 1:
+            runs.append((previous + 1, sequence - 1))
+        previous = max(previous, sequence)
+    return runs

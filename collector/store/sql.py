@@ -33,6 +33,7 @@ from collector.store.base import (
     WorkloadEnergyRow,
     WriteResult,
     continuous_energy,
+    missing_runs,
     unmeasured_stretches,
 )
 from collector.store.dialect import Dialect
@@ -419,7 +420,7 @@ class SqlStore(StepsReads, Store):
         ]
 
     def unmeasured_times(self, hostname: str, device_id: str, since_ns: int, until_ns: int) -> list[tuple[int, int]]:
-        def work(cursor: Cursor) -> tuple[list[Any], dict[int, tuple[int, int]]]:
+        def work(cursor: Cursor) -> tuple[list[Any], dict[int, list[tuple[int, int]]]]:
             host_id = self._host_id(cursor, hostname)
             if host_id is None:
                 return [], {}
@@ -431,11 +432,14 @@ class SqlStore(StepsReads, Store):
             )
             chunks = cursor.fetchall()
             cursor.execute(
-                "SELECT i.id, i.watermark, MIN(s.sequence) FROM instances i "
-                "JOIN stored_sequences s ON s.instance_ref = i.id WHERE i.host_id = ? GROUP BY i.id, i.watermark",
+                "SELECT i.id, i.watermark, s.sequence FROM instances i "
+                "JOIN stored_sequences s ON s.instance_ref = i.id WHERE i.host_id = ? ORDER BY i.id, s.sequence",
                 (host_id,),
             )
-            return chunks, {int(ref): (int(watermark), int(first)) for ref, watermark, first in cursor.fetchall()}
+            stored: dict[int, tuple[int, list[int]]] = {}
+            for ref, watermark, sequence in cursor.fetchall():
+                stored.setdefault(int(ref), (int(watermark), []))[1].append(int(sequence))
+            return chunks, {ref: missing_runs(watermark, above) for ref, (watermark, above) in stored.items()}
 
         chunks, holes = self._run(work, write=False)
         return unmeasured_stretches(

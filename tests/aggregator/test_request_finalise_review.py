@@ -485,3 +485,14 @@ def test_the_store_names_the_stretches_it_joins_unmeasured(store: Store) -> None
     write_samples(new, 8.0, 8.9, e, p)  # sequence 4
     assert store.unmeasured_times("host-a", "gpu0", T0, T0 + 13 * S) == [(T0 + 39 * TENTH, T0 + 51 * TENTH)]
     assert store.unmeasured_times("nowhere", "gpu0", T0, T0 + 13 * S) == []
+
+
+def test_a_hole_long_before_the_window_names_nothing_in_it(store: Store) -> None:
+    """Batch 3 ([2, 3) s) missing, 4-21 stored: a window of [15, 18] s holds none of it."""
+    e, p = flat(100.0)
+    writer = holding_writer(store)
+    write_samples(writer, 0, 1.9, e, p)  # sequences 1-2
+    writer.sequence = 3
+    write_samples(writer, 3.0, 20, e, p)  # sequences 4-21
+    assert store.unmeasured_times("host-a", "gpu0", T0, T0 + 21 * S) == [(T0 + 19 * TENTH, T0 + 3 * S)]
+    assert store.unmeasured_times("host-a", "gpu0", T0 + 15 * S, T0 + 18 * S) == []
