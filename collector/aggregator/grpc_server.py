@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 SERVICE = "wattmeter.v1.Telemetry"
 MAX_SPAN_ERRORS = 5  # lines of errors in a SpanReportResult
+MAX_DETAILS = 2000  # characters of a status message (see status_details)
+MAX_LISTED = 5  # names in a status message
+SPANS_INLINE_BYTES = 64 * 1024  # a ReportSpans call larger than this is parsed and checked off the event loop
 STATUS_OF: dict[type[StreamRefused], grpc.StatusCode] = {
     GarbageBatch: grpc.StatusCode.INVALID_ARGUMENT,
     NewerProtocol: grpc.StatusCode.FAILED_PRECONDITION,
@@ -55,6 +58,54 @@ STATUS_OF: dict[type[StreamRefused], grpc.StatusCode] = {
 
 class Unauthenticated(Exception):
     pass
+
+
+def status_details(text: str) -> str:
+    """``text`` short enough for a status message: it travels in the trailers, which gRPC clients cap (16 KiB by
+    default, 8 KiB soft); a longer one reaches the client as RESOURCE_EXHAUSTED instead of its status."""
+    if len(text) <= MAX_DETAILS:
+        return text
+    return f"{text[: MAX_DETAILS - 40]}... ({len(text)} characters in all)"
+
+
+def names_text(names: Collection[str]) -> str:
+    """At most a few of ``names`` (sorted, each shortened), and how many more."""
+    listed = sorted(names)
+    shown = ", ".join(name if len(name) <= 64 else name[:61] + "..." for name in listed[:MAX_LISTED])
+    return shown if len(listed) <= MAX_LISTED else f"{shown} and {len(listed) - MAX_LISTED} more"
+
+
+class CallRefused(Exception):
+    """A ``ReportSpans`` call refused whole, with its status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = status_details(details)
+
+
+def _checked_report(
+    data: bytes, allowed: frozenset[str] | None, received_ns: int, latest_ns: int
+) -> tuple[SpanColumns, list[str]]:
+    """A ``ReportSpans`` call's bytes as the columns of its valid spans, and why the others are invalid; raises
+    ``CallRefused`` when they are not a SpanReport, or name hosts the caller may not send for."""
+    report = pb.SpanReport()
+    try:
+        report.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise CallRefused(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{len(data)} bytes that are not a wattmeter.v1.SpanReport ({exc})"
+        ) from None
+    if allowed is not None:
+        # a span with no hostname is malformed, not another host's: span_columns rejects it alone
+        outside = {s.hostname[:MAX_TEXT] for s in report.spans if s.hostname and s.hostname not in allowed}
+        if outside:
+            raise CallRefused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"spans for {len(outside)} host(s) the credentials are not for: {names_text(outside)}; "
+                f"the credentials are for {names_text(allowed)}",
+            )
+    return span_columns(report.spans, received_ns, latest_ns)
 
 
 @dataclass(frozen=True)
@@ -125,47 +176,51 @@ class TelemetryServicer:
                     outcome: Outcome = await self.ingest.handle(data, allowed, seen)
                 except StreamRefused as exc:
                     log.warning("ended a stream from %s: %s", context.peer(), exc)
-                    await context.abort(STATUS_OF[type(exc)], str(exc))
+                    await context.abort(STATUS_OF[type(exc)], status_details(str(exc)))
                 except CheckFailed as exc:
                     # nothing was acknowledged, the agent keeps the batch and sends it again
                     log.error("checking a batch from %s failed: %s", context.peer(), exc)
                     self.metrics.count_batch("error")
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator could not check the batch: {exc}")
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, status_details(f"the aggregator could not check the batch: {exc}")
+                    )
                 except Exception as exc:
                     # storage failed: nothing was acknowledged, the agent keeps the batch and sends it again
                     log.exception("storing a batch from %s failed", context.peer())
                     self.metrics.count_batch("error")
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator could not store the batch: {exc}")
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, status_details(f"the aggregator could not store the batch: {exc}")
+                    )
                 yield outcome.ack
         finally:
             self.metrics.stream_closed()
 
     async def report_spans(self, data: bytes, context: grpc.aio.ServicerContext[bytes, pb.SpanReportResult]) -> bytes:
         allowed = await self._allowed(context)
-        report = pb.SpanReport()
-        try:
-            report.ParseFromString(data)
-        except (DecodeError, RuntimeError, ValueError) as exc:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{len(data)} bytes that are not a wattmeter.v1.SpanReport ({exc})"
-            )
-        if allowed is not None:
-            outside = sorted({s.hostname[:MAX_TEXT] for s in report.spans if s.hostname not in allowed})
-            if outside:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"spans for host(s) {', '.join(outside)}; the credentials are for {', '.join(sorted(allowed))}",
-                )
         received_ns = self.ingest.clock_ns()
         latest_ns = received_ns + int(self.limits.max_future_s * 1e9)
-        accepted, errors = span_columns(report.spans, received_ns, latest_ns)
+        try:
+            if len(data) <= SPANS_INLINE_BYTES:
+                accepted, errors = _checked_report(data, allowed, received_ns, latest_ns)
+            else:
+                # a large call (up to max_message_bytes: millions of spans, each rejected with its message) takes
+                # seconds to parse and check: off the event loop, which serves every other call and stream meanwhile
+                accepted, errors = await asyncio.get_running_loop().run_in_executor(
+                    None, _checked_report, data, allowed, received_ns, latest_ns
+                )
+        except CallRefused as exc:
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("refused a ReportSpans call from %s: %s", context.peer(), exc.details)
+            await context.abort(exc.code, exc.details)
         if len(accepted):
             try:
                 await self.store_spans(accepted)
             except Exception as exc:
                 # nothing is known stored: the sender sends them again, and a span stored twice is stored once
                 log.exception("storing %d spans from %s failed", len(accepted), context.peer())
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the aggregator could not store the spans: {exc}")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, status_details(f"the aggregator could not store the spans: {exc}")
+                )
         self.metrics.count_spans(len(accepted), len(errors))
         result = pb.SpanReportResult(accepted=len(accepted), rejected=len(errors), errors=errors[:MAX_SPAN_ERRORS])
         return result.SerializeToString()
