@@ -76,6 +76,7 @@ from collector.carbon.series import IntensitySeries
 from collector.store.base import (
     HostRow,
     Int64Array,
+    ProcessBindingRow,
     RequestState,
     ResultColumns,
     SpanKey,
@@ -91,6 +92,7 @@ CLUSTER_GAP_NS = 1 * S  # spans on one host closer than this in time are attribu
 MAX_RETRY_NS = 8 * S
 MINUTE_NS = 60 * S
 REMEMBERED = 200_000  # requests the engine remembers having written (about 100 bytes each)
+BINDINGS_SLACK_NS = 60 * S  # bindings read again each pass: those seen this long before the newest read too
 REOPENED_KEPT = 200_000  # requests a reopen found counted, kept until computed (another aggregator may take them)
 STORE_CHECK_S = 5.0  # the store's pending requests are read this often even when the engine's memory has them all
 KNOWN_PER_PASS = 10  # pending requests known from memory: at most this many passes' worth (beyond: the store's list)
@@ -228,6 +230,8 @@ class RequestEngine:
         self._counted_elsewhere: dict[str, bool] = {}
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
+        # per host: its bindings as read (key -> seen_ns, the newest of each: the store's upsert), and as resolved
+        self._binding_rows: dict[str, dict[tuple[int, str, str, str], int]] = {}
         self._bindings: dict[str, HostBindings] = {}
         # pending requests (those with spans and no result since) known from the spans the store handed the window
         # and from the store's list, in the order they became known (a dict for its order)
@@ -488,8 +492,23 @@ class RequestEngine:
             if all(spans.workload)
             else {pid for workload, pid in zip(spans.workload, spans.pid, strict=True) if not workload and pid}
         )
-        if needs and (bindings is None or not needs <= bindings.by_pid.keys()):
-            bindings = self._bindings[host] = HostBindings.of(self.store.process_bindings(host))
+        if needs:
+            rows = self._binding_rows.get(host)
+            if rows is None or bindings is None or not needs <= bindings.by_pid.keys():
+                read, rows = self.store.process_bindings(host), {}
+            else:  # those seen since the newest read, with a minute's slack (a pid reused meanwhile, an agent's
+                # restart), each pass that finds spans by pid: a reused pid would otherwise keep its old workload
+                read = self.store.process_bindings(host, max(rows.values(), default=0) - BINDINGS_SLACK_NS)
+            changed = False
+            for row in read:
+                key = (row.pid, row.workload, row.phase, row.job)
+                if rows.get(key) != row.seen_ns:
+                    rows[key], changed = row.seen_ns, True
+            if changed or bindings is None:
+                self._binding_rows[host] = rows
+                bindings = self._bindings[host] = HostBindings.of(
+                    ProcessBindingRow(host, *key, seen_ns) for key, seen_ns in rows.items()
+                )
         return HostWorkloads(bindings or HostBindings(), names)
 
     def _attribute_window(
