@@ -33,10 +33,20 @@ class ChunkError(ValueError):
 
 
 def encode(spans: SpanColumns) -> bytes:
-    """``spans`` (their text free of NUL, at least one) as a chunk's data; the hostname is the chunk row's."""
-    texts = ["\0".join(getattr(spans, name)).encode() for name in TEXT_COLUMNS]
+    """``spans`` (at least one) as a chunk's data; the hostname is the chunk row's. NUL in a text becomes U+FFFD, as
+    the store writes it (a span stored before it did, moved by schema step 5, would else split its column and cost
+    its whole chunk)."""
+    texts = [_joined(getattr(spans, name)).encode() for name in TEXT_COLUMNS]
     ints = np.array([getattr(spans, name) for name in INT_COLUMNS], dtype="<i8")
     return _HEADER.pack(MAGIC, len(spans), *map(len, texts)) + b"".join(texts) + ints.tobytes()
+
+
+def _joined(values: list[str]) -> str:
+    """``values`` joined by NUL, each free of NUL itself; one scan when none holds it, as is usual."""
+    joined = "\0".join(values)
+    if joined.count("\0") != len(values) - 1:
+        joined = "\0".join(value.replace("\0", "\ufffd") for value in values)
+    return joined
 
 
 def decode(data: bytes, hostname: str) -> SpanColumns:
