@@ -51,6 +51,7 @@ _SAMPLE, _POWER, _START, _END = 0, 1, 2, 3
 _KIND_BITS = 2
 _MAX_WINDOW_NS = 1 << 60  # keys are window-relative ns << 2: 36 years fit in int64
 _MAX_WEIGHT_SUM = 1 << 53  # W is summed in int64 and used as float64: exact while below 2**53
+_MAX_INT64_SUM = 1 << 62  # the running sum of +w / -w stays in int64
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,10 @@ def attribute_requests(
     and such a staircase would put all the energy at the steps; drop the repeats, and pass the power samples to
     shape the energy between updates). Stretches are parallel arrays, one entry per stretch: ``request`` (index in
     ``[0, n_requests)``; a request may have several stretches, e.g. prefill then decode), ``start_ns`` <= ``end_ns``
-    (Unix ns) and ``weight`` (non-negative integers; default 1 each, i.e. equal weighting). ``n_requests`` defaults
-    to ``max(request) + 1``; a request with no stretch gets 0 J and counts as covered. ``power_ns`` (Unix ns,
-    strictly increasing) and ``power_w`` (W, >= 0) are optional instant power samples of the same workload.
+    (Unix ns) and ``weight`` (non-negative integers, those active at once adding up to less than 2**53; default 1
+    each, i.e. equal weighting). ``n_requests`` defaults to ``max(request) + 1``; a request with no stretch gets 0 J
+    and counts as covered. ``power_ns`` (Unix ns, strictly increasing) and ``power_w`` (W, >= 0) are optional
+    instant power samples of the same workload.
 
     Raises ``ValueError`` on inputs that break these rules.
     """
@@ -160,6 +162,8 @@ def attribute_requests(
     active_w[pos_e] = -w
     np.cumsum(active_w, out=active_w)
     active_w = active_w[:-1]
+    if active_w.size and int(active_w.max()) >= _MAX_WEIGHT_SUM:
+        raise ValueError(f"weight: the weights active at once add up to more than {_MAX_WEIGHT_SUM}")
 
     # Counter interval j holds the elementary intervals opened by the points from sample j's up to sample j + 1's:
     # a run of consecutive intervals, so per-j values are spread over them with np.repeat (3 ms for 2.1M intervals,
@@ -322,6 +326,7 @@ def _weights(values: npt.ArrayLike, size: int) -> Int64Array:
     weights = array.astype(np.int64)
     if np.any(weights < 0):
         raise ValueError("weight: weights must be >= 0")
-    if int(weights.sum(dtype=np.float64)) >= _MAX_WEIGHT_SUM:
-        raise ValueError(f"weight: the weights add up to more than {_MAX_WEIGHT_SUM}")
+    # Only the weights active at once must stay below 2**53 (checked on W); all of them only must not overflow int64.
+    if float(weights.sum(dtype=np.float64)) >= _MAX_INT64_SUM:
+        raise ValueError(f"weight: the weights add up to more than {_MAX_INT64_SUM}")
     return weights
