@@ -230,8 +230,8 @@ class RequestEngine:
         self._counted_elsewhere: dict[str, bool] = {}
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
-        # per host: its bindings as read (key -> seen_ns, the newest of each: the store's upsert), and as resolved
-        self._binding_rows: dict[str, dict[tuple[int, str, str, str], int]] = {}
+        # per host: its bindings as read (pid, workload, phase, job, seen_ns), and as resolved
+        self._binding_rows: dict[str, set[tuple[int, str, str, str, int]]] = {}
         self._bindings: dict[str, HostBindings] = {}
         # pending requests (those with spans and no result since) known from the spans the store handed the window
         # and from the store's list, in the order they became known (a dict for its order)
@@ -495,20 +495,16 @@ class RequestEngine:
         if needs:
             rows = self._binding_rows.get(host)
             if rows is None or bindings is None or not needs <= bindings.by_pid.keys():
-                read, rows = self.store.process_bindings(host), {}
-            else:  # those seen since the newest read, with a minute's slack (a pid reused meanwhile, an agent's
-                # restart), each pass that finds spans by pid: a reused pid would otherwise keep its old workload
-                read = self.store.process_bindings(host, max(rows.values(), default=0) - BINDINGS_SLACK_NS)
-            changed = False
-            for row in read:
-                key = (row.pid, row.workload, row.phase, row.job)
-                if rows.get(key) != row.seen_ns:
-                    rows[key], changed = row.seen_ns, True
-            if changed or bindings is None:
+                read, rows = self.store.process_bindings(host), set()
+            else:  # those seen since the newest read, with a minute's slack (an agent's batches stored late), each
+                # pass that finds spans by pid: a reused pid would otherwise keep its old workload
+                newest = max((row[4] for row in rows), default=0)
+                read = self.store.process_bindings(host, newest - BINDINGS_SLACK_NS)
+            before = len(rows)
+            rows.update((row.pid, row.workload, row.phase, row.job, row.seen_ns) for row in read)
+            if len(rows) != before or bindings is None:
                 self._binding_rows[host] = rows
-                bindings = self._bindings[host] = HostBindings.of(
-                    ProcessBindingRow(host, *key, seen_ns) for key, seen_ns in rows.items()
-                )
+                bindings = self._bindings[host] = HostBindings.of(ProcessBindingRow(host, *row) for row in rows)
         return HostWorkloads(bindings or HostBindings(), names)
 
     def _attribute_window(

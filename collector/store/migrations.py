@@ -283,4 +283,28 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        version=7,
+        description="process bindings: each sighting of a pid as a workload",
+        statements=(
+            # a row per (pid, workload) sighting, not the newest only: a pid bound to a workload again after another
+            # (a reused pid), or sent again by a restarted agent, left the earlier time resolved to the wrong one
+            """CREATE TABLE process_bindings_seen (
+                host_ref {bigint} NOT NULL,
+                pid {bigint} NOT NULL,
+                workload TEXT NOT NULL,
+                phase TEXT NOT NULL,
+                job TEXT NOT NULL,
+                seen_ns {bigint} NOT NULL,
+                UNIQUE (host_ref, pid, seen_ns, workload, phase, job)
+            )""",
+            "INSERT INTO process_bindings_seen (host_ref, pid, workload, phase, job, seen_ns) "
+            "SELECT host_ref, pid, workload, phase, job, seen_ns FROM process_bindings",
+            "DROP TABLE process_bindings",
+            "ALTER TABLE process_bindings_seen RENAME TO process_bindings",
+        ),
+    ),
+)
+
 LATEST_VERSION = MIGRATIONS[-1].version

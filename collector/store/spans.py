@@ -127,10 +127,7 @@ class RequestSql:
                 span_count = requests.span_count + excluded.span_count,
                 updated_ns = {greatest}(requests.updated_ns, excluded.updated_ns)"""
         )
-        self._upsert_bindings = dialect.format(
-            " ON CONFLICT (host_ref, pid, workload, phase, job) "
-            "DO UPDATE SET seen_ns = {greatest}(process_bindings.seen_ns, excluded.seen_ns)"
-        )
+        self._upsert_bindings = " ON CONFLICT (host_ref, pid, seen_ns, workload, phase, job) DO NOTHING"
         # a result computed from fewer spans than are stored now is stale: a span came after the engine read them
         self._upsert_results = (
             " ON CONFLICT (request_id) DO UPDATE SET "
@@ -321,20 +318,18 @@ class RequestSql:
     def write_bindings(
         self, cursor: Cursor, bindings: Sequence[ProcessBindingRow], hosts: HostRefs
     ) -> dict[HostKey, int]:
-        """Upsert ``bindings``, the newest ``seen_ns`` of each kept; returns the host ids inserted."""
+        """Store ``bindings``, each sighting once; returns the host ids inserted."""
         if not bindings:
             return {}
         bindings = [_without_nul(b) if "\0" in b.hostname + b.workload + b.phase + b.job else b for b in bindings]
         refs, new_refs = hosts.resolve(cursor, [(binding.hostname,) for binding in bindings])
-        newest: dict[tuple[int, int, str, str, str], int] = {}
-        for b in bindings:  # an upsert statement may name a row once (PostgreSQL)
-            key = (refs[(b.hostname,)], b.pid, b.workload, b.phase, b.job)
-            newest[key] = max(newest.get(key, b.seen_ns), b.seen_ns)
+        # an insert statement may name a row once (PostgreSQL's ON CONFLICT)
+        rows = {(refs[(b.hostname,)], b.pid, b.workload, b.phase, b.job, b.seen_ns) for b in bindings}
         _insert(
             cursor,
             "INSERT INTO process_bindings (host_ref, pid, workload, phase, job, seen_ns)",
             "(?, ?, ?, ?, ?, ?)",
-            [(*key, seen_ns) for key, seen_ns in sorted(newest.items())],
+            sorted(rows),
             self._upsert_bindings,
         )
         return new_refs

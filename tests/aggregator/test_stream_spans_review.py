@@ -126,3 +126,26 @@ def test_a_long_running_process_keeps_its_binding_through_pruning(store: Store) 
     store.write_process_bindings([ProcessBindingRow("host-a", 4242, *BATCH_JOB, T0)])
     store.prune(T0 + 3 * 3600 * S, raw_retention_s=3600, rollup_retention_s=86_400)
     assert [b.workload for b in store.process_bindings("host-a")] == ["batch-job"]
+
+
+def test_pid_bound_back_to_a_workload_it_had_before(store: Store) -> None:
+    """pid 4242: batch-job from 0 s, vllm from 10 s, batch-job again from 15 s (the agent sends changes only)."""
+    constant_host(store, workloads={WORKLOAD: 0.75, BATCH_JOB: 0.25})
+    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *BATCH_JOB, T0)])
+    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *WORKLOAD, T0 + 10 * S)])
+    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *BATCH_JOB, T0 + 15 * S)])
+    store.write_spans([SpanRow("first", "s", "host-a", T0 + 2 * S, T0 + 4 * S, pid=4242)])
+    engine_for(store, Clock(T0 + 30 * S), finalize_grace_s=10).run_pass()
+    assert result(store, "first").active_j == pytest.approx(50.0, rel=1e-9)  # batch-job: 2 s x 25 W
+
+
+def test_agent_restart_resending_a_binding_keeps_its_first_sighting(store: Store) -> None:
+    """pid 4242: batch-job from 0 s, reused by vllm from 10 s; the agent restarts at 25 s and sends its live
+    bindings again (vllm's, seen at 25 s). A vllm request at 12..14 s is still vllm's."""
+    constant_host(store, workloads={WORKLOAD: 0.75, BATCH_JOB: 0.25}, seconds=30)
+    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *BATCH_JOB, T0)])
+    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *WORKLOAD, T0 + 10 * S)])
+    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *WORKLOAD, T0 + 25 * S)])  # after the restart
+    store.write_spans([SpanRow("r", "s", "host-a", T0 + 12 * S, T0 + 14 * S, pid=4242)])
+    engine_for(store, Clock(T0 + 60 * S), finalize_grace_s=10).run_pass()
+    assert result(store, "r").active_j == pytest.approx(150.0, rel=1e-9)  # vllm: 2 s x 75 W

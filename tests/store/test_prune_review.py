@@ -12,7 +12,7 @@ import pytest
 
 from collector.store import Store, StoreError, open_store
 from collector.store import span_chunks as chunks_module
-from collector.store.base import ResultColumns, SpanColumns, SpanRow, labels_json
+from collector.store.base import ProcessBindingRow, ResultColumns, SpanColumns, SpanRow, labels_json
 from collector.store.migrations import LATEST_VERSION, MIGRATIONS
 from collector.store.spans import spans_to_chunks
 from tests.store.builders import T0_NS
@@ -321,3 +321,36 @@ def test_chunk_encoding_of_text_with_nul_reads_back() -> None:
     columns = SpanColumns.of([dataclasses.replace(span("r"), workload="a\0b")])
     decoded = chunks_module.decode(chunks_module.encode(columns), "host-1")
     assert decoded.workload == ["a\ufffdb"] and decoded.request_id == ["r"]
+
+
+def test_version_6_bindings_move_to_one_row_per_sighting(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Schema step 7: the bindings of a version 6 database are kept, and from then on each sighting is its own."""
+    with monkeypatch.context() as version_6:
+        version_6.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:6])
+        version_6.setattr("collector.store.sql.LATEST_VERSION", 6)
+        old = open_store(store_url)
+        try:
+            assert old.migrate() == 6
+
+            def fill(cursor: Any) -> None:  # as version 6 wrote them: the newest sighting of each
+                cursor.execute("INSERT INTO span_hosts (hostname) VALUES ('host-1')")
+                cursor.execute(
+                    "INSERT INTO process_bindings (host_ref, pid, workload, phase, job, seen_ns) "
+                    "SELECT id, 7, 'serve', 'inference', '', ? FROM span_hosts",
+                    (T0_NS + 5,),
+                )
+
+            run(old, fill, write=True)
+        finally:
+            old.close()
+    new = open_store(store_url)
+    try:
+        assert new.migrate() == LATEST_VERSION
+        assert [b.seen_ns for b in new.process_bindings("host-1")] == [T0_NS + 5]  # version 6 kept the newest
+        new.write_process_bindings([ProcessBindingRow("host-1", 7, "train", "training", "", T0_NS + 9)])
+        new.write_process_bindings([ProcessBindingRow("host-1", 7, "serve", "inference", "", T0_NS + 20)])
+        assert [(b.workload, b.seen_ns) for b in new.process_bindings("host-1")] == [
+            ("serve", T0_NS + 5), ("train", T0_NS + 9), ("serve", T0_NS + 20)
+        ]  # fmt: skip
+    finally:
+        new.close()

@@ -322,19 +322,23 @@ def test_requests_by_window_model_and_order(store: Store) -> None:
     assert store.requests(model="llama", limit=1)[0].status == "pending"
 
 
-def test_process_bindings_keep_the_newest_sighting(store: Store) -> None:
+def test_process_bindings_keep_each_sighting_once(store: Store) -> None:
+    """A row per sighting (a pid bound again later, an agent sending its bindings again after a restart), each once
+    however often it is written."""
     serve = ("serve-llm", "inference", "job-2")
     store.write_process_bindings(
         [
             ProcessBindingRow("host-1", 10, *serve, T0_NS),
-            ProcessBindingRow("host-1", 10, *serve, T0_NS + 5 * S),  # one row named twice in one call
+            ProcessBindingRow("host-1", 10, *serve, T0_NS),  # one row named twice in one call
+            ProcessBindingRow("host-1", 10, *serve, T0_NS + 5 * S),
             ProcessBindingRow("host-1", 11, "train", "training", "", T0_NS + S),
             ProcessBindingRow("host-2", 10, "other", "inference", "", T0_NS),
         ]
     )
-    store.write_process_bindings([ProcessBindingRow("host-1", 10, *serve, T0_NS + 2 * S)])  # older: kept newest
+    store.write_process_bindings([ProcessBindingRow("host-1", 10, *serve, T0_NS + 5 * S)])  # again: once
     store.write_process_bindings([])
     assert store.process_bindings("host-1") == [
+        ProcessBindingRow("host-1", 10, *serve, T0_NS),
         ProcessBindingRow("host-1", 11, "train", "training", "", T0_NS + S),
         ProcessBindingRow("host-1", 10, *serve, T0_NS + 5 * S),
     ]
