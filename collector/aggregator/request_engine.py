@@ -92,7 +92,6 @@ CLUSTER_GAP_NS = 1 * S  # spans on one host closer than this in time are attribu
 MAX_RETRY_NS = 8 * S
 MINUTE_NS = 60 * S
 REMEMBERED = 200_000  # requests the engine remembers having written (about 100 bytes each)
-BINDINGS_SLACK_NS = 60 * S  # bindings read again each pass: those seen this long before the newest read too
 REOPENED_KEPT = 200_000  # requests a reopen found counted, kept until computed (another aggregator may take them)
 STORE_CHECK_S = 5.0  # the store's pending requests are read this often even when the engine's memory has them all
 KNOWN_PER_PASS = 10  # pending requests known from memory: at most this many passes' worth (beyond: the store's list)
@@ -230,8 +229,8 @@ class RequestEngine:
         self._counted_elsewhere: dict[str, bool] = {}
         self._retry: dict[str, tuple[int, int]] = {}  # request -> (not before ns, backoff ns)
         self._from_store: set[str] = set()  # requests whose result was stale: read their spans from the store
-        # per host: its bindings as read (pid, workload, phase, job, seen_ns), and as resolved
-        self._binding_rows: dict[str, set[tuple[int, str, str, str, int]]] = {}
+        # per host: its bindings as read, and as resolved
+        self._binding_rows: dict[str, list[ProcessBindingRow]] = {}
         self._bindings: dict[str, HostBindings] = {}
         # pending requests (those with spans and no result since) known from the spans the store handed the window
         # and from the store's list, in the order they became known (a dict for its order)
@@ -492,19 +491,12 @@ class RequestEngine:
             if all(spans.workload)
             else {pid for workload, pid in zip(spans.workload, spans.pid, strict=True) if not workload and pid}
         )
-        if needs:
-            rows = self._binding_rows.get(host)
-            if rows is None or bindings is None or not needs <= bindings.by_pid.keys():
-                read, rows = self.store.process_bindings(host), set()
-            else:  # those seen since the newest read, with a minute's slack (an agent's batches stored late), each
-                # pass that finds spans by pid: a reused pid would otherwise keep its old workload
-                newest = max((row[4] for row in rows), default=0)
-                read = self.store.process_bindings(host, newest - BINDINGS_SLACK_NS)
-            before = len(rows)
-            rows.update((row.pid, row.workload, row.phase, row.job, row.seen_ns) for row in read)
-            if len(rows) != before or bindings is None:
+        if needs:  # read each pass that finds spans by pid (a few rows a process): a reused pid, a binding stored
+            # late, one pruned: the store's as they are now
+            rows = self.store.process_bindings(host)
+            if bindings is None or rows != self._binding_rows.get(host):
                 self._binding_rows[host] = rows
-                bindings = self._bindings[host] = HostBindings.of(ProcessBindingRow(host, *row) for row in rows)
+                bindings = self._bindings[host] = HostBindings.of(rows)
         return HostWorkloads(bindings or HostBindings(), names)
 
     def _attribute_window(

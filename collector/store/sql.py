@@ -283,13 +283,14 @@ class SqlStore(StepsReads, Store):
             deleted += max(cursor.rowcount, 0)
             if rollup_cutoff > raw_cutoff:  # requests kept less long than raw samples: their spans go with them
                 deleted += self._requests.prune_orphan_spans(cursor, rollup_cutoff)
-            # a pid's newest binding stays, however old: the agent sends a binding when it changes, so a process
-            # running longer than raw_retention would lose its only one (its spans found by pid no more)
+            # the binding of each pid in effect at the cutoff stays, however old: the agent sends a binding when it
+            # changes, so a process running longer than raw_retention would lose its only one, and a span kept
+            # from before the pid's next binding would be found as that one's
             cursor.execute(
                 "DELETE FROM process_bindings WHERE seen_ns < ? AND EXISTS (SELECT 1 FROM process_bindings newer "
                 "WHERE newer.host_ref = process_bindings.host_ref AND newer.pid = process_bindings.pid "
-                "AND newer.seen_ns > process_bindings.seen_ns)",
-                (raw_cutoff,),
+                "AND newer.seen_ns > process_bindings.seen_ns AND newer.seen_ns <= ?)",
+                (raw_cutoff, raw_cutoff),
             )
             deleted += max(cursor.rowcount, 0)
             return deleted + prune_steps(cursor, last_old_minute, rollup_cutoff, raw_cutoff)

@@ -555,11 +555,13 @@ def test_prune_drops_old_spans_and_bindings_and_settles_what_can_no_longer_be_co
         [
             ProcessBindingRow("host-1", 1, "old", "inference", "", T0_NS),
             ProcessBindingRow("host-1", 2, "older", "inference", "", T0_NS),
+            ProcessBindingRow("host-1", 2, "mid", "inference", "", T0_NS + HOUR // 2),
             ProcessBindingRow("host-1", 2, "new", "inference", "", now - S),
         ]
     )
     # raw kept 1 h, requests 1 day: the two old spans and pid 2's older binding go; pid 1's stays, its newest (the
-    # agent sends a binding when it changes: its process may run on)
+    # agent sends a binding when it changes: its process may run on), and so does pid 2's "mid", in effect at the
+    # cutoff (for a span kept from before "new")
     assert store.prune(now, raw_retention_s=3600, rollup_retention_s=86_400) == 3
     assert keys(store.request_spans(["old-final", "old-pending", "new"])) == [("new", "s1")]
     kept = store.request("old-final")
@@ -567,7 +569,7 @@ def test_prune_drops_old_spans_and_bindings_and_settles_what_can_no_longer_be_co
     gone = store.request("old-pending")
     assert gone is not None and (gone.status, gone.active_j) == ("no_samples", None)  # unknown, never 0 J
     assert store.pending_requests(10) == ["new"]
-    assert [b.workload for b in store.process_bindings("host-1")] == ["old", "new"]
+    assert [b.workload for b in store.process_bindings("host-1")] == ["old", "mid", "new"]
     assert store.prune(now, raw_retention_s=3600, rollup_retention_s=86_400) == 0
     # requests kept 1 h: the old ones go; raw kept a day: nothing else
     assert store.prune(now, raw_retention_s=86_400, rollup_retention_s=3600) == 2
