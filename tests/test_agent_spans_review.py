@@ -15,6 +15,8 @@ from collector.exporters.batching import span_message
 from collector.proto import wattmeter_pb2 as pb
 from collector.registration import RegistrationServer, SpanEvent
 from tests.e2e.test_agent_process import AgentProcess, get, scrape
+from tests.e2e.test_request_spans import stream_agent_config
+from tests.exporters.test_stream_spans import agent_config
 from tests.fakes.ports import free_port
 from tests.fakes.registration_world import Recorder, connect, line
 from tests.fakes.telemetry import LoopbackServer, RecordingTelemetry, wait_until
@@ -94,32 +96,8 @@ def test_one_clients_lone_surrogate_stops_neither_the_stream_nor_metrics(tmp_pat
     servicer = RecordingTelemetry()
     aggregator = LoopbackServer(servicer)
     port = free_port()
-    socket_path = tmp_path / "agent.sock"
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f"""
-[prometheus]
-listen = "127.0.0.1:{port}"
-[sources.nvml]
-enabled = false
-[sources.rapl]
-root = "{tmp_path / "no-rapl"}"
-[sources.cpu_model]
-enabled = false
-[sources.simulated]
-gpus = 1
-interval_s = 0.1
-[api]
-socket = "{socket_path}"
-[workloads]
-interval_s = 0.2
-[stream]
-target = "{aggregator.target}"
-spool_dir = "{tmp_path / "spool"}"
-batch_interval_s = 0.1
-fsync = "never"
-hostname = "review-host"
-"""
+    config, socket_path = stream_agent_config(
+        tmp_path, port, aggregator.target, "review-host", extra="[workloads]\ninterval_s = 0.2\n"
     )
     agent = AgentProcess(config)
     url = f"http://127.0.0.1:{port}"
@@ -150,23 +128,12 @@ def test_a_span_accepted_during_shutdown_is_spooled_or_counted(tmp_path: Path) -
     """The agent stopped the stream (its last flush) before the registration socket: a span accepted in between
     went to a queue nobody flushes any more, neither spooled nor counted as dropped."""
     from collector.agent import Agent
-    from collector.config import load_config
     from collector.spool import Spool
 
     spool_dir = tmp_path / "spool"
-    overrides: dict[str, object] = {
-        "prometheus": {"listen": "127.0.0.1:0"},
-        "sources": {
-            "nvml": {"enabled": False},
-            "rapl": {"root": str(tmp_path / "no-rapl")},
-            "cpu_model": {"enabled": False},
-            "simulated": {"gpus": 1, "interval_s": 0.05},
-        },
-        "api": {"socket": str(tmp_path / "agent.sock")},
-        # the aggregator is down: every batch stays in the spool
-        "stream": {"target": f"127.0.0.1:{free_port()}", "spool_dir": str(spool_dir), "fsync": "never"},
-    }
-    agent = Agent(load_config(None, overrides, default_path=Path("/nonexistent/agent.toml"), environ={}))
+    # the aggregator is down: every batch stays in the spool
+    stream_to: dict[str, object] = {"target": f"127.0.0.1:{free_port()}", "spool_dir": str(spool_dir), "fsync": "never"}
+    agent = Agent(agent_config(tmp_path, stream_to))
     registration, stream = agent.registration, agent.stream
     assert registration is not None and stream is not None
     registration.start()

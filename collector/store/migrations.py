@@ -35,6 +35,12 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_ns {bigint} NOT NULL
 )"""
 
+# process_bindings' columns (schema steps 2 and 7): a pid on a host ran as a workload, seen by its agent then
+_BINDING_COLUMNS = (
+    "host_ref {bigint} NOT NULL, pid {bigint} NOT NULL, workload TEXT NOT NULL, phase TEXT NOT NULL, "
+    "job TEXT NOT NULL, seen_ns {bigint} NOT NULL"
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -179,15 +185,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             # filtered in it: an index by (model, start) cost 13.4 against 7.8 us a request marked pending (measured
             # as above)
             "CREATE INDEX requests_by_start ON requests (start_ns)",
-            """CREATE TABLE process_bindings (
-                host_ref {bigint} NOT NULL,
-                pid {bigint} NOT NULL,
-                workload TEXT NOT NULL,
-                phase TEXT NOT NULL,
-                job TEXT NOT NULL,
-                seen_ns {bigint} NOT NULL,
-                UNIQUE (host_ref, pid, workload, phase, job)
-            )""",
+            f"CREATE TABLE process_bindings ({_BINDING_COLUMNS}, UNIQUE (host_ref, pid, workload, phase, job))",
         ),
     ),
 )
@@ -290,15 +288,8 @@ MIGRATIONS += (
         statements=(
             # a row per (pid, workload) sighting, not the newest only: a pid bound to a workload again after another
             # (a reused pid), or sent again by a restarted agent, left the earlier time resolved to the wrong one
-            """CREATE TABLE process_bindings_seen (
-                host_ref {bigint} NOT NULL,
-                pid {bigint} NOT NULL,
-                workload TEXT NOT NULL,
-                phase TEXT NOT NULL,
-                job TEXT NOT NULL,
-                seen_ns {bigint} NOT NULL,
-                UNIQUE (host_ref, pid, seen_ns, workload, phase, job)
-            )""",
+            f"CREATE TABLE process_bindings_seen ({_BINDING_COLUMNS}, "
+            "UNIQUE (host_ref, pid, seen_ns, workload, phase, job))",
             "INSERT INTO process_bindings_seen (host_ref, pid, workload, phase, job, seen_ns) "
             "SELECT host_ref, pid, workload, phase, job, seen_ns FROM process_bindings",
             "DROP TABLE process_bindings",

@@ -15,6 +15,7 @@ import pytest
 from collector.proto import wattmeter_pb2 as pb
 from tests.aggregator.conftest import AggregatorFactory, RunningAggregator, now_ns
 from tests.fakes.certs import Pki, make_pki
+from tests.fakes.threads import run_in_threads
 
 SECOND = 1_000_000_000
 METHOD = "/wattmeter.v1.Telemetry/ReportSpans"
@@ -46,6 +47,18 @@ def tokens(running: RunningAggregator, request_id: str) -> tuple[int, int, int]:
         result.output_tokens,
     ), "the request's row and its stored spans disagree"
     return result.input_tokens, result.output_tokens, len(spans)
+
+
+def failed_call_of_two_spans(
+    running: RunningAggregator, call: Report, request_id: str, write: Callable[..., object], timeout_s: float
+) -> tuple[pb.SpanReport, grpc.RpcError]:
+    """With ``write`` in place of the store's ``write_span_columns``, a call of two spans of ``request_id`` that
+    fails: the report (to send again) and the error."""
+    running.aggregator.store.write_span_columns = write  # type: ignore[method-assign]
+    report = pb.SpanReport(spans=[span(request_id, "s1"), span(request_id, "s2")])
+    with pytest.raises(grpc.RpcError) as raised:
+        call(report, timeout=timeout_s)
+    return report, raised.value
 
 
 @pytest.fixture
@@ -269,12 +282,9 @@ def test_a_store_failure_is_unavailable_and_a_retry_stores_once(aggregator: Runn
             raise failures.pop()
         return real(spans)
 
-    store.write_span_columns = failing  # type: ignore[method-assign]
-    report = pb.SpanReport(spans=[span("retry", "s1"), span("retry", "s2")])
-    with pytest.raises(grpc.RpcError) as raised:
-        call(report, timeout=30)
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "could not store the spans" in (raised.value.details() or "")
+    report, error = failed_call_of_two_spans(aggregator, call, "retry", failing, timeout_s=30)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "could not store the spans" in (error.details() or "")
     assert call(report, timeout=30).accepted == 2
     assert tokens(aggregator, "retry") == (20, 10, 2)
 
@@ -327,11 +337,8 @@ def test_a_deadline_past_mid_call_then_a_retry_stores_once(aggregator: RunningAg
             time.sleep(1.0)  # past the client's deadline
         return real(spans)
 
-    store.write_span_columns = delayed  # type: ignore[method-assign]
-    report = pb.SpanReport(spans=[span("late", "s1"), span("late", "s2")])
-    with pytest.raises(grpc.RpcError) as raised:
-        call(report, timeout=0.2)
-    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    report, error = failed_call_of_two_spans(aggregator, call, "late", delayed, timeout_s=0.2)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(1.5)
     assert call(report, timeout=30).accepted == 2
     assert tokens(aggregator, "late") == (20, 10, 2)
@@ -360,27 +367,18 @@ def test_eight_threads_sending_overlapping_spans(any_backend: RunningAggregator)
         for i, rid in enumerate(requests)
         for k in range(4)
     ]
-    errors: list[BaseException] = []
     barrier = threading.Barrier(8)
 
     def sender(n: int) -> None:
-        try:
-            with grpc.insecure_channel(any_backend.target) as channel:
-                call = reporter(channel)
-                mine = spans[n:] + spans[:n] if n % 2 else list(reversed(spans))
-                barrier.wait(30)
-                for offset in range(0, len(mine), 37 + n):
-                    result = call(pb.SpanReport(spans=mine[offset : offset + 37 + n]), timeout=60)
-                    assert result.rejected == 0, list(result.errors)
-        except BaseException as exc:
-            errors.append(exc)
+        with grpc.insecure_channel(any_backend.target) as channel:
+            call = reporter(channel)
+            mine = spans[n:] + spans[:n] if n % 2 else list(reversed(spans))
+            barrier.wait(30)
+            for offset in range(0, len(mine), 37 + n):
+                result = call(pb.SpanReport(spans=mine[offset : offset + 37 + n]), timeout=60)
+                assert result.rejected == 0, list(result.errors)
 
-    threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert errors == []
+    assert run_in_threads(sender, 8, timeout_s=120) == []
     store = any_backend.aggregator.store
     stored = store.request_spans(requests)
     assert len(stored) == len(spans)
@@ -400,25 +398,16 @@ def test_eight_threads_sending_the_same_calls_at_once(any_backend: RunningAggreg
         ]
         for r in range(5)
     ]
-    errors: list[BaseException] = []
     barrier = threading.Barrier(8)
 
-    def sender() -> None:
-        try:
-            with grpc.insecure_channel(any_backend.target) as channel:
-                call = reporter(channel)
-                for spans in rounds:
-                    barrier.wait(60)
-                    assert call(pb.SpanReport(spans=spans), timeout=60).accepted == len(spans)
-        except BaseException as exc:
-            errors.append(exc)
+    def sender(_: int) -> None:
+        with grpc.insecure_channel(any_backend.target) as channel:
+            call = reporter(channel)
+            for spans in rounds:
+                barrier.wait(60)
+                assert call(pb.SpanReport(spans=spans), timeout=60).accepted == len(spans)
 
-    threads = [threading.Thread(target=sender) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    assert errors == []
+    assert run_in_threads(sender, 8, timeout_s=180) == []
     for r in range(5):
         for i in (0, 17, 49):
             assert tokens(any_backend, f"same-{r}-{i}") == (3, 6, 3)

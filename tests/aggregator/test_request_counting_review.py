@@ -8,7 +8,7 @@ from collector.aggregator.request_engine import PassStats
 from collector.store.base import SpanRow, Store
 from tests.aggregator.test_request_engine import Clock, constant_host, result
 from tests.aggregator.test_request_metrics_review import _late_samples, _values, engine_and_metrics, reopen, span
-from tests.fakes.request_world import T0, S
+from tests.fakes.request_world import T0, HostWriter, S
 
 TOTAL = 'wattmeter_requests_total{model="m",tenant="t"}'
 
@@ -18,14 +18,21 @@ def _consistent(stats: PassStats) -> PassStats:
     return stats
 
 
-def test_control_restart_then_reopen_told_before_the_pass_is_a_revision(store: Store) -> None:
-    """The design: r counted before a restart (engine a), reopened by late samples after it (engine b, told): b
-    revises r, it does not count it."""
-    writer = constant_host(store, seconds=5)
-    store.write_spans([span("r")])
+def _one_pass_before_a_restart(store: Store, request_id: str, seconds: int) -> tuple[HostWriter, Clock]:
+    """host-a at 100 W for ``seconds``, a span of ``request_id`` in [2, 8] s, and a pass of an engine (a) at
+    T0 + 38 s, before a restart: host-a's writer and the clock."""
+    writer = constant_host(store, seconds=seconds)
+    store.write_spans([span(request_id)])
     clock = Clock(T0 + 38 * S)
     a, _ = engine_and_metrics(store, clock)
     a.run_pass()
+    return writer, clock
+
+
+def test_control_restart_then_reopen_told_before_the_pass_is_a_revision(store: Store) -> None:
+    """The design: r counted before a restart (engine a), reopened by late samples after it (engine b, told): b
+    revises r, it does not count it."""
+    writer, clock = _one_pass_before_a_restart(store, "r", seconds=5)
     assert result(store, "r").status == "approximate"
     b, metrics = engine_and_metrics(store, clock)  # after a restart
     assert reopen(store, b, writer, 5) == {"r": "approximate"}
@@ -40,11 +47,7 @@ def test_a_pass_between_the_reopen_s_commit_and_its_note_does_not_count_a_reopen
     it (its store check due: every 5 s, or the first after a restart) reads r pending and computes it final, and
     knows that r was counted already. Before, the note came after the lock was let go, and such a pass counted r as
     new. Same sequence as the control above, only the pass comes before ``note_requests_reopened()``."""
-    writer = constant_host(store, seconds=5)
-    store.write_spans([span("r")])
-    clock = Clock(T0 + 38 * S)
-    a, _ = engine_and_metrics(store, clock)
-    a.run_pass()
+    writer, clock = _one_pass_before_a_restart(store, "r", seconds=5)
     b, metrics = engine_and_metrics(store, clock)
     _late_samples(writer, 5, 20)
     with b.reopening("host-a", T0 + 5 * S + S // 10, T0 + 20 * S) as counted:  # as the service does it
@@ -95,11 +98,7 @@ def test_a_no_samples_neighbour_written_elsewhere_that_late_samples_price_is_cou
     status (no_samples) says it was not counted with energy, so it is now; the reopen then finds n final and has
     nothing to reopen. Before, a neighbour this engine never wrote was taken as counted with its energy, and n's
     energy was never counted. (A no_samples neighbour that b itself wrote: the control below.)"""
-    writer = constant_host(store, seconds=1)
-    store.write_spans([span("n")])
-    clock = Clock(T0 + 38 * S)
-    a, _ = engine_and_metrics(store, clock)
-    a.run_pass()
+    writer, clock = _one_pass_before_a_restart(store, "n", seconds=1)
     assert result(store, "n").status == "no_samples"
     b, metrics = engine_and_metrics(store, clock)  # after a restart
     _late_samples(writer, 1, 20)

@@ -46,6 +46,21 @@ def result(store: Store, request_id: str) -> RequestResult:
     return found
 
 
+def result_after_the_grace(store: Store, now_ns: int, end_ns: int) -> RequestResult:
+    """Request "r" run by an engine (a grace of 30 s) at ``now_ns`` and at the grace's last nanosecond after
+    ``end_ns``: pending at both; then the result of a pass one nanosecond later."""
+    clock = Clock(now_ns)
+    engine = engine_for(store, clock, finalize_grace_s=30)
+    engine.run_pass()
+    assert result(store, "r").status == "pending"
+    clock.now_ns = end_ns + 30 * S - 1
+    engine.run_pass()
+    assert result(store, "r").status == "pending"
+    clock.now_ns += 1
+    engine.run_pass()
+    return result(store, "r")
+
+
 def constant_host(
     store: Store,
     hostname: str = "host-a",
@@ -205,16 +220,7 @@ def test_no_samples_is_never_zero_joules(store: Store) -> None:
 def test_approximate_after_the_grace_when_samples_stop(store: Store) -> None:
     constant_host(store, seconds=5)  # samples stop at 5 s
     store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
-    clock = Clock(T0 + 9 * S)
-    engine = engine_for(store, clock, finalize_grace_s=30)
-    engine.run_pass()
-    assert result(store, "r").status == "pending"
-    clock.now_ns = T0 + 8 * S + 30 * S - 1
-    engine.run_pass()
-    assert result(store, "r").status == "pending"
-    clock.now_ns += 1
-    engine.run_pass()
-    r = result(store, "r")
+    r = result_after_the_grace(store, T0 + 9 * S, T0 + 8 * S)
     assert r.status == "approximate"
     assert r.active_j == pytest.approx(300.0, rel=1e-9)  # [2, 5] s of 100 W: a lower bound
 

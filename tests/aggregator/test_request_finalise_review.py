@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from collector.store.base import SpanRow, Store, StoredBatch, WriteResult
-from tests.aggregator.test_request_engine import Clock, constant_host, engine_for, result
+from tests.aggregator.test_request_engine import (
+    Clock,
+    constant_host,
+    engine_for,
+    result,
+    result_after_the_grace,
+)
 from tests.fakes.request_world import T0, WORKLOAD, HostWriter, S
 
 TENTH = S // 10
@@ -98,16 +104,7 @@ def test_two_hosts_one_stops_before_the_end_pending_then_approximate_with_what_w
 def test_two_hosts_one_never_sends_approximate_with_the_other_s_energy_not_no_samples(store: Store) -> None:
     constant_host(store, "host-a", watts=100.0)
     store.write_spans([span("r", "host-a", 2, 4, "prefill"), span("r", "host-silent", 4, 6, "decode")])
-    clock = Clock(T0 + 20 * S)
-    engine = engine_for(store, clock, finalize_grace_s=30)
-    engine.run_pass()
-    assert result(store, "r").status == "pending"
-    clock.now_ns = T0 + 6 * S + 30 * S - 1
-    engine.run_pass()
-    assert result(store, "r").status == "pending"
-    clock.now_ns += 1
-    engine.run_pass()
-    r = result(store, "r")
+    r = result_after_the_grace(store, T0 + 20 * S, T0 + 6 * S)
     assert (r.status, r.active_j) == ("approximate", pytest.approx(200.0, rel=1e-9))
     assert r.gpu_j == pytest.approx(200.0, rel=1e-9)
 

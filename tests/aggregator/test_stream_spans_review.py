@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from collector.aggregator.request_engine import RequestEngine
 from collector.aggregator.request_resolve import HostBindings, HostWorkloads
 from collector.proto import wattmeter_pb2 as pb
 from collector.store.base import ProcessBindingRow, SpanRow, Store
@@ -15,6 +16,19 @@ from tests.fakes.request_world import T0, WORKLOAD, S
 SECOND = 1_000_000_000
 FAR = 2**62
 BATCH_JOB = ("batch-job", "training", "j1")
+
+
+def early_span_of_a_batch_job(store: Store) -> tuple[RequestEngine, Clock]:
+    """host-a: vllm 75 %, batch-job 25 % of 100 W; pid 4242 bound to batch-job from T0 and its span "early" at
+    2..4 s, computed by an engine at T0 + 30 s (a grace of 10 s): batch-job's energy alone. The engine and its clock."""
+    constant_host(store, workloads={WORKLOAD: 0.75, BATCH_JOB: 0.25})
+    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *BATCH_JOB, T0)])
+    store.write_spans([SpanRow("early", "s", "host-a", T0 + 2 * S, T0 + 4 * S, pid=4242)])
+    clock = Clock(T0 + 30 * S)
+    engine = engine_for(store, clock, finalize_grace_s=10)
+    engine.run_pass()
+    assert result(store, "early").active_j == pytest.approx(50.0, rel=1e-9)  # batch-job alone, 2 s x 25 W
+    return engine, clock
 
 
 # -- ingest
@@ -107,13 +121,7 @@ def test_span_by_pid_waits_for_its_binding_within_the_grace(store: Store) -> Non
 
 
 def test_pid_reused_after_the_engine_read_the_bindings(store: Store) -> None:
-    constant_host(store, workloads={WORKLOAD: 0.75, BATCH_JOB: 0.25})
-    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *BATCH_JOB, T0)])
-    store.write_spans([SpanRow("early", "s", "host-a", T0 + 2 * S, T0 + 4 * S, pid=4242)])
-    clock = Clock(T0 + 30 * S)
-    engine = engine_for(store, clock, finalize_grace_s=10)
-    engine.run_pass()
-    assert result(store, "early").active_j == pytest.approx(50.0, rel=1e-9)  # batch-job alone, 2 s x 25 W
+    engine, _ = early_span_of_a_batch_job(store)
     # the pid is reused by vllm from 10 s; a span of it comes after
     store.write_process_bindings([ProcessBindingRow("host-a", 4242, *WORKLOAD, T0 + 10 * S)])
     store.write_spans([SpanRow("late", "s", "host-a", T0 + 12 * S, T0 + 14 * S, pid=4242)])

@@ -11,7 +11,7 @@ import pytest
 from collector.aggregator.request_energy import RequestEnergy, attribute_requests
 from collector.aggregator.request_weights import Stretches, WeightMode, stretches
 from collector.aggregator.spans import MAX_TOKENS
-from tests.aggregator.test_request_energy import UNIX, assert_conserved, reference, simulate
+from tests.aggregator.test_request_energy import UNIX, assert_conserved, attribute, reference, simulate
 
 S = 1_000_000_000
 
@@ -24,27 +24,6 @@ def weights_of(
     got: Stretches = stretches(start, end, queue, prefill, tokens_in, tokens_out, mode)
     rows = zip(got.span.tolist(), got.start_ns.tolist(), got.end_ns.tolist(), got.weight.tolist(), strict=True)
     return sorted(rows)
-
-
-def run(
-    sample_ns: list[int],
-    energy_j: list[float],
-    rows: list[tuple[int, int, int, int]],
-    n: int,
-    power: tuple[list[int], list[float]] | None = None,
-) -> RequestEnergy:
-    req, start, end, weight = (np.array([r[i] for r in rows], dtype=np.int64) for i in range(4))
-    return attribute_requests(
-        np.array(sample_ns, dtype=np.int64),
-        np.array(energy_j),
-        request=req,
-        start_ns=start,
-        end_ns=end,
-        weight=weight,
-        n_requests=n,
-        power_ns=None if power is None else np.array(power[0], dtype=np.int64),
-        power_w=None if power is None else np.array(power[1]),
-    )
 
 
 def assert_exact(result: RequestEnergy, expected: list[Fraction], unattributed: Fraction, rel: float = 1e-9) -> None:
@@ -114,7 +93,7 @@ def test_tokens_mode_edges_through_the_kernel_match_the_exact_reference() -> Non
     rng = np.random.default_rng(7)
     energy = [1e6 + float(v) for v in np.concatenate([[0.0], np.cumsum(np.round(rng.uniform(5, 40, 50), 3))])]
     expected, unattributed = reference(sample_ns, energy, rows, len(spans), None)
-    result = run(sample_ns, energy, rows, len(spans))
+    result = attribute(sample_ns, energy, rows, len(spans))
     assert_exact(result, expected, unattributed)
     assert result.covered.tolist() == [True] * 6 + [False]
 
@@ -134,7 +113,7 @@ def test_weights_of_2_pow_32_beside_weight_1_stay_exact(offset: int) -> None:
         (4, mid + 1, mid + 2, 1),  # 1 ns
     ]
     expected, _ = reference(sample_ns[-25:], energy[-25:], rows[1:], 5, None)
-    result = run(sample_ns, energy, rows, 5)
+    result = attribute(sample_ns, energy, rows, 5)
     assert result.energy_j[0] == pytest.approx((n - 20) * 5_000.0, rel=1e-12)
     for i in range(1, 5):
         assert abs(result.energy_j[i] - float(expected[i])) <= 1e-9 * float(expected[i]), i
@@ -159,7 +138,7 @@ def test_thousands_of_spans_sharing_one_boundary() -> None:
 
 def test_only_zero_weights_active_leaves_the_energy_unattributed_and_conserved() -> None:
     # [0, 1]: only weight 0 active -> unattributed; [1, 2]: weight 0 beside weight 3 -> all to the weight 3
-    result = run([0, 2 * S], [0.0, 200.0], [(0, 0, 2 * S, 0), (1, S, 2 * S, 3)], 2)
+    result = attribute([0, 2 * S], [0.0, 200.0], [(0, 0, 2 * S, 0), (1, S, 2 * S, 3)], 2)
     assert result.energy_j.tolist() == [0.0, pytest.approx(100.0, rel=1e-12)]
     assert result.unattributed_j == pytest.approx(100.0, rel=1e-12)
     assert_conserved(result)
@@ -176,7 +155,7 @@ def test_power_shaping_keeps_each_counter_interval_exactly() -> None:
     # and touching stretches at off-sample times: split the energy by the shape, conserving the counter
     rows += [(20 + k, sample_ns[k] + S // 8, sample_ns[k] + 5 * S // 8, 1) for k in range(20)]
     rows += [(40 + k, sample_ns[k] + 5 * S // 8, sample_ns[k + 1], 1) for k in range(20)]
-    result = run(sample_ns, energy, rows, 60, (power_ns, power_w))
+    result = attribute(sample_ns, energy, rows, 60, (power_ns, power_w))
     expected, unattributed = reference(sample_ns, energy, rows, 60, (power_ns, power_w))
     assert_exact(result, expected, unattributed)
     per_interval = result.energy_j[:20] + result.energy_j[20:40] + result.energy_j[40:]

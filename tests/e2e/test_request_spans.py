@@ -39,10 +39,9 @@ def aggregator(servicer: RecordingTelemetry) -> Iterator[LoopbackServer]:
     running.stop()
 
 
-def test_a_clients_span_reaches_the_aggregator_with_its_pid(
-    tmp_path: Path, aggregator: LoopbackServer, servicer: RecordingTelemetry
-) -> None:
-    port = free_port()
+def stream_agent_config(tmp_path: Path, port: int, target: str, hostname: str, extra: str = "") -> tuple[Path, Path]:
+    """An agent config (written, and its socket's path): /metrics on ``port``, one simulated GPU, no real sources, its
+    stream to ``target`` as ``hostname``; ``extra`` is TOML added at the end."""
     socket_path = tmp_path / "agent.sock"
     config = tmp_path / "agent.toml"
     config.write_text(
@@ -61,13 +60,22 @@ interval_s = 0.1
 [api]
 socket = "{socket_path}"
 [stream]
-target = "{aggregator.target}"
+target = "{target}"
 spool_dir = "{tmp_path / "spool"}"
 batch_interval_s = 0.1
 fsync = "never"
-hostname = "e2e-host"
+hostname = "{hostname}"
 """
+        + extra
     )
+    return config, socket_path
+
+
+def test_a_clients_span_reaches_the_aggregator_with_its_pid(
+    tmp_path: Path, aggregator: LoopbackServer, servicer: RecordingTelemetry
+) -> None:
+    port = free_port()
+    config, socket_path = stream_agent_config(tmp_path, port, aggregator.target, "e2e-host")
     agent = AgentProcess(config)
     url = f"http://127.0.0.1:{port}"
     try:

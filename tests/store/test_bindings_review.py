@@ -11,29 +11,14 @@ import pytest
 from collector.aggregator.request_resolve import HostBindings
 from collector.store import Store, open_store
 from collector.store.base import ProcessBindingRow, SpanRow
-from collector.store.migrations import LATEST_VERSION, MIGRATIONS
+from collector.store.migrations import LATEST_VERSION
 from tests.aggregator.test_request_engine import Clock, constant_host, engine_for, result
+from tests.aggregator.test_stream_spans_review import BATCH_JOB, early_span_of_a_batch_job
 from tests.fakes.request_world import T0, WORKLOAD, S
 from tests.store.builders import T0_NS
+from tests.store.old_schema import at_version, migrated, run
 
-BATCH_JOB = ("batch-job", "training", "j1")
 HOUR = 3600 * S
-
-
-def run(store: Store, work: Any, *, write: bool = False) -> Any:
-    return store._run(work, write=write)  # type: ignore[attr-defined]
-
-
-def version_6(store_url: str, monkeypatch: pytest.MonkeyPatch, fill: Any) -> None:
-    with monkeypatch.context() as patch:
-        patch.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:6])
-        patch.setattr("collector.store.sql.LATEST_VERSION", 6)
-        old = open_store(store_url)
-        try:
-            assert old.migrate() == 6
-            run(old, fill, write=True)
-        finally:
-            old.close()
 
 
 # -- the migration
@@ -54,10 +39,8 @@ def test_step_7_moves_many_hosts_and_nul_replaced_rows(store_url: str, monkeypat
             (T0_NS,),
         )  # one pid, two workloads at the same time: both kept
 
-    version_6(store_url, monkeypatch, fill)
-    new = open_store(store_url)
-    try:
-        assert new.migrate() == LATEST_VERSION
+    at_version(store_url, monkeypatch, 6, fill)
+    with migrated(store_url) as new:
         assert new.migrate() == LATEST_VERSION  # again: nothing
         rows = new.process_bindings("host-\x007")
         assert sorted(b.workload for b in rows) == ["other", "w\ufffdx"] and len(rows) == 2
@@ -65,12 +48,10 @@ def test_step_7_moves_many_hosts_and_nul_replaced_rows(store_url: str, monkeypat
             [ProcessBindingRow("host-\x007", rows[0].pid, "w\x00x", "inference", "j\x00", T0_NS)]
         )
         assert len(new.process_bindings("host-\ufffd7")) == 2  # the same sighting: once
-    finally:
-        new.close()
 
 
 def test_step_7_by_two_aggregators_starting_at_once(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    version_6(postgres_url, monkeypatch, lambda cursor: None)
+    at_version(postgres_url, monkeypatch, 6, lambda cursor: None)
     stores = [open_store(postgres_url) for _ in range(4)]
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(stores))
@@ -164,13 +145,7 @@ def test_a_binding_stored_after_newer_ones_is_not_missed(store: Store) -> None:
     """pid 4242 batch-job from T0. The engine has read a binding of another pid seen at T0 + 200 s when the binding
     of 4242 to vllm from T0 + 10 s is stored (a batch stored late: another agent instance's spool replayed, a clock
     stepped back). A span of 4242 at 12..14 s is vllm's."""
-    constant_host(store, workloads={WORKLOAD: 0.75, BATCH_JOB: 0.25})
-    store.write_process_bindings([ProcessBindingRow("host-a", 4242, *BATCH_JOB, T0)])
-    store.write_spans([SpanRow("early", "s", "host-a", T0 + 2 * S, T0 + 4 * S, pid=4242)])
-    clock = Clock(T0 + 30 * S)
-    engine = engine_for(store, clock, finalize_grace_s=10)
-    engine.run_pass()
-    assert result(store, "early").active_j == pytest.approx(50.0, rel=1e-9)
+    engine, _ = early_span_of_a_batch_job(store)
     store.write_process_bindings([ProcessBindingRow("host-a", 5000, *WORKLOAD, T0 + 200 * S)])
     store.write_spans([SpanRow("other", "s", "host-a", T0 + 5 * S, T0 + 6 * S, pid=5000)])
     engine.run_pass()

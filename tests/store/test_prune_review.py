@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from collector.store import Store, StoreError, open_store
 from collector.store import span_chunks as chunks_module
-from collector.store.base import ProcessBindingRow, ResultColumns, SpanColumns, SpanRow, labels_json
-from collector.store.migrations import LATEST_VERSION, MIGRATIONS
+from collector.store.base import ProcessBindingRow, ResultColumns, SpanColumns, SpanRow
+from collector.store.migrations import MIGRATIONS
 from collector.store.spans import spans_to_chunks
 from tests.store.builders import T0_NS
+from tests.store.old_schema import at_version, insert_v4_span, migrated, run
 
 S = 1_000_000_000
 HOUR = 3600 * S
@@ -26,10 +26,6 @@ def span(request_id: str, span_id: str = "s1", host: str = "host-1", start_s: fl
         request_id, span_id, host, T0_NS + round(start_s * S), T0_NS + round(end_s * S), model="llama",
         input_tokens=100, output_tokens=10,
     )  # fmt: skip
-
-
-def run(store: Store, work: Callable[[Any], Any], *, write: bool = False) -> Any:
-    return store._run(work, write=write)  # type: ignore[attr-defined]
 
 
 def chunk_rows(store: Store) -> list[tuple[Any, ...]]:
@@ -138,29 +134,6 @@ def test_the_engine_s_result_from_spans_in_memory_after_their_prune(store: Store
 # -- schema steps 5 and 6
 
 
-def _insert_v4_span(cursor: Any, row: SpanRow, host_ref: int) -> None:
-    cursor.execute(
-        "INSERT INTO spans (request_id, span_id, host_ref, start_ns, end_ns, workload, pid, service_name, model, "
-        "tenant, input_tokens, output_tokens, queue_end_ns, prefill_end_ns, labels, received_ns) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (row.request_id, row.span_id, host_ref, row.start_ns, row.end_ns, row.workload, row.pid, row.service_name,
-         row.model, row.tenant, row.input_tokens, row.output_tokens, row.queue_end_ns, row.prefill_end_ns,
-         labels_json(row.labels), row.received_ns),
-    )  # fmt: skip
-
-
-def _version_4(store_url: str, monkeypatch: pytest.MonkeyPatch, fill: Callable[[Any], None]) -> None:
-    with monkeypatch.context() as version_4:
-        version_4.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:4])
-        version_4.setattr("collector.store.sql.LATEST_VERSION", 4)
-        old = open_store(store_url)
-        try:
-            assert old.migrate() == 4
-            run(old, fill, write=True)
-        finally:
-            old.close()
-
-
 HOSTS = [f"host-{i:02d}" for i in range(7)]
 
 
@@ -182,12 +155,16 @@ def _many_spans() -> tuple[list[SpanRow], dict[str, str]]:
     return spans, statuses
 
 
-def _fill_many(spans: list[SpanRow], statuses: dict[str, str]) -> Callable[[Any], None]:
+def _version_4_with_many_spans(store_url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[list[SpanRow], dict[str, str]]:
+    """A version 4 database holding ``_many_spans()`` (returned), migrated later 7 spans a page."""
+    monkeypatch.setattr("collector.store.spans.MIGRATION_PAGE", 7)
+    spans, statuses = _many_spans()
+
     def fill(cursor: Any) -> None:
         for name in HOSTS:
             cursor.execute("INSERT INTO span_hosts (hostname) VALUES (?)", (name,))
         for row in spans:
-            _insert_v4_span(cursor, row, HOSTS.index(row.hostname) + 1)
+            insert_v4_span(cursor, row, HOSTS.index(row.hostname) + 1)
         for rid, status in statuses.items():
             mine = [s for s in spans if s.request_id == rid]
             cursor.execute(
@@ -197,7 +174,8 @@ def _fill_many(spans: list[SpanRow], statuses: dict[str, str]) -> Callable[[Any]
                  max(s.end_ns for s in mine), None if status in ("pending", "no_samples") else 1.5, len(mine)),
             )  # fmt: skip
 
-    return fill
+    at_version(store_url, monkeypatch, 4, fill)
+    return spans, statuses
 
 
 def _check_migrated(store: Store, spans: list[SpanRow], statuses: dict[str, str]) -> None:
@@ -235,23 +213,15 @@ def _check_migrated(store: Store, spans: list[SpanRow], statuses: dict[str, str]
 def test_version_4_with_many_spans_of_many_hosts_moves_into_chunks_exactly(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("collector.store.spans.MIGRATION_PAGE", 7)
-    spans, statuses = _many_spans()
-    _version_4(store_url, monkeypatch, _fill_many(spans, statuses))
-    new = open_store(store_url)
-    try:
-        assert new.migrate() == LATEST_VERSION
+    spans, statuses = _version_4_with_many_spans(store_url, monkeypatch)
+    with migrated(store_url) as new:
         _check_migrated(new, spans, statuses)
-    finally:
-        new.close()
 
 
 def test_a_migration_that_fails_in_its_conversion_leaves_version_4_usable_and_a_rerun_completes(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("collector.store.spans.MIGRATION_PAGE", 7)
-    spans, statuses = _many_spans()
-    _version_4(store_url, monkeypatch, _fill_many(spans, statuses))
+    spans, statuses = _version_4_with_many_spans(store_url, monkeypatch)
 
     def convert_then_fail(cursor: Any, dialect: Any) -> None:
         spans_to_chunks(cursor, dialect)  # all the way, the spans table dropped
@@ -277,12 +247,8 @@ def test_a_migration_that_fails_in_its_conversion_leaves_version_4_usable_and_a_
                 run(store, lambda cursor: cursor.execute("SELECT COUNT(*) FROM span_chunks"))
         finally:
             store.close()
-    again = open_store(store_url)
-    try:
-        assert again.migrate() == LATEST_VERSION
+    with migrated(store_url) as again:
         _check_migrated(again, spans, statuses)
-    finally:
-        again.close()
 
 
 def test_a_version_4_span_with_nul_in_its_names_survives_the_move_into_chunks(
@@ -298,7 +264,7 @@ def test_a_version_4_span_with_nul_in_its_names_survives_the_move_into_chunks(
     def fill(cursor: Any) -> None:
         cursor.execute("INSERT INTO span_hosts (hostname) VALUES ('host-1')")
         for row in [odd, *plain]:
-            _insert_v4_span(cursor, row, 1)
+            insert_v4_span(cursor, row, 1)
             cursor.execute(
                 "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
                 "output_tokens, span_count, updated_ns) VALUES (?, 'pending', 'llama', '', '[\"host-1\"]', ?, ?, "
@@ -306,15 +272,11 @@ def test_a_version_4_span_with_nul_in_its_names_survives_the_move_into_chunks(
                 (row.request_id, row.start_ns, row.end_ns),
             )
 
-    _version_4(store_url, monkeypatch, fill)
-    new = open_store(store_url)
-    try:
-        assert new.migrate() == LATEST_VERSION
+    at_version(store_url, monkeypatch, 4, fill)
+    with migrated(store_url) as new:
         found = new.request_spans([f"r{i}" for i in range(1, 6)])
         assert [s.request_id for s in found] == [f"r{i}" for i in range(1, 6)]  # none lost with the odd one
         assert found[0].workload == "serve\ufffdllm"
-    finally:
-        new.close()
 
 
 def test_chunk_encoding_of_text_with_nul_reads_back() -> None:
@@ -325,32 +287,20 @@ def test_chunk_encoding_of_text_with_nul_reads_back() -> None:
 
 def test_version_6_bindings_move_to_one_row_per_sighting(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Schema step 7: the bindings of a version 6 database are kept, and from then on each sighting is its own."""
-    with monkeypatch.context() as version_6:
-        version_6.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:6])
-        version_6.setattr("collector.store.sql.LATEST_VERSION", 6)
-        old = open_store(store_url)
-        try:
-            assert old.migrate() == 6
 
-            def fill(cursor: Any) -> None:  # as version 6 wrote them: the newest sighting of each
-                cursor.execute("INSERT INTO span_hosts (hostname) VALUES ('host-1')")
-                cursor.execute(
-                    "INSERT INTO process_bindings (host_ref, pid, workload, phase, job, seen_ns) "
-                    "SELECT id, 7, 'serve', 'inference', '', ? FROM span_hosts",
-                    (T0_NS + 5,),
-                )
+    def fill(cursor: Any) -> None:  # as version 6 wrote them: the newest sighting of each
+        cursor.execute("INSERT INTO span_hosts (hostname) VALUES ('host-1')")
+        cursor.execute(
+            "INSERT INTO process_bindings (host_ref, pid, workload, phase, job, seen_ns) "
+            "SELECT id, 7, 'serve', 'inference', '', ? FROM span_hosts",
+            (T0_NS + 5,),
+        )
 
-            run(old, fill, write=True)
-        finally:
-            old.close()
-    new = open_store(store_url)
-    try:
-        assert new.migrate() == LATEST_VERSION
+    at_version(store_url, monkeypatch, 6, fill)
+    with migrated(store_url) as new:
         assert [b.seen_ns for b in new.process_bindings("host-1")] == [T0_NS + 5]  # version 6 kept the newest
         new.write_process_bindings([ProcessBindingRow("host-1", 7, "train", "training", "", T0_NS + 9)])
         new.write_process_bindings([ProcessBindingRow("host-1", 7, "serve", "inference", "", T0_NS + 20)])
         assert [(b.workload, b.seen_ns) for b in new.process_bindings("host-1")] == [
             ("serve", T0_NS + 5), ("train", T0_NS + 9), ("serve", T0_NS + 20)
         ]  # fmt: skip
-    finally:
-        new.close()

@@ -22,10 +22,10 @@ from collector.store.base import (
     ResultColumns,
     SpanColumns,
     SpanRow,
-    labels_json,
 )
-from collector.store.migrations import LATEST_VERSION, MIGRATIONS
+from tests.fakes.threads import run_in_threads
 from tests.store.builders import T0_NS, batch
+from tests.store.old_schema import at_version, insert_v4_span, migrated
 
 S = 1_000_000_000
 HOUR = 3600 * S
@@ -374,37 +374,6 @@ def test_spans_written_elsewhere_are_those_another_open_store_wrote(store: Store
 # -- schema step 5: spans as chunks
 
 
-def _insert_v4_span(cursor: Any, row: SpanRow, host_ref: int) -> None:
-    cursor.execute(
-        "INSERT INTO spans (request_id, span_id, host_ref, start_ns, end_ns, workload, pid, service_name, model, "
-        "tenant, input_tokens, output_tokens, queue_end_ns, prefill_end_ns, labels, received_ns) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (row.request_id, row.span_id, host_ref, row.start_ns, row.end_ns, row.workload, row.pid, row.service_name,
-         row.model, row.tenant, row.input_tokens, row.output_tokens, row.queue_end_ns, row.prefill_end_ns,
-         labels_json(row.labels), row.received_ns),
-    )  # fmt: skip
-
-
-def _from_version_4(store_url: str, monkeypatch: pytest.MonkeyPatch, fill: Callable[[Any], None]) -> Store:
-    """A database at schema 4 that ``fill`` (raw SQL) wrote, then opened and migrated to the latest version."""
-    with monkeypatch.context() as version_4:
-        version_4.setattr("collector.store.sql.MIGRATIONS", MIGRATIONS[:4])
-        version_4.setattr("collector.store.sql.LATEST_VERSION", 4)
-        old = open_store(store_url)
-        try:
-            assert old.migrate() == 4
-            old._run(fill, write=True)  # type: ignore[attr-defined]
-        finally:
-            old.close()
-    new = open_store(store_url)
-    try:
-        assert new.migrate() == LATEST_VERSION
-    except BaseException:
-        new.close()
-        raise
-    return new
-
-
 def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Spans stored a row each (schema 4) read back exactly after the step to chunks, paged with ties at the page
     edge; a pending request gets the hosts of all its spans; a span sent again is still stored once."""
@@ -417,7 +386,7 @@ def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypat
         for name in ("host-1", "host-2"):
             cursor.execute("INSERT INTO span_hosts (hostname) VALUES (?)", (name,))
         for row in [*on_one, *multi]:
-            _insert_v4_span(cursor, row, 1 if row.hostname == "host-1" else 2)
+            insert_v4_span(cursor, row, 1 if row.hostname == "host-1" else 2)
         for rid, status, hosts, start, end, count in [
             *((f"r{i}", "final", '["host-1"]', on_one[i].start_ns, on_one[i].end_ns, 1) for i in range(5)),
             ("multi", "pending", '["host-1"]', multi[0].start_ns, multi[1].end_ns, 2),  # the first span's host
@@ -428,8 +397,8 @@ def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypat
                 (rid, status, hosts, start, end, count),
             )
 
-    new = _from_version_4(store_url, monkeypatch, fill)
-    try:
+    at_version(store_url, monkeypatch, 4, fill)
+    with migrated(store_url) as new:
         assert new.request_spans([f"r{i}" for i in range(5)] + ["multi"]) == sorted(
             [*on_one, *multi], key=lambda row: (row.request_id, row.span_id)
         )
@@ -444,8 +413,6 @@ def test_a_version_4_database_s_spans_move_into_chunks(store_url: str, monkeypat
         assert new.spans_written_elsewhere("host-2", T0_NS, T0_NS + 10 * S)
         with pytest.raises(StoreError):  # the old table is gone
             new._run(lambda cursor: cursor.execute("SELECT COUNT(*) FROM spans"), write=False)  # type: ignore[attr-defined]
-    finally:
-        new.close()
 
 
 def test_a_late_span_on_another_host_joins_its_request_and_a_repeat_of_it_does_not(store: Store) -> None:
@@ -502,7 +469,7 @@ def test_step_5_finds_the_spans_of_a_pending_request_whose_row_names_another_hos
 
     def fill(cursor: Any) -> None:
         cursor.execute("INSERT INTO span_hosts (hostname) VALUES ('host-1')")
-        _insert_v4_span(cursor, s, 1)
+        insert_v4_span(cursor, s, 1)
         cursor.execute(
             "INSERT INTO requests (request_id, status, model, tenant, hosts, start_ns, end_ns, input_tokens, "
             "output_tokens, span_count, updated_ns) VALUES ('r', 'pending', 'llama', '', '[\"host-2\"]', ?, ?, "
@@ -510,13 +477,11 @@ def test_step_5_finds_the_spans_of_a_pending_request_whose_row_names_another_hos
             (s.start_ns, s.end_ns),
         )
 
-    new = _from_version_4(store_url, monkeypatch, fill)
-    try:
+    at_version(store_url, monkeypatch, 4, fill)
+    with migrated(store_url) as new:
         assert new.request_spans(["r"]) == [s]
         pending = new.request("r")
         assert pending is not None and pending.hosts == ("host-1",)
-    finally:
-        new.close()
 
 
 def test_prune_drops_an_old_span_from_a_chunk_it_shares_with_a_new_one(store: Store) -> None:
@@ -670,26 +635,18 @@ def test_two_writers_of_one_request_at_once_store_each_span_once_and_keep_every_
     stores[0].migrate()
     try:
         n = 30
-        errors: list[BaseException] = []
         barrier = threading.Barrier(2)
 
         def writer(k: int) -> None:
-            try:
-                for i in range(n):
-                    barrier.wait()
-                    # same request, same span id from both; plus one span per writer on its own host
-                    stores[k].write_spans(
-                        [span(f"r{i}", "shared", host="host-1"), span(f"r{i}", f"own{k}", host=f"host-{k + 2}")]
-                        + [span(f"x{j}", f"w{k}", host="host-1") for j in range(i, i + 5)]
-                    )
-            except BaseException as exc:
-                errors.append(exc)
+            for i in range(n):
+                barrier.wait()
+                # same request, same span id from both; plus one span per writer on its own host
+                stores[k].write_spans(
+                    [span(f"r{i}", "shared", host="host-1"), span(f"r{i}", f"own{k}", host=f"host-{k + 2}")]
+                    + [span(f"x{j}", f"w{k}", host="host-1") for j in range(i, i + 5)]
+                )
 
-        threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        errors = run_in_threads(writer, 2, timeout_s=60)
         assert not errors, errors
         for i in range(n):
             got = keys(stores[0].request_spans([f"r{i}"]))
