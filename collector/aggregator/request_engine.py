@@ -270,10 +270,13 @@ class RequestEngine:
         except Exception:  # the energy results are written all the same
             log.exception("pricing requests' energy failed")
             return none, list(none)
-        has = [j is not None for j in active_j]
-        co2 = [g if h else None for g, h in zip(grams.tolist(), has, strict=True)]
-        money = none if cost is None else [c if h else None for c, h in zip(cost.tolist(), has, strict=True)]
-        return co2, list(money)
+        has = np.array([j is not None for j in active_j])
+        # NaN: no intensity (price) data at any of the request's time: unknown (None), as without energy
+        co2 = [g if h else None for g, h in zip(grams.tolist(), (has & np.isfinite(grams)).tolist(), strict=True)]
+        if cost is None:
+            return co2, list(none)
+        money = [c if h else None for c, h in zip(cost.tolist(), (has & np.isfinite(cost)).tolist(), strict=True)]
+        return co2, money
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()

@@ -162,19 +162,22 @@ class IntensitySeries:
         self, start_ns: npt.ArrayLike, end_ns: npt.ArrayLike, joules: npt.ArrayLike
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
         """gCO2e and cost of each ``joules[i]`` drawn evenly over ``[start_ns[i], end_ns[i])`` (one value each, as
-        ``grams_for_interval`` gives for one; energy at times without data counts as none). Cost is None without a
-        price."""
+        ``grams_for_interval`` gives for one; energy at times without data counts as none). NaN (unknown, not 0)
+        for an interval with energy and no intensity (price) data at any of its time: a stale or short series
+        says nothing of it, and 0 is what a grid at 0 g/kWh gives. Cost is None without a price."""
         starts = np.asarray(start_ns, dtype=np.int64)
         ends = np.asarray(end_ns, dtype=np.int64)
         energy = np.asarray(joules, dtype=np.float64)
         if starts.size == 0:
             return np.zeros(0), None if self.price is None else np.zeros(0)
-        mean_g, _, mean_price, _ = self._means(starts, ends)
+        mean_g, uncovered, mean_price, unpriced = self._means(starts, ends)
         scale = self.pue / J_PER_KWH
-        grams: npt.NDArray[np.float64] = energy * mean_g * scale
-        if mean_price is None:
+        grams: npt.NDArray[np.float64] = np.where((uncovered >= 1.0) & (energy != 0.0), np.nan, energy * mean_g * scale)
+        if mean_price is None or unpriced is None:
             return grams, None
-        cost: npt.NDArray[np.float64] = energy * mean_price * scale
+        cost: npt.NDArray[np.float64] = np.where(
+            (unpriced >= 1.0) & (energy != 0.0), np.nan, energy * mean_price * scale
+        )
         return grams, cost
 
     def grams_for_interval(self, start_ns: int, end_ns: int, joules: float) -> Footprint:
