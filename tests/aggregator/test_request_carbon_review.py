@@ -18,7 +18,8 @@ from collector.carbon.series import CarbonSeriesSource, IntensitySeries, series_
 from collector.carbon.steps import ConstantSteps, TableSteps
 from collector.report.data import build_report
 from collector.store.base import RequestResult, SpanRow, Store
-from tests.fakes.request_world import IDLE, T0, WORKLOAD, HostWriter, S
+from tests.aggregator.test_request_engine import constant_host
+from tests.fakes.request_world import IDLE, T0, WORKLOAD, S
 
 KWH = 3.6e6
 HOUR = 3600 * S
@@ -41,21 +42,7 @@ def steady_host(
     hostname: str = "host-a",
 ) -> None:
     """gpu0 of ``hostname`` at ``watts`` from ``start_ns`` for ``seconds`` at 10 Hz, split by ``shares``."""
-    writer = HostWriter(store, hostname, instance=f"{hostname}-gpu0")
-    split = shares if shares is not None else {WORKLOAD: 1.0}
-    for second in range(seconds):
-        t = start_ns + second * S + np.arange(10, dtype=np.int64) * (S // 10)
-        if second == seconds - 1:
-            t = np.append(t, start_ns + seconds * S)
-        joules = watts * (t - start_ns) / S
-        writer.write(
-            "gpu0",
-            "gpu",
-            t,
-            1000.0 + joules,
-            np.full(t.size, watts),
-            {identity: share * joules for identity, share in split.items()},
-        )
+    constant_host(store, hostname, watts, seconds, shares, start_ns=start_ns)
 
 
 def result(store: Store, request_id: str) -> RequestResult:

@@ -69,15 +69,17 @@ def constant_host(
     workloads: dict[tuple[str, str, str], float] | None = None,
     device_id: str = "gpu0",
     kind: str = "gpu",
+    start_ns: int = T0,
 ) -> HostWriter:
-    """``device_id`` at ``watts`` from T0 for ``seconds`` at 10 Hz, split among ``workloads`` by fraction."""
+    """``device_id`` at ``watts`` from ``start_ns`` for ``seconds`` at 10 Hz, split among ``workloads`` by
+    fraction."""
     writer = HostWriter(store, hostname, instance=f"{hostname}-{device_id}")  # one agent instance per device here
     shares = workloads if workloads is not None else {WORKLOAD: 1.0}
     for second in range(seconds):
-        t = T0 + second * S + np.arange(10, dtype=np.int64) * (S // 10)
+        t = start_ns + second * S + np.arange(10, dtype=np.int64) * (S // 10)
         if second == seconds - 1:
-            t = np.append(t, T0 + seconds * S)
-        joules = watts * (t - T0) / S
+            t = np.append(t, start_ns + seconds * S)
+        joules = watts * (t - start_ns) / S
         writer.write(
             device_id,
             kind,
