@@ -305,7 +305,7 @@ def demo_process(tmp_path: Path, *extra: str) -> Iterator[subprocess.Popen[str]]
 
 def test_demo_runs_for_its_duration_and_prints_plain_lines(finished_run: DemoRun) -> None:
     run = finished_run
-    assert run.code == 0, run.stderr
+    assert run.code == 0, run.stderr + run.stdout[-2000:]
     assert "\x1b[" not in run.stdout  # not a terminal: no ANSI
     agent_port = demo_port(run.stdout, "agent /metrics")
     assert f"http://127.0.0.1:{agent_port}/metrics" in run.stdout

@@ -299,9 +299,10 @@ class Demo:
             if snap is not None:
                 self.summary(snap)
             stray = [c for c in self.children if c.exit_code() != 0] if clean else []
-            for child in stray:
-                self.say(
-                    f"wattmeter demo: the {child.name} stopped with code {child.exit_code()}: see {child.log_path}"
+            for child in stray:  # an error: on stderr, as the other failures
+                print(
+                    f"wattmeter demo: the {child.name} stopped with code {child.exit_code()}: see {child.log_path}",
+                    file=sys.stderr,
                 )
             if stray:
                 code = 1
