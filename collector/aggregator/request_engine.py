@@ -553,7 +553,8 @@ class RequestEngine:
         self._collect(host, spans, energy, wanted, seen, collected)
 
     def _device(self, host: str, kind: str, device_id: str, since: int, until: int) -> Device:
-        samples = self.store.device_samples(host, device_id, since, until)
+        series = self.store.device_series(host, device_id, since, until)
+        samples = series.samples
         time_ns = np.fromiter((s[0] for s in samples), np.int64, len(samples))
         powered = [(t, p) for t, _, p in samples if p is not None and p == p and p >= 0 and p != float("inf")]
         idle = Series.of(self.store.workload_samples(host, IDLE, device_id, since, until))
@@ -563,7 +564,7 @@ class RequestEngine:
             np.fromiter((t for t, _ in powered), np.int64, len(powered)),
             np.fromiter((p for _, p in powered), np.float64, len(powered)),
             idle,
-            tuple(self.store.unmeasured_times(host, device_id, since, until)),
+            tuple(series.unmeasured),
         )
 
     @staticmethod

@@ -436,6 +436,15 @@ class RequestHourRow:
     energy_j: float  # active J, summed
 
 
+@dataclass(frozen=True)
+class DeviceSeries:
+    """One device's stored samples over a window (``Store.device_samples``) and the stretches they join without
+    having measured them (``Store.unmeasured_times``)."""
+
+    samples: list[tuple[int, float, float | None]]
+    unmeasured: list[tuple[int, int]]
+
+
 class Store(abc.ABC):
     """Storage behind the aggregator. Methods may be called from several threads; each call is one transaction."""
 
@@ -480,18 +489,22 @@ class Store(abc.ABC):
         """Per (host, workload, phase, job): joules in the rollup minutes starting in [since_ns, until_ns)."""
 
     @abc.abstractmethod
+    def device_series(self, hostname: str, device_id: str, since_ns: int, until_ns: int) -> DeviceSeries:
+        """One device's samples in [since_ns, until_ns) and the stretches they join unmeasured, from one read."""
+
     def device_samples(
         self, hostname: str, device_id: str, since_ns: int, until_ns: int
     ) -> list[tuple[int, float, float | None]]:
         """Raw samples ``(t_ns, energy_j, power_w)`` of one device with since_ns <= t_ns < until_ns, time ascending,
         energy continuous across agent restarts (``continuous_energy``), power None where there was none."""
+        return self.device_series(hostname, device_id, since_ns, until_ns).samples
 
-    @abc.abstractmethod
     def unmeasured_times(self, hostname: str, device_id: str, since_ns: int, until_ns: int) -> list[tuple[int, int]]:
         """Stretches ``(after_ns, before_ns)`` overlapping [since_ns, until_ns) that one device's stored samples
         join but did not measure: from one agent instance's last sample to the next one's first (a restart:
         ``continuous_energy`` counts nothing there), and over batches of an instance not stored yet (its sequences
         stored out of order: the hole above its contiguous watermark). Time ascending."""
+        return self.device_series(hostname, device_id, since_ns, until_ns).unmeasured
 
     @abc.abstractmethod
     def workload_samples(

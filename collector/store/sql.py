@@ -17,6 +17,7 @@ import numpy as np
 
 from collector.store.base import (
     DeviceRow,
+    DeviceSeries,
     HostRow,
     LastSample,
     ProcessBindingRow,
@@ -398,47 +399,18 @@ class SqlStore(StepsReads, Store):
             for (hostname, workload, row_phase, job), (in_total, by_device) in sorted(totals.items())
         ]
 
-    def device_samples(
-        self, hostname: str, device_id: str, since_ns: int, until_ns: int
-    ) -> list[tuple[int, float, float | None]]:
-        def work(cursor: Cursor) -> list[Any]:
-            host_id = self._host_id(cursor, hostname)
-            if host_id is None:
-                return []
-            cursor.execute(
-                "SELECT instance_ref, time_ns, energy_j, power_w FROM device_chunks "
-                "WHERE host_id = ? AND device_id = ? AND t_start < ? AND t_end >= ? "
-                "ORDER BY t_start, instance_ref, sequence",
-                (host_id, device_id, until_ns, since_ns),
-            )
-            return cursor.fetchall()
-
-        rows = self._run(work, write=False)
-        chunks = [(str(row[0]), unpack_times(row[1]), unpack_values(row[2])) for row in rows]
-        times, energy = continuous_energy(chunks)
-        powers = [
-            np.full(len(chunk[1]), np.nan) if row[3] is None else unpack_values(row[3])
-            for row, chunk in zip(rows, chunks, strict=True)
-        ]
-        power = np.concatenate(powers) if powers else np.empty(0)
-        inside = (times >= since_ns) & (times < until_ns)
-        return [
-            (t, e, None if math.isnan(p) else p)
-            for t, e, p in zip(times[inside].tolist(), energy[inside].tolist(), power[inside].tolist(), strict=True)
-        ]
-
-    def unmeasured_times(self, hostname: str, device_id: str, since_ns: int, until_ns: int) -> list[tuple[int, int]]:
+    def device_series(self, hostname: str, device_id: str, since_ns: int, until_ns: int) -> DeviceSeries:
         def work(cursor: Cursor) -> tuple[list[Any], dict[int, list[tuple[int, int]]]]:
             host_id = self._host_id(cursor, hostname)
             if host_id is None:
                 return [], {}
             cursor.execute(
-                "SELECT instance_ref, sequence, t_start, t_end FROM device_chunks "
+                "SELECT instance_ref, sequence, t_start, t_end, time_ns, energy_j, power_w FROM device_chunks "
                 "WHERE host_id = ? AND device_id = ? AND t_start < ? AND t_end >= ? "
                 "ORDER BY t_start, instance_ref, sequence",
                 (host_id, device_id, until_ns, since_ns),
             )
-            chunks = cursor.fetchall()
+            rows = cursor.fetchall()
             cursor.execute(
                 "SELECT i.id, i.watermark, s.sequence FROM instances i "
                 "JOIN stored_sequences s ON s.instance_ref = i.id WHERE i.host_id = ? ORDER BY i.id, s.sequence",
@@ -447,12 +419,23 @@ class SqlStore(StepsReads, Store):
             stored: dict[int, tuple[int, list[int]]] = {}
             for ref, watermark, sequence in cursor.fetchall():
                 stored.setdefault(int(ref), (int(watermark), []))[1].append(int(sequence))
-            return chunks, {ref: missing_runs(watermark, above) for ref, (watermark, above) in stored.items()}
+            return rows, {ref: missing_runs(watermark, above) for ref, (watermark, above) in stored.items()}
 
-        chunks, holes = self._run(work, write=False)
-        return unmeasured_stretches(
-            [(int(ref), int(seq), int(t0), int(t1)) for ref, seq, t0, t1 in chunks], holes, since_ns, until_ns
-        )
+        rows, holes = self._run(work, write=False)
+        chunks = [(str(row[0]), unpack_times(row[4]), unpack_values(row[5])) for row in rows]
+        times, energy = continuous_energy(chunks)
+        powers = [
+            np.full(len(chunk[1]), np.nan) if row[6] is None else unpack_values(row[6])
+            for row, chunk in zip(rows, chunks, strict=True)
+        ]
+        power = np.concatenate(powers) if powers else np.empty(0)
+        inside = (times >= since_ns) & (times < until_ns)
+        samples = [
+            (t, e, None if math.isnan(p) else p)
+            for t, e, p in zip(times[inside].tolist(), energy[inside].tolist(), power[inside].tolist(), strict=True)
+        ]
+        spans = [(int(row[0]), int(row[1]), int(row[2]), int(row[3])) for row in rows]
+        return DeviceSeries(samples, unmeasured_stretches(spans, holes, since_ns, until_ns))
 
     def workload_samples(
         self, hostname: str, workload: tuple[str, str, str], device_id: str, since_ns: int, until_ns: int

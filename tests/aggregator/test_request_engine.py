@@ -649,11 +649,11 @@ def test_late_samples_reopened_while_a_pass_computes_do_not_leave_it_approximate
     writer = constant_host(store, seconds=5)  # 100 W
     store.write_spans([SpanRow("r", "s", "host-a", T0 + 2 * S, T0 + 8 * S, workload="vllm")])
     engine = engine_for(store, Clock(T0 + 40 * S), finalize_grace_s=30)
-    read_samples = store.device_samples
+    read_samples = store.device_series
 
     def late_samples_meanwhile(*args: Any, **kwargs: Any) -> Any:
         samples = read_samples(*args, **kwargs)
-        store.device_samples = read_samples  # type: ignore[method-assign]
+        store.device_series = read_samples  # type: ignore[method-assign]
         for second in range(5, 20):
             t = T0 + second * S + np.arange(1, 11, dtype=np.int64) * (S // 10)
             joules = 100.0 * (t - T0) / S
@@ -662,7 +662,7 @@ def test_late_samples_reopened_while_a_pass_computes_do_not_leave_it_approximate
             assert len(store.reopen_requests("host-a", T0 + 5 * S, T0 + 20 * S)) == 0  # r is pending still
         return samples
 
-    store.device_samples = late_samples_meanwhile  # type: ignore[method-assign]
+    store.device_series = late_samples_meanwhile  # type: ignore[method-assign]
     stats = engine.run_pass()
     assert stats.finished == 0
     assert result(store, "r").status == "pending"
